@@ -41,10 +41,10 @@ def mode_banner() -> str:
     """One line saying which mode is running, for the top of every chapter."""
     if is_quick():
         return (
-            "QUICK MODE (LORA_TUTORIAL_QUICK=1): a tiny model and a few steps. "
+            "QUICK MODE (LORA_TUTORIAL_QUICK=1): a tiny model and a few steps.\n"
             "The numbers below show that the code runs; they are not the book's full results."
         )
-    return "FULL MODE: the real GPT-2 and the full data (a GPU makes this much faster)."
+    return "FULL MODE: the real GPT-2 and the full data.\nA GPU makes this much faster; on a CPU, set LORA_TUTORIAL_QUICK=1 for a quick run."
 
 
 def repo_root() -> Path:

@@ -1,0 +1,90 @@
+"""The book's sources keep their promises: every chapter in the table of contents exists, follows the
+chapter template, is committed without outputs, sets up Colab from the one repository URL, and has
+numbered exercises with hidden solutions."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from lora_tutorial import config
+
+ROOT = config.repo_root()
+BOOK_CONFIG = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+REPO_URL = BOOK_CONFIG["repository"]["url"]
+
+
+def toc_files() -> list[str]:
+    files = [TOC["root"]]
+    for part in TOC.get("parts", [{"chapters": TOC.get("chapters", [])}]):
+        files += [entry["file"] for entry in part["chapters"]]
+    return files
+
+
+def chapter_paths() -> list[Path]:
+    """The chapter notebooks, in table-of-contents order."""
+    return [ROOT / f"{name}.ipynb" for name in toc_files() if name.startswith("chapters/")]
+
+
+def markdown(nb: nbformat.NotebookNode) -> str:
+    return "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
+
+
+def test_every_toc_entry_exists() -> None:
+    for name in toc_files():
+        matches = [p for p in (ROOT / f"{name}.md", ROOT / f"{name}.ipynb") if p.is_file()]
+        assert matches, f"book/_toc.yml lists {name}, but there is no {name}.md or .ipynb"
+
+
+def test_every_chapter_notebook_is_in_the_toc() -> None:
+    listed = set(chapter_paths())
+    unlisted = [p.name for p in sorted((ROOT / "chapters").glob("*.ipynb")) if p not in listed]
+    assert not unlisted, f"chapters missing from book/_toc.yml: {unlisted}"
+
+
+@pytest.fixture(params=chapter_paths(), ids=lambda p: p.stem)
+def chapter(request: pytest.FixtureRequest) -> nbformat.NotebookNode:
+    return nbformat.read(request.param, as_version=4)
+
+
+def test_committed_without_outputs(chapter: nbformat.NotebookNode) -> None:
+    with_outputs = [i for i, c in enumerate(chapter.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not with_outputs, f"code cells {with_outputs} carry outputs; the build executes notebooks"
+
+
+def test_starts_with_title_then_colab_setup_and_mode_banner(chapter: nbformat.NotebookNode) -> None:
+    first_md = next(c for c in chapter.cells if c.cell_type == "markdown")
+    assert re.match(r"# \d+\. \S", first_md.source), "the first markdown cell must be the title '# N. Title'"
+    code = [c.source for c in chapter.cells if c.cell_type == "code"]
+    assert '"google.colab" in sys.modules' in code[0], "the first code cell must set up Colab"
+    assert f"git+{REPO_URL}" in code[0], f"the Colab set-up cell must install from {REPO_URL} (book/_config.yml)"
+    assert "config.mode_banner()" in code[1], "the second code cell must print config.mode_banner()"
+
+
+def test_follows_the_chapter_template(chapter: nbformat.NotebookNode) -> None:
+    headings = [h.lower() for h in re.findall(r"^#{2,3} (.+)$", markdown(chapter), re.MULTILINE)]
+    for section in ("learning goals", "summary", "exercises"):
+        assert any(section in h for h in headings), f"no '{section}' section; headings: {headings}"
+    order = [next(i for i, h in enumerate(headings) if s in h) for s in ("learning goals", "summary", "exercises")]
+    assert order == sorted(order), "sections must come as learning goals → … → summary → exercises"
+
+
+def test_has_three_exercises_with_hidden_solutions(chapter: nbformat.NotebookNode) -> None:
+    text = markdown(chapter)
+    labels = re.findall(r"```\{exercise\}[^\n]*\n:label: (\S+)", text)
+    assert len(labels) >= 3, f"only {len(labels)} exercises"
+    for label in labels:
+        solution = re.search(r"```\{solution\} " + re.escape(label) + r"\n((?::\S+:[^\n]*\n)*)", text)
+        assert solution, f"exercise {label} has no solution"
+        assert ":class: dropdown" in solution.group(1), f"the solution of {label} is not hidden"
+
+
+def test_reads_quick_mode_only_through_config(chapter: nbformat.NotebookNode) -> None:
+    code = "\n".join(c.source for c in chapter.cells if c.cell_type == "code")
+    assert "LORA_TUTORIAL_QUICK" not in code, "read quick mode with config.is_quick(), not the environment"
+    assert "tqdm.auto" not in code and "ipywidgets" not in code, "widget output loads scripts from a CDN"

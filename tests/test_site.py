@@ -1,0 +1,158 @@
+"""The built site, checked in a real browser (headless Chromium through Playwright).
+
+Every page in the table of contents is served from 127.0.0.1 and opened; a page fails when it
+shows a Python traceback or error output, leaves math unrendered, breaks an image or a script,
+or makes any request to another origin. A screenshot of each page lands in
+``_build/screenshots/`` for a person to look at.
+
+Needs a built site (``_build/html``): without one these tests skip, unless
+``LORA_TUTORIAL_REQUIRE_SITE=1`` (as in CI, after the build), which makes a missing site fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from conftest import LocalServer
+from lora_tutorial.config import repo_root
+
+ROOT = repo_root()
+SITE = Path(os.environ.get("LORA_TUTORIAL_SITE", ROOT / "_build" / "html"))
+SCREENSHOTS = SITE.parent / "screenshots"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception): ", re.MULTILINE)
+
+
+def toc_pages() -> list[str]:
+    """Every document in ``book/_toc.yml``, root first, as paths without suffix."""
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    pages = [toc["root"]]
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            if "file" in entry:
+                pages.append(entry["file"])
+            for key in ("chapters", "sections", "parts"):
+                walk(entry.get(key, []))
+
+    walk(toc.get("parts", []) + toc.get("chapters", []))
+    return pages
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Chromium is not installed: `apt-get install -y chromium` (.ci/run does this)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[LocalServer]:
+    if not (SITE / "index.html").is_file():
+        if os.environ.get("LORA_TUTORIAL_REQUIRE_SITE") == "1":
+            pytest.fail(f"no built site at {SITE}: build the book first (README, command 1)")
+        pytest.skip(f"no built site at {SITE}; build the book to run the browser tests")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with LocalServer(SITE) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(site: LocalServer, tmp_path_factory: pytest.TempPathFactory):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=chromium_path(),
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        yield context
+        context.close()
+
+
+def test_every_toc_page_was_built(site: LocalServer) -> None:
+    missing = [page for page in toc_pages() if not (SITE / f"{page}.html").is_file()]
+    assert not missing, f"pages in book/_toc.yml missing from the site: {missing}"
+
+
+@pytest.mark.parametrize("page", toc_pages())
+def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page: str) -> None:
+    if not (SITE / f"{page}.html").is_file():
+        pytest.fail(f"{page}.html was not built")
+    origin = site.base_url
+    foreign: list[str] = []
+    failed: list[str] = []
+    js_errors: list[str] = []
+
+    def on_request(request) -> None:
+        parts = urlsplit(request.url)
+        if parts.scheme in ("http", "https") and f"{parts.scheme}://{parts.netloc}" != origin:
+            foreign.append(request.url)
+
+    tab = browser.new_page()
+    tab.route(re.compile(r"^https?://(?!127\.0\.0\.1[:/])"), lambda route: route.abort())
+    tab.on("request", on_request)
+    tab.on("requestfailed", lambda r: failed.append(r.url) if r.url.startswith(origin) else None)
+    tab.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    tab.goto(site.url(f"{page}.html"), wait_until="load")
+
+    has_math = tab.locator(".math").count() > 0
+    if has_math:
+        tab.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+        tab.evaluate("() => MathJax.startup.promise")
+    report = tab.evaluate(
+        """() => {
+        const maths = [...document.querySelectorAll('.math')];
+        return {
+            unrendered: maths.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 60)),
+            texErrors: [...document.querySelectorAll('mjx-merror')].map(e => e.textContent.slice(0, 60)),
+            outputs: [...document.querySelectorAll('.cell_output')].map(o => o.innerText),
+            tracebacks: document.querySelectorAll('.output.traceback, .output.error').length,
+            brokenImages: [...document.images].filter(i => i.complete && i.naturalWidth === 0).map(i => i.src),
+            nav: [...document.querySelectorAll('.bd-sidebar-primary a.reference')].map(a => a.getAttribute('href')),
+        };
+    }"""
+    )
+
+    colab = None
+    if page.startswith("chapters/"):
+        launch = tab.locator(".dropdown-launch-buttons button").first
+        if launch.count():
+            launch.click()
+        colab = tab.locator("a[href*='colab.research.google.com']").first
+        if colab.count():
+            colab.wait_for(state="visible")
+    shot = SCREENSHOTS / f"{page.replace('/', '__')}.png"
+    tab.screenshot(path=str(shot))
+    colab_href = colab.get_attribute("href") if colab is not None and colab.count() else None
+    tab.close()
+
+    assert not foreign, f"{page}: requests to other origins: {foreign[:5]}"
+    assert not failed, f"{page}: failed requests on the site: {failed[:5]}"
+    assert not js_errors, f"{page}: JavaScript errors: {js_errors[:3]}"
+    assert report["tracebacks"] == 0, f"{page}: shows error output from a cell"
+    bad_outputs = [o[:200] for o in report["outputs"] if ERROR_TEXT.search(o)]
+    assert not bad_outputs, f"{page}: an output shows a Python error: {bad_outputs[0]}"
+    assert not report["unrendered"], f"{page}: math left unrendered: {report['unrendered'][:3]}"
+    assert not report["texErrors"], f"{page}: MathJax could not typeset: {report['texErrors'][:3]}"
+    assert not report["brokenImages"], f"{page}: broken images: {report['brokenImages'][:3]}"
+    assert len(report["nav"]) >= len(toc_pages()) - 1, f"{page}: navigation is missing chapters: {report['nav']}"
+    if page.startswith("chapters/"):
+        expected = f"/blob/main/{page}.ipynb"
+        assert colab_href and expected in colab_href, f"{page}: no Colab launch button for {expected}"
