@@ -1,0 +1,243 @@
+"""Block-wise 4-bit NormalFloat (NF4) quantization of frozen weights, as in QLoRA, from scratch.
+
+QLoRA (Dettmers et al., 2023) stores the frozen base model in 4 bits and trains LoRA adapters on
+top in higher precision. Three ideas make 4 bits enough:
+
+1. **Block-wise absmax scaling.** The weights are cut into blocks of 64 values; each block is divided
+   by its largest absolute value, so it lies in [-1, 1], and that one scale is kept per block. An
+   outlier then spoils only its own block, not the whole matrix.
+2. **NF4 levels.** Trained weights are roughly normally distributed, so instead of 16 evenly spaced
+   levels the 16 levels sit at quantiles of the normal distribution: each level is used about
+   equally often, and exact zero is one of them.
+3. **Dequantize on the fly.** The layer keeps only 4-bit codes and the scales; at every forward pass
+   it rebuilds a float weight, multiplies, and throws it away. Gradients flow through it to the
+   input (and so to the adapters of earlier layers), never into the frozen codes.
+
+:class:`LinearNF4` is such a frozen 4-bit layer; :class:`LinearWithQLoRA` puts a float LoRA
+update beside it (``replace_linear_with_lora(model, rank, alpha, wrapper=LinearWithQLoRA)``).
+
+(QLoRA also quantizes the per-block scales themselves, "double quantization"; we keep them in
+float32, which costs 32 / 64 = 0.5 extra bits per weight.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_tutorial.lora import AdapterLayer, LinearWithLoRA
+
+NF4_BLOCK_SIZE = 64
+# Where the outermost NF4 level sits on the normal CDF (``Phi^-1(1)`` would be infinite). This is the
+# value of QLoRA's reference implementation (bitsandbytes); it equals 1 - (1/30 + 1/32) / 2.
+NF4_OFFSET = 0.9677083
+
+
+def nf4_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], computed from quantiles of the standard normal distribution.
+
+    The positive half gets 8 levels at the normal quantiles of 8 equal steps of probability from
+    0.5 to ``offset``; the negative half gets 7 the same way; zero is added so that it is represented
+    exactly (padding and ReLU-like zeros cost no error). Both halves are scaled so that the outermost
+    level is exactly +-1. The result matches the table published with QLoRA to about 1e-7.
+    """
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}; the default is {NF4_OFFSET}")
+    quantile = torch.special.ndtri  # the inverse of the standard normal CDF
+    positive = quantile(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -quantile(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as 4-bit codes (two per byte) plus one float32 absmax scale per block."""
+
+    packed: torch.Tensor  # uint8, two codes per byte: (numel + 1) // 2
+    absmax: torch.Tensor  # float32, one per block
+    levels: torch.Tensor  # float32, the 16 values a code stands for
+    shape: torch.Size
+    dtype: torch.dtype  # the dtype dequantize() returns
+    blocksize: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes needed to store this tensor: the packed codes plus the scales (levels are shared)."""
+        return self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes (0..15) as a flat uint8 tensor of length ``numel``."""
+        codes = torch.stack([self.packed >> 4, self.packed & 0x0F], dim=1).flatten()
+        return codes[: self.numel]
+
+    def dequantize(self) -> torch.Tensor:
+        """Rebuild the tensor: each value is ``levels[code] * absmax`` of its block."""
+        values = self.levels.to(self.absmax.device)[self.codes().long()]
+        pad = (-self.numel) % self.blocksize
+        values = F.pad(values, (0, pad)).view(-1, self.blocksize) * self.absmax[:, None]
+        return values.flatten()[: self.numel].view(self.shape).to(self.dtype)
+
+
+def quantize_blockwise(
+    tensor: torch.Tensor, levels: torch.Tensor | None = None, blocksize: int = NF4_BLOCK_SIZE
+) -> QuantizedTensor:
+    """Quantize ``tensor`` block by block to the nearest of 16 ``levels`` (NF4 by default).
+
+    The tensor is flattened and cut into blocks of ``blocksize`` values (the last one padded with
+    zeros); each block is divided by its absmax and every value is replaced by the index of the
+    nearest level. Pass other levels (for example ``torch.linspace(-1, 1, 16)``) to compare codebooks.
+    """
+    if not tensor.is_floating_point():
+        raise TypeError(f"can only quantize floating-point tensors, got dtype {tensor.dtype}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}; QLoRA uses {NF4_BLOCK_SIZE}")
+    levels = nf4_levels() if levels is None else levels.detach().float().flatten()
+    if levels.numel() != 16 or not bool((levels.diff() > 0).all()):
+        raise ValueError(f"levels must be 16 increasing values (4 bits), got {levels.numel()} values: {levels.tolist()}")
+    if tensor.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+
+    flat = tensor.detach().float().flatten()
+    blocks = F.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    # Nearest level = which interval between consecutive midpoints the value falls into.
+    midpoints = ((levels[1:] + levels[:-1]) / 2).to(flat.device)
+    codes = torch.bucketize(scaled, midpoints).to(torch.uint8).flatten()[: flat.numel()]
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return QuantizedTensor(packed, absmax, levels.to(flat.device), tensor.shape, tensor.dtype, blocksize)
+
+
+def quantization_error(tensor: torch.Tensor, quantized: QuantizedTensor) -> dict[str, float]:
+    """How far the round trip moved the values: mean and max absolute error, relative Frobenius error."""
+    diff = (quantized.dequantize().float() - tensor.detach().float()).flatten()
+    return {
+        "mean_abs_error": diff.abs().mean().item(),
+        "max_abs_error": diff.abs().max().item(),
+        "relative_error": (diff.norm() / tensor.detach().float().norm().clamp_min(1e-30)).item(),
+    }
+
+
+class LinearNF4(nn.Module):
+    """A frozen ``nn.Linear`` whose weight is stored in block-wise NF4; the bias stays in float.
+
+    Nothing in this layer trains: the codes and scales are buffers. The forward pass dequantizes the
+    weight to the input's dtype, multiplies, and lets the float copy go, which is how QLoRA keeps
+    the whole base model in 4 bits while LoRA adapters (in float) learn on top.
+    """
+
+    def __init__(self, linear: nn.Linear, blocksize: int = NF4_BLOCK_SIZE) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LinearNF4 quantizes an nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q = quantize_blockwise(linear.weight, blocksize=blocksize)
+        self.blocksize, self.weight_dtype = blocksize, q.dtype
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("absmax", q.absmax)
+        self.register_buffer("levels", q.levels)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def quantized_weight(self) -> QuantizedTensor:
+        shape = torch.Size((self.out_features, self.in_features))
+        return QuantizedTensor(self.packed, self.absmax, self.levels, shape, self.weight_dtype, self.blocksize)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight ``(out, in)`` that the 4-bit codes stand for."""
+        return self.quantized_weight().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
+
+
+def quantize_linear_layers(model: nn.Module, blocksize: int = NF4_BLOCK_SIZE, *, exclude: tuple[str, ...] = ()) -> int:
+    """Replace the model's plain ``nn.Linear`` layers (in place) by frozen :class:`LinearNF4`; return the count.
+
+    Modules whose qualified name contains one of ``exclude`` stay in float (a classification head,
+    say). The base layers inside adapter layers are left alone: their adapters need a float
+    ``.linear`` to merge into; build QLoRA layers with :class:`LinearWithQLoRA` instead.
+    """
+    adapted = {name + ".linear" for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name and name not in adapted and not any(part in name for part in exclude)
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LinearNF4(module, blocksize))
+    return len(targets)
+
+
+class LinearWithQLoRA(LinearWithLoRA):
+    """QLoRA's layer: a frozen NF4 base (``.linear`` is a :class:`LinearNF4`) plus a float LoRA update.
+
+    Built from a float ``nn.Linear``, which it quantizes; ``.lora`` is an ordinary
+    :class:`~lora_tutorial.lora.LoRALayer` in the base layer's float dtype. The 4-bit base
+    cannot absorb the update without rounding it away, so :meth:`merge` refuses;
+    :meth:`merged_linear` returns a float ``nn.Linear`` (dequantized weight + update) instead,
+    which is what ``merge_and_unload`` uses.
+    """
+
+    kind = "qlora"
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
+        blocksize: int = NF4_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
+        self.linear = LinearNF4(linear, blocksize)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "blocksize": self.linear.blocksize}
+
+    def merge(self) -> None:
+        raise NotImplementedError(
+            "a 4-bit NF4 base cannot hold the float LoRA update (rounding would erase most of it); "
+            "use layer.merged_linear() or lora.merge_and_unload(model) to get float nn.Linear layers instead"
+        )
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A new float ``nn.Linear`` computing what this layer computes: dequantized weight plus the update."""
+        base = self.linear
+        weight = base.dequantized_weight().float() + self.delta_weight().float()
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        merged = merged.to(device=weight.device, dtype=self.lora.A.dtype)
+        merged.weight.copy_(weight)
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        return merged
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (what its weights occupy in memory)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    unique = {t.data_ptr(): t for t in tensors}  # shared tensors count once
+    return sum(t.numel() * t.element_size() for t in unique.values())

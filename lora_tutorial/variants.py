@@ -1,0 +1,389 @@
+"""Improvements of LoRA, each a few lines on top of :mod:`lora_tutorial.lora`.
+
+- **rsLoRA** (Kalajdzievski, 2023): ``scaling = alpha / sqrt(rank)``; it is the ``use_rslora=True``
+  option of every LoRA layer. :func:`fit_random_update` is the rank sweep of chapter 7.
+- **DoRA** (Liu et al., 2024): :class:`LinearWithDoRA` learns a magnitude per output unit and lets
+  LoRA change only the direction of the weight rows.
+- **LoRA+** (Hayou et al., 2024): :func:`create_loraplus_optimizer` gives B a larger learning rate than A.
+- **PiSSA** (Meng et al., 2024): :class:`LinearWithPiSSA` starts A and B at the top singular
+  vectors of the weight and freezes the rest.
+- **QLoRA** (Dettmers et al., 2023): :class:`~lora_tutorial.quantize.LinearWithQLoRA`, a 4-bit NF4
+  base with LoRA on top (defined in :mod:`lora_tutorial.quantize`, re-exported here).
+- **VeRA** (Kopiczko et al., 2024): :class:`LinearWithVeRA` shares frozen random A and B between
+  layers and trains two vectors per layer.
+
+Every layer class is an :class:`~lora_tutorial.lora.AdapterLayer` with its own ``kind``, so
+``replace_linear_with_lora(model, rank, alpha, wrapper=LinearWithDoRA)`` applies it and
+``save_adapter`` / ``load_adapter`` store and rebuild it (import this module before loading).
+:func:`low_rank_task` and :func:`fit_target` are a one-layer playground for the chapter's small
+experiments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_tutorial.lora import (
+    AdapterLayer,
+    LinearWithLoRA,
+    LoRALayer,
+    Selector,
+    _check_dropout,
+    _check_rank,
+    adapter_layers,
+    replace_linear_with_lora,
+)
+from lora_tutorial.quantize import LinearWithQLoRA
+
+__all__ = [
+    "LinearWithDoRA",
+    "LinearWithPiSSA",
+    "LinearWithQLoRA",
+    "LinearWithVeRA",
+    "VeRAProjections",
+    "create_loraplus_optimizer",
+    "fit_random_update",
+    "fit_target",
+    "loraplus_param_groups",
+    "low_rank_task",
+    "replace_linear_with_vera",
+    "share_vera_projections",
+]
+
+# ----------------------------------------------------------------------------- DoRA
+
+
+class LinearWithDoRA(LinearWithLoRA):
+    """DoRA: ``W' = m * V / ||V||`` with ``V = W0 + scaling * (A @ B)^T``, norms taken per output unit.
+
+    Every row of the weight ``(out, in)`` is split into a length (``.m``, trainable, one entry per
+    output unit, initialised to the row norms of ``W0``) and a direction (``V / ||V||``), which
+    LoRA changes through ``.lora.A`` and ``.lora.B``. At initialisation B = 0, so ``V = W0``,
+    ``m = ||W0||`` and the layer computes exactly what the base layer computed.
+
+    As the paper suggests (section 4.3) and PEFT does, the forward pass treats ``||V||`` as a
+    constant (``.detach()``): the output is still ``x W'^T + b``, but no gradient flows through the
+    norm, which saves the memory of its backward pass. Our outputs and gradients therefore equal
+    PEFT's ``use_dora=True``. One difference: with dropout, PEFT applies dropout to the input of the
+    whole rescaled term; here dropout acts only on the LoRA branch, as in plain LoRA.
+    """
+
+    kind = "dora"
+
+    def __init__(
+        self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
+    ) -> None:
+        super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
+        self.m = nn.Parameter(linear.weight.detach().norm(dim=1).clone())
+        self.register_buffer("_merged_norm", None, persistent=False)  # ||V|| at merge time, to unmerge
+
+    def weight_norm(self) -> Tensor:
+        """``||V||`` per output unit, shape ``(out,)``, without gradient."""
+        with torch.no_grad():
+            return (self.linear.weight + self.delta_weight().to(self.linear.weight.dtype)).norm(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.linear(x)
+        scale = self.m / self.weight_norm()  # (out,): new length over current length
+        out = scale * (F.linear(x, self.linear.weight) + self.lora(x))
+        return out if self.linear.bias is None else out + self.linear.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Replace ``linear.weight`` by ``m * V / ||V||``; remember ``||V||`` so that unmerge can undo it."""
+        if not self.merged:
+            norm = self.weight_norm()
+            weight = self.linear.weight
+            weight.copy_((self.m / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype)))
+            self._merged_norm, self.merged = norm, True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Recover ``W0 = W' * ||V|| / m - scaling * (A @ B)^T`` (needs every entry of m non-zero)."""
+        if self.merged:
+            if bool((self.m == 0).any()):
+                raise ValueError("cannot unmerge: some magnitudes in .m are exactly 0, so W0 is lost for those rows")
+            weight = self.linear.weight
+            weight.copy_(weight * (self._merged_norm / self.m)[:, None] - self.delta_weight().to(weight.dtype))
+            self._merged_norm, self.merged = None, False
+
+
+# ----------------------------------------------------------------------------- PiSSA
+
+
+class LinearWithPiSSA(LinearWithLoRA):
+    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is the frozen base.
+
+    With ``W0 = U S V^T`` (``W0`` of shape ``(out, in)``), ``sqrt(S_r / scaling)`` goes to each side, as
+    PEFT's ``init_lora_weights="pissa"`` does::
+
+        A = V_r sqrt(S_r / scaling)          (in, rank)
+        B = sqrt(S_r / scaling) U_r^T        (rank, out)
+        residual = W0 - scaling * (A @ B)^T  (the frozen base; the principal part now trains)
+
+    so ``residual + scaling * (A @ B)^T == W0`` and the model is unchanged at initialisation (up to
+    float rounding). The given ``linear`` is not modified: ``.linear`` becomes a new layer holding the
+    residual. Rebuilding from the same ``W0`` (as ``load_adapter`` does) gives the same residual,
+    because ``U_r S_r V_r^T`` does not depend on the signs the SVD picks.
+    """
+
+    kind = "pissa"
+
+    def __init__(
+        self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
+    ) -> None:
+        _check_rank(rank)
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"rank={rank} exceeds the rank of a {linear.out_features}x{linear.in_features} weight; "
+                f"PiSSA needs rank <= {min(linear.in_features, linear.out_features)}"
+            )
+        residual = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        residual = residual.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        super().__init__(residual, rank, alpha, use_rslora=use_rslora, dropout=dropout)
+        weight = linear.weight.detach().float()
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[:rank] / self.lora.scaling).sqrt()
+        with torch.no_grad():
+            self.lora.A.copy_(Vh[:rank].T * root)
+            self.lora.B.copy_(root[:, None] * U[:, :rank].T)
+            residual.weight.copy_(weight - self.delta_weight().float())
+            if linear.bias is not None:
+                residual.bias.copy_(linear.bias)
+        residual.requires_grad_(linear.weight.requires_grad)
+
+
+# ----------------------------------------------------------------------------- VeRA
+
+
+def vera_projections(in_dim: int, out_dim: int, rank: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The frozen random A ``(in_dim, rank)`` and B ``(rank, out_dim)`` that ``seed`` stands for.
+
+    Kaiming-uniform like PEFT's VeRA: from one generator seeded with ``seed``, first A laid out as
+    ``(rank, in_dim)``, then B as ``(out_dim, rank)``, each bounded by ``sqrt(6 / fan_in)``. So the
+    matrices never need saving: the seed regenerates them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(rows: int, cols: int) -> Tensor:
+        bound = math.sqrt(6.0 / cols)
+        return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+    a = draw(rank, in_dim)
+    b = draw(out_dim, rank)
+    return a.T.contiguous(), b.T.contiguous()
+
+
+class VeRAProjections(nn.Module):
+    """Frozen random ``A (in, r)`` and ``B (r, out)`` as buffers, one module shared by layers of a shape.
+
+    The buffers are not saved (``persistent=False``): the seed regenerates them. Because layers share
+    the *module*, ``model.to(device)`` moves the one copy they all use.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        a, b = vera_projections(in_dim, out_dim, rank, seed)
+        self.register_buffer("A", a, persistent=False)
+        self.register_buffer("B", b, persistent=False)
+
+
+class LinearWithVeRA(AdapterLayer):
+    """VeRA: ``linear(x) + b * ((x @ A * d) @ B)`` with A, B frozen random and only ``d (r,)``, ``b (out,)`` trained.
+
+    ``b`` starts at zero (the layer equals the base at initialisation) and ``d`` at ``d_initial``, as
+    in PEFT. One layer trains ``rank + out`` numbers where LoRA trains ``rank * (in + out)``.
+    ``.projections`` holds A and B; :func:`share_vera_projections` makes layers of one shape use a
+    single copy (PEFT instead slices one pair sized for the largest layer).
+    """
+
+    kind = "vera"
+
+    def __init__(
+        self, linear: nn.Linear, rank: int, *, d_initial: float = 0.1, seed: int = 0, dropout: float = 0.0
+    ) -> None:
+        super().__init__(linear)
+        _check_rank(rank)
+        _check_dropout(dropout)
+        if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+            raise ValueError(f"d_initial must be a finite number, got {d_initial!r}; PEFT uses 0.1")
+        self.rank, self.d_initial, self.seed, self.dropout_p = int(rank), float(d_initial), int(seed), float(dropout)
+        kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.projections = VeRAProjections(linear.in_features, linear.out_features, self.rank, self.seed).to(**kwargs)
+        self.d = nn.Parameter(torch.full((self.rank,), self.d_initial, **kwargs))
+        self.b = nn.Parameter(torch.zeros(linear.out_features, **kwargs))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.linear(x)
+        p = self.projections
+        return self.linear(x) + self.b * ((self.dropout(x) @ p.A * self.d) @ p.B)
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "d_initial": self.d_initial, "seed": self.seed, "dropout": self.dropout_p}
+
+    def delta_weight(self) -> Tensor:
+        p = self.projections
+        return ((p.A * self.d) @ p.B * self.b).T
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, seed={self.seed}, d_initial={self.d_initial}, merged={self.merged}"
+
+
+def share_vera_projections(model: nn.Module) -> int:
+    """Make VeRA layers with equal shape, rank, seed, device and dtype use one projections module.
+
+    Returns the number of distinct projection modules left. (Layers built one at a time, as
+    ``load_adapter`` builds them, hold equal but separate copies until this is called.)
+    """
+    shared: dict[tuple, VeRAProjections] = {}
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, LinearWithVeRA):
+            A = layer.projections.A
+            key = (A.shape[0], layer.projections.B.shape[1], layer.rank, layer.seed, A.device, A.dtype)
+            layer.projections = shared.setdefault(key, layer.projections)
+    return len(shared)
+
+
+def replace_linear_with_vera(
+    model: nn.Module,
+    rank: int,
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
+    d_initial: float = 0.1,
+    seed: int = 0,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Wrap the chosen linear layers with :class:`LinearWithVeRA` sharing one A, B per shape; return the model.
+
+    ``include`` / ``exclude`` work as in :func:`~lora_tutorial.lora.replace_linear_with_lora`.
+    VeRA has no ``alpha``: the trainable vectors set the scale.
+    """
+
+    def wrap(linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool, dropout: float) -> LinearWithVeRA:
+        return LinearWithVeRA(linear, rank, d_initial=d_initial, seed=seed, dropout=dropout)
+
+    replace_linear_with_lora(model, rank, 1.0, include=include, exclude=exclude, dropout=dropout, wrapper=wrap)
+    share_vera_projections(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- LoRA+
+
+
+def loraplus_param_groups(
+    model: nn.Module, lr: float, lr_ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+: every LoRA ``B`` learns ``lr_ratio`` times faster than the rest.
+
+    The paper's scaling argument concerns B, whose learning rate should exceed A's in wide models.
+    Like PEFT's ``create_loraplus_optimizer`` (adapted from the authors' code), trainable
+    vectors (biases, norms, DoRA magnitudes, VeRA's d and b) also get ``lr * lr_ratio``; they get no
+    weight decay. Everything else trainable (A, a new head's weight) gets ``lr``. Frozen parameters
+    are left out; empty groups are dropped.
+    """
+    for name, value in (("lr", lr), ("lr_ratio", lr_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}; LoRA+ suggests lr_ratio=16")
+    b_params = {id(m.B) for m in model.modules() if isinstance(m, LoRALayer)}
+    matrices, bs, vectors = [], [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (bs if id(p) in b_params else vectors if p.ndim == 1 else matrices).append(p)
+    groups = [
+        {"params": matrices, "lr": lr, "weight_decay": weight_decay},
+        {"params": bs, "lr": lr * lr_ratio, "weight_decay": weight_decay},
+        {"params": vectors, "lr": lr * lr_ratio, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("no parameter requires a gradient; call mark_only_lora_as_trainable(model) first")
+    return groups
+
+
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    *,
+    lr: float,
+    lr_ratio: float = 16.0,
+    weight_decay: float = 0.0,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """An optimizer (AdamW by default) over :func:`loraplus_param_groups`; ``kwargs`` go to ``optimizer_cls``."""
+    return optimizer_cls(loraplus_param_groups(model, lr, lr_ratio, weight_decay), lr=lr, **kwargs)
+
+
+# ----------------------------------------------------------------------------- small experiments
+
+
+def low_rank_task(dim: int = 128, decay: float = 0.97, seed: int = 0) -> tuple[nn.Linear, Tensor]:
+    """A frozen "pretrained" layer and a target weight for it to learn, both drawn from ``seed``.
+
+    The base weight ``W0`` is a random ``dim x dim`` matrix; the target is ``W0 + U diag(decay**i) V^T``
+    with random orthogonal U and V: a full-rank change whose singular values fall off geometrically,
+    so every extra rank captures a little more of it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
+    u, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    base = nn.Linear(dim, dim, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(w0)
+    base.requires_grad_(False)
+    return base, w0 + (u * decay ** torch.arange(dim, dtype=torch.float32)) @ v.T
+
+
+def fit_target(
+    layer: AdapterLayer,
+    target: Tensor,
+    *,
+    steps: int = 150,
+    lr: float = 2e-3,
+    batch_size: int = 64,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``layer``'s adapter so that ``layer(x)`` imitates ``x @ target.T``; return the loss of every step.
+
+    Inputs are standard normal, drawn from ``seed`` (so runs that differ only in the layer see the
+    same data). The optimizer defaults to Adam over ``layer.adapter_parameters()`` with ``lr``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(layer.adapter_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(batch_size, target.shape[1], generator=g)
+        loss = F.mse_loss(layer(x), x @ target.T)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fit_random_update(
+    rank: int, *, use_rslora: bool, alpha: float = 8.0, dim: int = 128, steps: int = 150, lr: float = 2e-3, seed: int = 0
+) -> list[float]:
+    """The rsLoRA experiment: a LoRA layer of ``rank`` fits :func:`low_rank_task`; returns the losses.
+
+    Everything is seeded by ``seed``; only the rank and the scaling rule change between runs. With
+    ``alpha / rank`` the update learns more slowly as the rank grows; with ``alpha / sqrt(rank)``
+    (rsLoRA) it does not.
+    """
+    base, target = low_rank_task(dim, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = LinearWithLoRA(base, rank, alpha, use_rslora=use_rslora)
+    return fit_target(layer, target, steps=steps, lr=lr, seed=seed)
