@@ -1,0 +1,348 @@
+"""The SMS Spam Collection: fetch, read, balance, split, tokenize, batch.
+
+One run of the book's experiment starts here::
+
+    messages = read_messages()                  # 5,574 rows, Label 0 = ham, 1 = spam
+    train, val, test = split(balance_classes(messages))   # 1,045 / 149 / 300
+    loaders = make_loaders(train, val, test, tokenizer)
+
+Balancing undersamples the larger class and splitting shuffles once and cuts at 70 % and 80 %,
+both with a fixed seed and the same pandas calls as chapter 6 of *Build a Large Language Model
+(From Scratch)*, so a reader gets the same rows as that book for the same seed.
+
+The same machinery serves other labels of the same messages: :func:`calls_to_action` is a
+rule-based second task, and every function that looks at labels takes a ``label_column``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lora_tutorial import config, download
+
+SMS_FILE = "SMSSpamCollection"
+SHARED_FOLDER = "sms-spam-collection"  # the folder name inside config.data_dir()
+ZIP_NAME = "sms-spam-zip"  # the key of the UCI zip in download.KNOWN_FILES
+LABELS = ("ham", "spam")  # index = class id
+LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
+SEED = 123
+PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+class Splits(NamedTuple):
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+
+
+class Loaders(NamedTuple):
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+
+# --- getting the file --------------------------------------------------------------------------
+
+
+def extract_zip(zip_path: str | Path, target_dir: str | Path) -> Path:
+    """Extract ``zip_path`` into ``target_dir``, refusing members that would land outside it.
+
+    Members with absolute paths or ``..`` that resolve outside the target raise ``ValueError``
+    before anything is written. Extraction goes to a temporary sibling folder that is renamed
+    into place, so ``target_dir`` is either absent or complete. An existing ``target_dir`` is
+    left as it is and returned.
+    """
+    zip_path, target_dir = Path(zip_path), Path(target_dir)
+    if target_dir.is_dir():
+        return target_dir
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as archive:
+        root = target_dir.resolve()
+        for member in archive.infolist():
+            name = member.filename
+            resolved = (root / name).resolve()
+            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or not resolved.is_relative_to(root):
+                raise ValueError(
+                    f"unsafe archive {zip_path}: member {name!r} would be written outside {target_dir}; "
+                    "refusing to extract it (use the original UCI zip)"
+                )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}-", dir=target_dir.parent))
+        try:
+            archive.extractall(tmp)
+            tmp.rename(target_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if target_dir.is_dir():  # another process finished first
+                return target_dir
+            raise
+    return target_dir
+
+
+def sms_spam_file(folder: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The path of ``SMSSpamCollection``, downloading the UCI zip only when no copy is at hand.
+
+    Looks, in order, for ``folder/SMSSpamCollection``, for the offline copy in
+    :func:`config.shared_file`, and finally downloads the zip with :func:`download.fetch` and
+    extracts it (safely) into ``folder`` (default: ``<cache>/sms-spam-collection``).
+    Raises :class:`download.DownloadError` when offline with no copy; its message says where
+    to put the file.
+    """
+    folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
+    if (folder / SMS_FILE).is_file():
+        return folder / SMS_FILE
+    shared = config.shared_file(SHARED_FOLDER, SMS_FILE)
+    if shared is not None:
+        return shared
+    try:
+        zip_path = download.fetch(ZIP_NAME, progress=progress)
+    except download.DownloadError as err:
+        raise download.DownloadError(
+            f"{err}\nThe SMS data can also be supplied by hand: put the file {SMS_FILE} from the UCI zip "
+            f"into {folder}, or set {config.DATA_ENV} to a folder containing {SHARED_FOLDER}/{SMS_FILE}."
+        ) from err
+    extracted = extract_zip(zip_path, folder / "extracted")
+    matches = sorted(extracted.rglob(SMS_FILE))
+    if not matches:
+        raise FileNotFoundError(f"{zip_path} has no member named {SMS_FILE}; is it the UCI SMS Spam Collection zip?")
+    return matches[0]
+
+
+# --- reading, labelling, balancing, splitting --------------------------------------------------
+
+
+def read_messages(path: str | Path | None = None) -> pd.DataFrame:
+    """All messages as a DataFrame with columns ``Label`` (0 = ham, 1 = spam) and ``Text``.
+
+    The file is ``label<TAB>text`` with no quoting: some messages hold a stray ``"``, and the
+    default CSV quoting would merge lines (5,572 rows instead of 5,574), hence ``QUOTE_NONE``.
+    """
+    path = Path(path) if path is not None else sms_spam_file()
+    df = pd.read_csv(
+        path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
+        keep_default_na=False, dtype=str, encoding="utf-8",
+    )
+    unknown = sorted(set(df["Label"]) - set(LABEL_IDS))
+    if unknown:
+        raise ValueError(f"{path}: unexpected labels {unknown}; expected {list(LABELS)} in the first column")
+    df["Label"] = df["Label"].map(LABEL_IDS).astype("int64")
+    return df
+
+
+_CALL_TO_ACTION = re.compile(
+    r"\b(?:call|ring|phone|dial|text|txt|sms|send|reply)\b"  # an imperative verb ...
+    r"[^.!?\n]{0,40}?"  # ... followed in the same sentence, within 40 characters, by ...
+    r"(?<!\d)\d{5,}",  # ... a number of five or more digits (a phone number or a short code)
+    re.IGNORECASE,
+)
+
+
+def calls_to_action(text: str) -> bool:
+    """True when a message asks the reader to call or text a number.
+
+    The rule: one of the words call, ring, phone, dial, text, txt, sms, send or reply, then,
+    in the same sentence and within 40 characters, a number of at least five digits
+    ("Call 09061701461", "text WIN to 87121"). It is a different question from spam (many
+    spam messages ask for a click or a reply instead, and a few hams give a number), which
+    makes it a second task on the same messages.
+    """
+    return _CALL_TO_ACTION.search(text) is not None
+
+
+def with_call_to_action_labels(df: pd.DataFrame, column: str = "CallToAction") -> pd.DataFrame:
+    """A copy of ``df`` with an integer ``column``: 1 where :func:`calls_to_action` holds, else 0."""
+    out = df.copy()
+    out[column] = out["Text"].map(calls_to_action).astype("int64")
+    return out
+
+
+def _require_column(df: pd.DataFrame, column: str) -> None:
+    if column not in df.columns:
+        raise ValueError(f"no column {column!r} in the data (columns: {list(df.columns)}); pass label_column=")
+
+
+def balance_classes(df: pd.DataFrame, label_column: str = "Label", seed: int = SEED) -> pd.DataFrame:
+    """Undersample every class to the size of the smallest one, with a fixed seed.
+
+    Classes keep their order of first appearance; a class already at the smallest size keeps
+    all its rows in file order. For the SMS data and seed 123 this gives the 747 ham and 747
+    spam rows of chapter 6 of *Build a Large Language Model (From Scratch)*, in its order.
+    """
+    _require_column(df, label_column)
+    counts = df[label_column].value_counts(sort=False)
+    if len(counts) < 2:
+        raise ValueError(f"column {label_column!r} has a single class {list(counts.index)}; nothing to balance")
+    n = int(counts.min())
+    parts = [
+        rows.sample(n, random_state=seed) if len(rows) > n else rows
+        for rows in (df[df[label_column] == label] for label in df[label_column].unique())
+    ]
+    return pd.concat(parts)
+
+
+def split(
+    df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = SEED
+) -> Splits:
+    """Shuffle once with ``seed`` and cut into train, validation and test.
+
+    ``train_end = int(n * train_frac)`` and ``val_end = train_end + int(n * validation_frac)``;
+    the rest is test (1,045 / 149 / 300 for 1,494 messages).
+    """
+    if not (0 < train_frac < 1 and 0 <= validation_frac < 1 and train_frac + validation_frac < 1):
+        raise ValueError(
+            f"train_frac={train_frac}, validation_frac={validation_frac}: need 0 < train_frac, "
+            "0 <= validation_frac and train_frac + validation_frac < 1 so the test split is not empty"
+        )
+    shuffled = df.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * train_frac)
+    val_end = train_end + int(len(shuffled) * validation_frac)
+    return Splits(shuffled[:train_end], shuffled[train_end:val_end], shuffled[val_end:])
+
+
+def subset(df: pd.DataFrame, n: int, label_column: str = "Label", seed: int = SEED) -> pd.DataFrame:
+    """``n`` rows of ``df``, the classes as even as the data allow, chosen with ``seed``.
+
+    For tests and quick mode: a small training set that still holds both classes.
+    """
+    _require_column(df, label_column)
+    if n < 1:
+        raise ValueError(f"n={n}: a subset needs at least one row")
+    if n >= len(df):
+        return df.reset_index(drop=True)
+    shuffled = df.sample(frac=1, random_state=seed)
+    # Round-robin over the classes: the k-th row of every class before the (k+1)-th of any.
+    rank = shuffled.groupby(label_column, sort=False).cumcount()
+    return shuffled.assign(_rank=rank).sort_values("_rank", kind="stable").head(n).drop(columns="_rank").reset_index(drop=True)
+
+
+def save_splits(splits: Splits, folder: str | Path) -> dict[str, Path]:
+    """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv`` (atomically); return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, frame in zip(SPLIT_NAMES, splits):
+        path = folder / f"{name}.csv"
+        tmp = path.with_name(f".{path.name}.part")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(path)
+        paths[name] = path
+    return paths
+
+
+def load_splits(folder: str | Path) -> Splits:
+    """Read the CSVs written by :func:`save_splits`."""
+    folder = Path(folder)
+    missing = [f"{name}.csv" for name in SPLIT_NAMES if not (folder / f"{name}.csv").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}; write them with prepare_splits()")
+    return Splits(*(pd.read_csv(folder / f"{name}.csv", keep_default_na=False) for name in SPLIT_NAMES))
+
+
+def prepare_splits(
+    folder: str | Path | None = None, *, seed: int = SEED, source: str | Path | None = None, progress: bool = True
+) -> Splits:
+    """Read, balance and split the SMS data and save the three CSVs in ``folder``.
+
+    ``folder`` defaults to ``<cache>/sms-spam-collection``; ``source`` is an explicit
+    ``SMSSpamCollection`` path (otherwise :func:`sms_spam_file` finds or downloads it).
+    """
+    folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
+    path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
+    splits = split(balance_classes(read_messages(path), seed=seed), seed=seed)
+    save_splits(splits, folder)
+    return splits
+
+
+# --- tokens and batches ------------------------------------------------------------------------
+
+
+class SpamDataset(Dataset):
+    """Messages as fixed-length token rows: ``(input_ids, label, length)`` per item.
+
+    Each message is tokenized (tiktoken GPT-2 encoding or anything with ``encode``), cut to
+    ``max_length`` tokens and right-padded with ``pad_token_id``. ``max_length=None`` takes the
+    longest message here (give the validation and test sets the training set's value).
+    ``length`` is the number of real tokens, so a classifier can read the last real one.
+    """
+
+    def __init__(
+        self,
+        data: str | Path | pd.DataFrame,
+        tokenizer,
+        max_length: int | None = None,
+        pad_token_id: int = PAD_TOKEN_ID,
+        label_column: str = "Label",
+    ) -> None:
+        df = pd.read_csv(data, keep_default_na=False) if isinstance(data, (str, Path)) else data
+        _require_column(df, label_column)
+        if "Text" not in df.columns:
+            raise ValueError(f"no column 'Text' in the data (columns: {list(df.columns)})")
+        encode = getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode  # "<|endoftext|>" in a text is text
+        encoded = [encode(text) for text in df["Text"]]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:
+            raise ValueError(f"rows {empty[:5]} have no tokens; drop empty messages first")
+        if max_length is None:
+            max_length = max(len(ids) for ids in encoded)
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length}: need at least one token per message")
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+        self.lengths = [min(len(ids), max_length) for ids in encoded]
+        self.truncated = sum(len(ids) > max_length for ids in encoded)
+        self.input_ids = torch.full((len(encoded), max_length), pad_token_id, dtype=torch.long)
+        for row, (ids, n) in enumerate(zip(encoded, self.lengths)):
+            self.input_ids[row, :n] = torch.tensor(ids[:n], dtype=torch.long)
+        self.labels = torch.tensor(df[label_column].to_numpy(), dtype=torch.long)
+        self.length_tensor = torch.tensor(self.lengths, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.input_ids[index], self.labels[index], self.length_tensor[index]
+
+
+def make_loaders(
+    train: str | Path | pd.DataFrame,
+    validation: str | Path | pd.DataFrame,
+    test: str | Path | pd.DataFrame,
+    tokenizer,
+    *,
+    batch_size: int = 8,
+    seed: int = SEED,
+    max_length: int | None = None,
+    context_length: int | None = None,
+    label_column: str = "Label",
+    num_workers: int = 0,
+) -> Loaders:
+    """DataLoaders over the three splits; the training one shuffles with a generator seeded by ``seed``.
+
+    All splits are padded to ``max_length`` (default: the longest training message, capped at
+    the model's ``context_length`` when given). The training loader drops its last partial
+    batch so every step sees ``batch_size`` messages.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: need at least 1")
+    train_ds = SpamDataset(train, tokenizer, max_length, label_column=label_column)
+    if context_length is not None and train_ds.max_length > context_length:
+        train_ds = SpamDataset(train, tokenizer, context_length, label_column=label_column)
+    if len(train_ds) < batch_size:
+        raise ValueError(f"{len(train_ds)} training messages make no full batch of {batch_size}; lower batch_size")
+    val_ds, test_ds = (SpamDataset(d, tokenizer, train_ds.max_length, label_column=label_column) for d in (validation, test))
+    generator = torch.Generator().manual_seed(seed)
+    return Loaders(
+        DataLoader(train_ds, batch_size, shuffle=True, drop_last=True, generator=generator, num_workers=num_workers),
+        DataLoader(val_ds, batch_size, num_workers=num_workers),
+        DataLoader(test_ds, batch_size, num_workers=num_workers),
+    )

@@ -1,0 +1,156 @@
+"""The SMS data: reading, balancing, splitting, download and safe extraction, tokenized batches."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lora_tutorial import config, data, download
+
+SAMPLE = "ham\tOk lar... Joking wif u oni...\nspam\tWINNER!! Call 09061701461 to claim \"your\" prize\nham\tSee you at 5\n"
+
+
+@pytest.fixture(scope="module")
+def messages(data_dir: Path) -> pd.DataFrame:
+    return data.read_messages(data_dir / data.SHARED_FOLDER / data.SMS_FILE)
+
+
+def test_reads_every_line_despite_quotes(messages: pd.DataFrame) -> None:
+    assert len(messages) == 5574
+    assert messages["Label"].value_counts().to_dict() == {0: 4827, 1: 747}
+
+
+def test_balanced_split_sizes_and_determinism(messages: pd.DataFrame) -> None:
+    balanced = data.balance_classes(messages)
+    assert balanced["Label"].value_counts().to_dict() == {0: 747, 1: 747}
+    splits = data.split(balanced)
+    assert [len(s) for s in splits] == [1045, 149, 300]
+    again = data.split(data.balance_classes(messages))
+    for first, second in zip(splits, again):
+        pd.testing.assert_frame_equal(first, second)
+    other = data.split(data.balance_classes(messages, seed=7), seed=7)
+    assert not other.train["Text"].equals(splits.train["Text"])
+    # The three splits are disjoint and together hold every balanced row.
+    texts = pd.concat(splits)["Text"]
+    assert sorted(texts) == sorted(balanced["Text"])
+
+
+def test_prepare_splits_writes_csvs(tmp_path: Path, data_dir: Path) -> None:
+    splits = data.prepare_splits(tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+    loaded = data.load_splits(tmp_path)
+    for written, read in zip(splits, loaded):
+        assert written["Text"].tolist() == read["Text"].tolist()
+        assert written["Label"].tolist() == read["Label"].tolist()
+
+
+def _zip(path: Path, members: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_download_and_extract_from_mirror(http_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    known = download.KNOWN_FILES[data.ZIP_NAME]
+    archive = _zip(http_server.root / known.filename, {data.SMS_FILE: SAMPLE, "readme": "test archive"})
+    blob = archive.read_bytes()
+    test_file = download.RemoteFile(known.url, known.filename, len(blob), hashlib.sha256(blob).hexdigest())
+    monkeypatch.setitem(download.KNOWN_FILES, data.ZIP_NAME, test_file)
+    monkeypatch.setenv(download.MIRROR_ENV, http_server.base_url)
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv(config.DATA_ENV, str(empty))  # no offline copy: the zip must be fetched
+
+    path = data.sms_spam_file(tmp_path / "sms", progress=False)
+    assert path.is_relative_to(tmp_path / "sms")
+    df = data.read_messages(path)
+    assert df["Label"].tolist() == [0, 1, 0]
+    assert df["Text"][1] == 'WINNER!! Call 09061701461 to claim "your" prize'
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "inner/../../escaped.txt", "/tmp/absolute.txt"])
+def test_unsafe_archive_is_refused(tmp_path: Path, member: str) -> None:
+    archive = _zip(tmp_path / "evil.zip", {data.SMS_FILE: SAMPLE, member: "gotcha"})
+    target = tmp_path / "out" / "extracted"
+    with pytest.raises(ValueError, match="outside"):
+        data.extract_zip(archive, target)
+    assert not target.exists()
+    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary folder left behind
+
+
+def test_offline_without_copy_says_where_to_put_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv(config.DATA_ENV, str(empty))
+    monkeypatch.setenv(download.MIRROR_ENV, "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(download.DownloadError, match=data.SMS_FILE):
+        data.sms_spam_file(tmp_path / "sms", progress=False)
+
+
+def test_spam_dataset_pads_truncates_and_keeps_lengths(gpt2_tokenizer) -> None:
+    df = pd.DataFrame({"Label": [0, 1, 0], "Text": ["Hi", "Call now to win a prize today", "See you at five"]})
+    token_counts = [len(gpt2_tokenizer.encode(t)) for t in df["Text"]]
+    ds = data.SpamDataset(df, gpt2_tokenizer)
+    assert ds.max_length == max(token_counts)
+    for i, n in enumerate(token_counts):
+        ids, label, length = ds[i]
+        assert length.item() == n and label.item() == df["Label"][i]
+        assert ids[:n].tolist() == gpt2_tokenizer.encode(df["Text"][i])
+        assert (ids[n:] == data.PAD_TOKEN_ID).all()
+
+    short = data.SpamDataset(df, gpt2_tokenizer, max_length=3)
+    assert short.input_ids.shape == (3, 3)
+    assert short.lengths == [min(n, 3) for n in token_counts]
+    assert short.truncated == sum(n > 3 for n in token_counts)
+
+
+def test_loaders_are_seeded_and_share_the_training_length(messages: pd.DataFrame, gpt2_tokenizer) -> None:
+    splits = data.split(data.subset(data.balance_classes(messages), 60))
+    first = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)
+    second = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)
+    order = [batch[0] for batch in first.train]
+    assert all(torch.equal(a, b[0]) for a, b in zip(order, second.train))
+    assert len(order) == len(splits.train) // 4  # drop_last: only full batches
+    lengths = {loader.dataset.max_length for loader in first}
+    assert lengths == {first.train.dataset.max_length}
+
+
+def test_subset_keeps_both_classes(messages: pd.DataFrame) -> None:
+    small = data.subset(data.balance_classes(messages), 10)
+    assert len(small) == 10
+    assert small["Label"].value_counts().to_dict() == {0: 5, 1: 5}
+    pd.testing.assert_frame_equal(small, data.subset(data.balance_classes(messages), 10))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("URGENT! Call 09061701461 now to claim your prize", True),
+        ("Text WIN to 87121 to enter", True),
+        ("txt STOP to 85069", True),
+        ("Call me when you get home", False),
+        ("My number is 07781482378", False),
+        ("Please call. The code is 12345", False),  # the number is in another sentence
+    ],
+)
+def test_calls_to_action_rule(text: str, expected: bool) -> None:
+    assert data.calls_to_action(text) is expected
+
+
+def test_call_to_action_task_uses_the_same_machinery(messages: pd.DataFrame) -> None:
+    labelled = data.with_call_to_action_labels(messages)
+    positives = int(labelled["CallToAction"].sum())
+    assert 0 < positives < len(labelled) // 2
+    balanced = data.balance_classes(labelled, label_column="CallToAction")
+    assert balanced["CallToAction"].value_counts().to_dict() == {0: positives, 1: positives}
+    train, validation, test = data.split(balanced)
+    assert len(train) + len(validation) + len(test) == 2 * positives
+    with pytest.raises(ValueError, match="no column 'Spammy'"):
+        data.balance_classes(labelled, label_column="Spammy")

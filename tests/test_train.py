@@ -1,0 +1,153 @@
+"""Training loop, evaluation, the three methods and peak-memory measurement, on a tiny model."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora_tutorial import gpt, lora, train
+from lora_tutorial.classify import GPTClassifier
+
+TINY = gpt.GPT_CONFIGS["tiny"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on cores shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def separable(n: int, seed: int, width: int = 12) -> TensorDataset:
+    """Right-padded messages of 3..width tokens: class 0 uses tokens 100-109, class 1 tokens 1100-1109."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    lengths = torch.randint(3, width + 1, (n,), generator=g)
+    ids = torch.full((n, width), 50256)
+    for i in range(n):
+        ids[i, : lengths[i]] = torch.randint(100, 110, (int(lengths[i]),), generator=g) + 1000 * labels[i]
+    return TensorDataset(ids, labels, lengths)
+
+
+def loaders(batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(0)
+    return (
+        DataLoader(separable(64, 1), batch_size, shuffle=True, drop_last=True, generator=generator),
+        DataLoader(separable(32, 2), batch_size),
+    )
+
+
+def tiny_classifier(seed: int = 0) -> GPTClassifier:
+    torch.manual_seed(seed)
+    return GPTClassifier(gpt.GPTModel("tiny"))
+
+
+def test_prepare_model_trains_what_each_method_says() -> None:
+    emb, hidden, layers = TINY["emb_dim"], 4 * TINY["emb_dim"], TINY["n_layers"]
+    head = emb * 2 + 2
+    linear = emb * emb + emb
+    block = 4 * linear + (emb * hidden + hidden) + (hidden * emb + emb) + 2 * 2 * emb  # + two LayerNorms
+    rank = 4
+    lora_per_block = 4 * rank * (emb + emb) + rank * (emb + hidden) + rank * (hidden + emb)
+
+    full = train.prepare_model(tiny_classifier(), "full")
+    counts = lora.count_parameters(full)
+    assert counts.trainable == counts.total
+
+    last = train.prepare_model(tiny_classifier(), "last-block")
+    assert lora.count_parameters(last).trainable == block + 2 * emb + head
+    assert not any(p.requires_grad for p in last.gpt.trf_blocks[0].parameters())
+
+    adapted = train.prepare_model(tiny_classifier(), "lora", rank=rank, alpha=8)
+    assert lora.count_parameters(adapted).trainable == layers * lora_per_block + head
+    assert len(lora.adapter_layers(adapted)) == 6 * layers
+    assert isinstance(adapted.gpt.out_head, nn.Linear) and adapted.gpt.out_head.weight.requires_grad
+
+    only_query = train.prepare_model(tiny_classifier(), "lora", rank=rank, alpha=8, targets=("W_query",))
+    assert lora.count_parameters(only_query).trainable == layers * rank * 2 * emb + head
+
+    with pytest.raises(ValueError, match="method='prefix'"):
+        train.prepare_model(tiny_classifier(), "prefix")
+
+
+@pytest.mark.parametrize(("method", "lr"), [("lora", 3e-3), ("full", 1e-3)])
+def test_training_lowers_the_loss_and_separates_the_classes(method: str, lr: float) -> None:
+    model = train.prepare_model(tiny_classifier(), method, rank=4, alpha=8)
+    train_loader, val_loader = loaders()
+    before = train.evaluate(model, train_loader).loss
+    history = train.train_classifier(
+        model, train_loader, val_loader, epochs=4, lr=lr, eval_every=4, eval_batches=None, progress=False
+    )
+    assert history.steps == list(range(4, 33, 4))
+    assert history.examples_seen == [8 * s for s in history.steps]
+    assert len(history.train_accuracy) == len(history.val_accuracy) == len(history.epoch_seconds) == 4
+    assert history.train_losses[-1] < 0.5 * history.train_losses[0]
+    after = train.evaluate(model, train_loader)
+    assert after.loss < 0.1 * before
+    assert after.accuracy == 1.0 and history.train_accuracy[-1] == 1.0
+    assert train.evaluate(model, val_loader).accuracy >= 0.9  # unseen messages of the same two kinds
+    assert history.peak_memory_bytes > 0 and history.memory_measure
+
+
+def test_same_seed_same_weights() -> None:
+    def run(seed: int) -> str:
+        model = train.prepare_model(tiny_classifier(), "last-block")
+        train.train_classifier(model, *loaders(), epochs=1, max_steps=3, eval_every=10, seed=seed, progress=False)
+        return train.weights_digest(model)
+
+    first = run(5)
+    assert run(5) == first
+    assert run(6) != first
+
+
+class FixedPredictions(nn.Module):
+    """A stand-in classifier that predicts the class written in the first token."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(input_ids[:, 0], 2).float() * self.scale
+
+
+def test_evaluate_reports_confusion_precision_recall() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    predictions = torch.tensor([0, 0, 1, 0, 1, 0])
+    dataset = TensorDataset(predictions[:, None], labels, torch.ones(6, dtype=torch.long))
+    result = train.evaluate(FixedPredictions(), DataLoader(dataset, batch_size=4))
+    assert result.confusion == [[3, 1], [1, 1]]
+    assert result.accuracy == pytest.approx(4 / 6)
+    assert result.precision == pytest.approx([3 / 4, 1 / 2])
+    assert result.recall == pytest.approx([3 / 4, 1 / 2])
+    assert result.examples == 6
+    assert train.evaluate(FixedPredictions(), DataLoader(dataset, batch_size=4), num_batches=1).examples == 4
+
+
+def test_training_without_trainable_parameters_is_refused() -> None:
+    model = tiny_classifier().requires_grad_(False)
+    with pytest.raises(ValueError, match="prepare_model"):
+        train.train_classifier(model, *loaders(), progress=False)
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    size = 100 * 2**20
+    with train.PeakMemory(torch.device("cpu")) as memory:
+        start = train._rss_bytes()
+        block = torch.ones(size // 4)  # written, so resident
+    assert memory.peak_bytes >= start + 0.9 * size
+    del block
+
+
+def test_outside_torchrun_there_is_one_process() -> None:
+    with train.distributed() as info:
+        assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
+        assert train.gather("x") == ["x"]
