@@ -1,0 +1,90 @@
+"""Checks for chapter 5 (fine-tuning GPT-2 with LoRA)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from lora_tutorial.exercises._feedback import report
+
+# Configurations the parameter-count check tries: GPT-2 small and some odd shapes that catch shortcuts.
+_CONFIGS = [
+    {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    {"emb_dim": 64, "n_layers": 2, "n_heads": 4},
+    {"emb_dim": 96, "n_layers": 3, "n_heads": 2},
+]
+
+
+def expected_lora_parameters(cfg: dict, rank: int) -> int:
+    """LoRA parameters for rank ``rank`` on every attention and feed-forward linear layer.
+
+    Each adapted ``d_in -> d_out`` layer adds ``rank * (d_in + d_out)`` numbers. A block has
+    four ``d -> d`` attention layers (query, key, value, output) and the ``d -> 4d -> d``
+    feed-forward pair, so ``4 * 2rd + 2 * 5rd = 18 r d`` per block.
+    """
+    d = cfg["emb_dim"]
+    return 18 * rank * d * cfg["n_layers"]
+
+
+def check_lora_param_count(fn: Callable[[dict, int], int]) -> bool:
+    """Check ``fn(cfg, rank)`` counts LoRA's trainable numbers on all attention and feed-forward layers."""
+    problems: list[str] = []
+    for cfg in _CONFIGS:
+        for rank in (1, 16):
+            want = expected_lora_parameters(cfg, rank)
+            try:
+                got = fn(dict(cfg), rank)
+            except Exception as exc:  # a learner's bug: report it in words instead of a traceback
+                problems.append(f"fn({cfg}, rank={rank}) raised {type(exc).__name__}: {exc}")
+                break
+            if got != want:
+                hint = ""
+                if got == 8 * rank * cfg["emb_dim"] * cfg["n_layers"]:
+                    hint = " (that counts only the four attention layers: the feed-forward pair is adapted too)"
+                elif got == 10 * rank * cfg["emb_dim"] * cfg["n_layers"]:
+                    hint = " (that counts only the feed-forward layers: query, key, value and output are adapted too)"
+                elif got == want // cfg["n_layers"]:
+                    hint = " (that is one block: multiply by the number of layers)"
+                problems.append(
+                    f"for emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, rank={rank} "
+                    f"you return {got:,}, expected {want:,}{hint}. "
+                    "Remember: a d_in -> d_out layer gets A (d_in x r) and B (r x d_out)."
+                )
+                break
+    return report(problems, "rank * (d_in + d_out) per adapted layer, summed over all blocks.")
+
+
+def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
+    """Check ``freeze_fn(model)`` leaves exactly the last block, the final norm and the head trainable.
+
+    ``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
+    """
+    model = _tiny_classifier()
+    try:
+        freeze_fn(model)
+    except Exception as exc:
+        return report([f"your function raised {type(exc).__name__}: {exc}"], "")
+    problems: list[str] = []
+    last = len(model.gpt.trf_blocks) - 1
+    wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
+    wrong_frozen = [n for n, p in model.named_parameters() if n.startswith(wanted_prefixes) and not p.requires_grad]
+    wrong_trainable = [n for n, p in model.named_parameters() if not n.startswith(wanted_prefixes) and p.requires_grad]
+    if wrong_frozen:
+        problems.append(f"these should be trainable but are frozen: {_few(wrong_frozen)}")
+    if wrong_trainable:
+        problems.append(f"these should be frozen but are trainable: {_few(wrong_trainable)}")
+    return report(problems, "only the last block, the final LayerNorm and the new head will learn.")
+
+
+def _few(names: list[str], k: int = 4) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _tiny_classifier() -> nn.Module:
+    """A tiny GPT with a two-class head, shaped like the chapter's model."""
+    from lora_tutorial.classify import GPTClassifier
+    from lora_tutorial.gpt import GPTModel
+
+    return GPTClassifier(GPTModel("tiny"))
