@@ -1,0 +1,158 @@
+"""Checks for chapter 7's coding exercises: the DoRA weight, an NF4 round trip, and PiSSA's initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..quantize import quantize_blockwise
+from ..variants import LinearWithDoRA, LinearWithPiSSA
+from ._feedback import report
+
+
+def _call(fn: Callable, *args) -> tuple[object, str | None]:
+    try:
+        return fn(*args), None
+    except Exception as err:  # a learner's bug: report it in words instead of a traceback
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), atol=tol, rtol=tol))
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+
+def _dora_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """W0 (out=5, in=7), A (7, 2), B (2, 5), m (5,) and a scaling: not square, so transposes show."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(5, 7, generator=g)
+    A, B = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
+    m = 0.5 + torch.rand(5, generator=g)
+    return W0, A, B, m, 2.0
+
+
+def dora_reference(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The merged DoRA weight, computed by the package's :class:`LinearWithDoRA`."""
+    linear = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
+    layer = LinearWithDoRA(linear, A.shape[1], scaling * A.shape[1])
+    with torch.no_grad():
+        linear.weight.copy_(W0)
+        layer.lora.A.copy_(A)
+        layer.lora.B.copy_(B)
+        layer.m.copy_(m)
+    layer.merge()
+    return layer.linear.weight.detach().clone()
+
+
+def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
+    """Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||`` with ``V = W0 + scaling * (A @ B).T``."""
+    problems: list[str] = []
+    W0, A, B, m, scaling = _dora_case()
+    out, err = _call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
+    expected = dora_reference(W0, A, B, m, scaling)
+    V = W0 + scaling * (A @ B).T
+    if err:
+        problems.append(f"your function raised {err}")
+    elif not isinstance(out, torch.Tensor):
+        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
+    elif tuple(out.shape) != tuple(W0.shape):
+        problems.append(f"the result has shape {tuple(out.shape)}, expected {tuple(W0.shape)} like W0 (out, in)")
+    elif not _close(out, expected):
+        out = out.detach()
+        if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
+            problems.append("you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A @ B).T itself")
+        elif _close(out, m[:, None] * (W0 + (A @ B).T) / (W0 + (A @ B).T).norm(dim=1, keepdim=True)):
+            problems.append("the LoRA update must be multiplied by `scaling` before it is added to W0")
+        elif _close(out, m[:, None] * V / V.norm(dim=0, keepdim=True)) or _close(out, m[:, None] * V / V.norm()):
+            problems.append("take one norm per output unit: the norm of each row of V (dim=1), not of columns or of all of V")
+        elif _close(out.norm(dim=1), m):
+            problems.append("each row has length m, but its direction is not that of V's row")
+        else:
+            problems.append("the rows of your weight should have length m[i] and point like the rows of V")
+    return report(problems, "Each row of V is rescaled to length m: that is DoRA's merged weight.")
+
+
+# ----------------------------------------------------------------------------- NF4
+
+
+def _nf4_case() -> torch.Tensor:
+    """A 5 x 30 weight (150 values: not a multiple of the block size) with one outlier."""
+    g = torch.Generator().manual_seed(3)
+    w = 0.02 * torch.randn(5, 30, generator=g)
+    w[4, 29] = 0.4
+    return w
+
+
+def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
+    """Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4 and dequantize it (same shape back)."""
+    problems: list[str] = []
+    w, blocksize = _nf4_case(), 64
+    out, err = _call(fn, w.clone(), blocksize)
+    expected = quantize_blockwise(w, blocksize=blocksize).dequantize()
+    if err:
+        problems.append(f"your function raised {err} (hint: pad the flattened values to a multiple of blocksize)")
+    elif not isinstance(out, torch.Tensor):
+        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
+    elif tuple(out.shape) != tuple(w.shape):
+        problems.append(f"the result has shape {tuple(out.shape)}; give back the input's shape {tuple(w.shape)}")
+    elif not _close(out, expected, 1e-6):
+        out = out.detach()
+        whole = quantize_blockwise(w, blocksize=w.numel()).dequantize()
+        uniform = quantize_blockwise(w, torch.linspace(-1, 1, 16), blocksize=blocksize).dequantize()
+        if _close(out, whole, 1e-6):
+            problems.append("you scaled by the absmax of the whole tensor; use one absmax per block of `blocksize` values")
+        elif _close(out, uniform, 1e-6):
+            problems.append("those are 16 evenly spaced levels; use the NF4 levels (nf4_levels())")
+        elif torch.unique(out).numel() > 16 * ((w.numel() + blocksize - 1) // blocksize):
+            problems.append("there are more distinct values than 16 per block: did you round every value to a level?")
+        else:
+            bad = int((out - expected).abs().argmax())
+            problems.append(
+                f"value {bad} (flat index) became {out.flatten()[bad].item():.5f}, expected {expected.flatten()[bad].item():.5f}: "
+                "each value should become the nearest level times its block's absmax"
+            )
+    return report(problems, "Your round trip matches the package's NF4 quantizer value for value.")
+
+
+# ----------------------------------------------------------------------------- PiSSA
+
+
+def check_pissa_init(fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
+    """Check ``fn(W, rank, scaling) -> (A, B, residual)``: PiSSA's A ``(in, r)``, B ``(r, out)`` and frozen residual."""
+    problems: list[str] = []
+    g = torch.Generator().manual_seed(4)
+    W, rank, scaling = torch.randn(6, 9, generator=g), 2, 0.5
+    out, err = _call(fn, W.clone(), rank, scaling)
+    if err:
+        return report([f"your function raised {err}"], "")
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+        return report(["return three tensors: (A, B, residual)"], "")
+    A, B, residual = (t.detach() for t in out)
+    shapes = {"A": (tuple(A.shape), (9, rank)), "B": (tuple(B.shape), (rank, 6)), "residual": (tuple(residual.shape), (6, 9))}
+    wrong = [f"{name} has shape {got}, expected {want}" for name, (got, want) in shapes.items() if got != want]
+    if wrong:
+        return report(wrong + ["A is (in, rank), B is (rank, out), the residual is (out, in) like W"], "")
+    reference = LinearWithPiSSA(_linear(W), rank, scaling * rank)
+    principal = (reference.delta_weight()).detach()
+    update = scaling * (A @ B).T
+    if not _close(residual + update, W):
+        if _close(residual + (A @ B).T, W):
+            problems.append("residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: divide S by scaling")
+        else:
+            problems.append("residual + scaling * (A @ B).T must give W back exactly: the model must not change at initialisation")
+    elif not _close(update, principal):
+        problems.append("scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: use the largest singular values")
+    elif not _close(A.norm(dim=0), B.norm(dim=1)):
+        problems.append("split sqrt(S) between A and B (column i of A and row i of B equally long), as PiSSA does")
+    return report(problems, "A and B hold the principal part of W and the residual the rest: PiSSA's start.")
+
+
+def _linear(W: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    return linear
