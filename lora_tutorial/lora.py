@@ -41,7 +41,8 @@ import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -59,17 +60,20 @@ ADAPTER_FORMAT = "lora_tutorial.adapter"
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_rank(rank: Any) -> None:
+def check_rank(rank: Any) -> None:
+    """Raise ValueError unless ``rank`` is a positive integer (shared by every adapter layer)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16")
 
 
-def _check_alpha(alpha: Any) -> None:
+def check_alpha(alpha: Any) -> None:
+    """Raise ValueError unless ``alpha`` is a positive, finite number."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < math.inf):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank")
 
 
-def _check_dropout(dropout: Any) -> None:
+def check_dropout(dropout: Any) -> None:
+    """Raise ValueError unless ``dropout`` is a probability in [0, 1)."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (0 <= dropout < 1):
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}; use 0.0 for no dropout")
 
@@ -93,9 +97,9 @@ class LoRALayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_rank(rank)
-        _check_alpha(alpha)
-        _check_dropout(dropout)
+        check_rank(rank)
+        check_alpha(alpha)
+        check_dropout(dropout)
         self.rank, self.alpha, self.use_rslora, self.dropout_p = int(rank), alpha, bool(use_rslora), float(dropout)
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
@@ -414,12 +418,27 @@ def _summary(layers: dict[str, AdapterLayer]) -> dict[str, str]:
     return summary
 
 
+def _new_temporary_file(path: Path) -> Path:
+    """A new empty file beside ``path``, created with the mode any new file gets (0o666 minus the umask).
+
+    ``tempfile.mkstemp`` would give 0o600; this file's mode is the one the saved adapter ends with.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # another writer picked the same name: draw again
+            continue
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_modules: str | Iterable[str] = ()) -> Path:
     """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file; return its path.
 
     Tensor names are the model's own state-dict keys. The metadata records each layer's kind and
     config, the extra module names, and rank / alpha / scaling rule. The file is written to a
-    temporary name and renamed, so a failed save leaves no partial file behind.
+    temporary name and renamed, so a failed save leaves no partial file behind; it gets the
+    permissions of any new file (0o644 under the usual umask 022).
     """
     layers = _require_adapters(model, "save_adapter")
     extras = [extra_modules] if isinstance(extra_modules, str) else list(extra_modules)
@@ -445,10 +464,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_modules: str |
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temporary_file(path)
     try:
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors writes its files with mode 0o600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -117,6 +117,7 @@ def plot_method_comparison(results: Sequence[MethodResult], *, path: str | Path 
         ax.set(ylabel=label, xlabel="method")
         if log:
             ax.set_yscale("log")
+        ax.margins(y=0.15)  # headroom above the tallest bar for its value label
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -2,7 +2,7 @@
 
 - :func:`prepare_model` freezes and adapts a :class:`~lora_tutorial.classify.GPTClassifier`
   for one method: ``"lora"``, ``"full"`` or ``"last-block"``.
-- :func:`train_classifier` runs AdamW and returns a :class:`History` that chapters plot.
+- :func:`train_classifier` runs AdamW (or an optimizer you build) and returns a :class:`History` that chapters plot.
 - :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall.
 - :func:`distributed` sets up a process group when the script runs under ``torchrun``;
   :func:`train_classifier` then trains with ``DistributedDataParallel``.
@@ -19,8 +19,8 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -345,8 +345,14 @@ def train_classifier(
     device: torch.device | str | None = None,
     seed: int = 123,
     progress: bool = True,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
 ) -> History:
-    """Train the parameters of ``model`` that require gradients with AdamW; return the history.
+    """Train the parameters of ``model`` that require gradients; return the history.
+
+    The optimizer is AdamW(``lr``, ``weight_decay``) over those parameters, or whatever
+    ``make_optimizer(model)`` returns (then ``lr`` and ``weight_decay`` are not used), e.g.
+    ``make_optimizer=lambda m: variants.create_loraplus_optimizer(m, lr=1e-4)`` for LoRA+.
+    It is called after the model has moved to ``device``.
 
     Seeds PyTorch and the training loader's shuffle with ``seed``, so the same call gives the
     same result. Per epoch, accuracy is measured on the first ``accuracy_batches`` batches of
@@ -359,6 +365,11 @@ def train_classifier(
     """
     if epochs < 1 or eval_every < 1:
         raise ValueError(f"epochs={epochs}, eval_every={eval_every}: both must be at least 1")
+    if make_optimizer is not None and not callable(make_optimizer):
+        raise TypeError(
+            f"make_optimizer must be a function model -> optimizer, got {type(make_optimizer).__name__}; "
+            "e.g. make_optimizer=lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires a gradient; call prepare_model(model, method) first")
@@ -370,7 +381,14 @@ def train_classifier(
     if info.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loader, sampler = _train_loader(train_loader, seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if make_optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = make_optimizer(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"make_optimizer(model) returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
+            )
     history = History(world_size=info.world_size)
     step, seen, window = 0, 0, []
     start = time.perf_counter()

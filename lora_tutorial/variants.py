@@ -33,9 +33,9 @@ from lora_tutorial.lora import (
     LinearWithLoRA,
     LoRALayer,
     Selector,
-    _check_dropout,
-    _check_rank,
     adapter_layers,
+    check_dropout,
+    check_rank,
     replace_linear_with_lora,
 )
 from lora_tutorial.quantize import LinearWithQLoRA
@@ -138,7 +138,7 @@ class LinearWithPiSSA(LinearWithLoRA):
     def __init__(
         self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
     ) -> None:
-        _check_rank(rank)
+        check_rank(rank)
         if rank > min(linear.in_features, linear.out_features):
             raise ValueError(
                 f"rank={rank} exceeds the rank of a {linear.out_features}x{linear.in_features} weight; "
@@ -210,8 +210,8 @@ class LinearWithVeRA(AdapterLayer):
         self, linear: nn.Linear, rank: int, *, d_initial: float = 0.1, seed: int = 0, dropout: float = 0.0
     ) -> None:
         super().__init__(linear)
-        _check_rank(rank)
-        _check_dropout(dropout)
+        check_rank(rank)
+        check_dropout(dropout)
         if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
             raise ValueError(f"d_initial must be a finite number, got {d_initial!r}; PEFT uses 0.1")
         self.rank, self.d_initial, self.seed, self.dropout_p = int(rank), float(d_initial), int(seed), float(dropout)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -309,6 +311,17 @@ def test_save_load_into_fresh_base_gives_identical_outputs(tmp_path, tokens: tor
     assert list(adapter_layers(fresh)) == list(adapter_layers(model))
     assert fresh.trf_blocks[0].att.W_key.lora.use_rslora
     assert torch.equal(fresh(tokens), model(tokens))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX features")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_adapter_gets_the_permissions_of_a_new_file(tmp_path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        path = save_adapter(lora_model(), tmp_path / "a.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # 0o644 under the usual umask 022
 
 
 def test_adapter_file_holds_only_adapter_tensors_and_metadata(tmp_path) -> None:
