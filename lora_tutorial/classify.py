@@ -52,8 +52,8 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
-        emb_dim = gpt.out_head.in_features
-        gpt.out_head = nn.Linear(emb_dim, num_classes)
+        old = gpt.out_head.weight  # the new head lives where the backbone lives (a GPU, bf16 ...)
+        gpt.out_head = nn.Linear(old.shape[1], num_classes, device=old.device, dtype=old.dtype)
         self.gpt = gpt
         self.pooling = pooling
         self.num_classes = num_classes

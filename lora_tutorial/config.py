@@ -103,9 +103,14 @@ def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
     for name, url in TIKTOKEN_GPT2_FILES.items():
         dest = target / hashlib.sha1(url.encode()).hexdigest()
         if not dest.exists():
-            tmp = dest.with_suffix(".part")
-            shutil.copyfile(sources[name], tmp)
-            tmp.replace(dest)
+            # One temporary name per process: under torchrun every process gets here at once.
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+            try:
+                shutil.copyfile(sources[name], tmp)
+                tmp.replace(dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
     return target
 

@@ -232,9 +232,8 @@ def save_splits(splits: Splits, folder: str | Path) -> dict[str, Path]:
     paths = {}
     for name, frame in zip(SPLIT_NAMES, splits):
         path = folder / f"{name}.csv"
-        tmp = path.with_name(f".{path.name}.part")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(path)
+        with download.atomic_write(path) as tmp:
+            frame.to_csv(tmp, index=False)
         paths[name] = path
     return paths
 

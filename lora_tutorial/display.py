@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import inspect
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from IPython.display import Code
 
 
-def show_source(obj: Any):
+def show_source(obj: Any) -> Code:
     """Render the source of a function, class or module as a highlighted code block.
 
     Chapters call this instead of pasting code: what the reader sees is what the tests test.

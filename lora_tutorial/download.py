@@ -16,14 +16,17 @@ which is how the tests serve files).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import ipaddress
 import os
-import tempfile
+import secrets
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -176,20 +179,42 @@ def _how_to_supply(remote: RemoteFile, dest: Path) -> str:
     )
 
 
-def _download(url: str, remote: RemoteFile, dest: Path, *, progress: bool) -> None:
-    """Stream ``url`` into a temporary file beside ``dest``; verify, then rename into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """A new temporary file beside ``path`` to write to; it replaces ``path`` only when the block succeeds.
+
+    On any error the temporary file is removed and ``path`` is left as it was, so nothing
+    half-written is ever found under the final name. The temporary name keeps the suffix (some
+    writers pick the format from it) and is unique, so processes writing at once do not collide.
+    The file ends with the permissions of any new file (0o666 minus the umask), also where the
+    writer (safetensors, for one) would leave 0o600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
     try:
-        with os.fdopen(fd, "wb") as out:
-            _stream(url, remote, out, progress=progress)
-        os.replace(tmp, dest)
-    except DownloadError as err:
-        tmp.unlink(missing_ok=True)
-        raise DownloadError(f"{err} {_how_to_supply(remote, dest)}") from None
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _download(url: str, remote: RemoteFile, dest: Path, *, progress: bool) -> None:
+    """Stream ``url`` into a temporary file beside ``dest``; verify, then rename into place."""
+    try:
+        with atomic_write(dest) as tmp, open(tmp, "wb") as out:
+            _stream(url, remote, out, progress=progress)
+    except DownloadError as err:
+        raise DownloadError(f"{err} {_how_to_supply(remote, dest)}") from None
 
 
 def _stream(url: str, remote: RemoteFile, out: BinaryIO, *, progress: bool) -> None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib
+import tiktoken
 import torch.distributed as dist
 from safetensors.torch import save_file
 
@@ -46,6 +46,7 @@ class MissingInput(RuntimeError):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's options, with the defaults that depend on quick mode filled in and checked."""
     parser = argparse.ArgumentParser(
         prog="python -m lora_tutorial.finetune",
         description="Fine-tune GPT-2 to classify SMS messages as spam or ham, with LoRA or a baseline method.",
@@ -88,7 +89,8 @@ def _main_first(info: train.DistInfo, step: Callable[[], object]) -> None:
         dist.barrier()
 
 
-def _tokenizer():
+def _tokenizer() -> tiktoken.Encoding:
+    """GPT-2's tokenizer, or MissingInput saying where to put its files when it cannot be loaded."""
     try:
         return gpt.get_tokenizer()
     except Exception as err:  # tiktoken raises requests' errors when it cannot download offline
@@ -121,20 +123,14 @@ def _save_weights(model: GPTClassifier, method: str, folder: Path) -> tuple[Path
         return path, f"LoRA matrices and the classification head ({train.HEAD}); load with lora.load_adapter"
     path = folder / "weights.safetensors"
     tensors = {name: t.to("cpu", copy=True).contiguous() for name, t in train.trainable_state_dict(model).items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with download.atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={"method": method})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path, f"every parameter trained by --method {method}, by name in GPTClassifier (load_state_dict(strict=False))"
 
 
 def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    with download.atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace, info: train.DistInfo) -> dict:
@@ -188,6 +184,7 @@ def run(args: argparse.Namespace, info: train.DistInfo) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (1, with advice on stderr, when inputs are missing)."""
     args = parse_args(argv)
     matplotlib.use("Agg")  # files only, no windows
     try:

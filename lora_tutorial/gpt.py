@@ -293,8 +293,7 @@ def generate(
     temperature samples from the softmax of ``logits / temperature``, restricted to the
     ``top_k`` most likely tokens when given. Only the last ``context_length`` tokens are
     fed to the model. Stops early when the newest token is ``eos_id`` (in every sequence of
-    the batch). Runs in
-    eval mode (no dropout) and restores the model's previous mode.
+    the batch). Runs in eval mode (no dropout) and restores the model's previous mode.
     """
     if token_ids.ndim != 2:
         raise ValueError(f"token_ids must have shape [batch, t], got {tuple(token_ids.shape)}")

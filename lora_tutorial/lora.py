@@ -41,8 +41,6 @@ import json
 import math
 import numbers
 import os
-import secrets
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -54,6 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_tutorial import __version__
+from lora_tutorial.download import atomic_write
 
 ADAPTER_FORMAT = "lora_tutorial.adapter"
 
@@ -418,20 +417,6 @@ def _summary(layers: dict[str, AdapterLayer]) -> dict[str, str]:
     return summary
 
 
-def _new_temporary_file(path: Path) -> Path:
-    """A new empty file beside ``path``, created with the mode any new file gets (0o666 minus the umask).
-
-    ``tempfile.mkstemp`` would give 0o600; this file's mode is the one the saved adapter ends with.
-    """
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:  # another writer picked the same name: draw again
-            continue
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_modules: str | Iterable[str] = ()) -> Path:
     """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file; return its path.
 
@@ -463,16 +448,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_modules: str |
         **_summary(layers),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temporary_file(path)
-    try:
-        mode = stat.S_IMODE(tmp.stat().st_mode)
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)  # safetensors writes its files with mode 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -7,29 +7,23 @@ saves and closes it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_tutorial.data import LABELS
+from lora_tutorial.download import atomic_write
 from lora_tutorial.train import History, MethodResult
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     """Save ``fig`` to ``path`` atomically (format from the suffix, e.g. ``.png``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # keeps the suffix: it picks the format
-    try:
+    with atomic_write(path) as tmp:  # the temporary name keeps the suffix, which picks the format
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -112,13 +106,7 @@ def plot_method_comparison(results: Sequence[MethodResult], *, path: str | Path 
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (label, values, log) in zip(axes, panels):
-        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, labels=[_short(v) for v in values])
-        ax.set(ylabel=label, xlabel="method")
-        if log:
-            ax.set_yscale("log")
-        ax.margins(y=0.15)  # headroom above the tallest bar for its value label
-        ax.grid(axis="y", alpha=0.3)
+        plot_bars(names, values, title="", ylabel=label, xlabel="method", log=log, fmt=_short, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
@@ -134,18 +122,21 @@ def plot_bars(
     ylabel: str,
     xlabel: str = "",
     log: bool = False,
-    fmt: str = "{:,.3g}",
+    fmt: str | Callable[[float], str] = "{:,.3g}",
     ax: Axes | None = None,
     path: str | Path | None = None,
 ) -> Figure:
-    """One bar per name, each labelled with its value (class counts, file sizes, latencies)."""
+    """One bar per name, each labelled with its value (class counts, file sizes, latencies).
+
+    ``fmt`` is a format string like ``"{:.1f}"`` or a function from the value to its label.
+    """
     fig, ax = _axes(ax, (5, 3.5))
     bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
     ax.bar_label(bars, fmt=fmt)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if log:
         ax.set_yscale("log")
-    ax.margins(y=0.15)
+    ax.margins(y=0.15)  # headroom above the tallest bar for its value label
     ax.grid(axis="y", alpha=0.3)
     if path is not None:
         save_figure(fig, path)

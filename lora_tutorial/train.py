@@ -107,8 +107,12 @@ class Evaluation:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA GPU that supports it; full precision elsewhere."""
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast on a GPU with native bf16 (compute capability 8.0+: A100, L4, H100); float32 elsewhere.
+
+    Older GPUs such as Colab's T4 (7.5) only emulate bf16, which gains nothing there, so they
+    train in float32. (``torch.cuda.is_bf16_supported()`` says True for them: it counts emulation.)
+    """
+    use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
@@ -357,7 +361,7 @@ def train_classifier(
     Seeds PyTorch and the training loader's shuffle with ``seed``, so the same call gives the
     same result. Per epoch, accuracy is measured on the first ``accuracy_batches`` batches of
     the training and validation loaders (all of them when None). ``max_steps`` stops early
-    (quick runs). On a CUDA GPU with bf16 support the forward pass runs under bf16 autocast.
+    (quick runs). On a CUDA GPU with native bf16 the forward pass runs under bf16 :func:`autocast`.
 
     Inside :func:`distributed` with several processes, the model is wrapped in
     ``DistributedDataParallel`` and each process trains on its shard of the training set
@@ -374,7 +378,7 @@ def train_classifier(
     if not params:
         raise ValueError("no parameter requires a gradient; call prepare_model(model, method) first")
     info = _dist_info()
-    device = torch.device(device) if device is not None else info.device()
+    device = info.device(None if device is None else str(device))  # under torchrun: this process's own GPU
     set_seed(seed)
     model.to(device)
     net: nn.Module = model

@@ -356,15 +356,16 @@ def fit_target(
 ) -> list[float]:
     """Train ``layer``'s adapter so that ``layer(x)`` imitates ``x @ target.T``; return the loss of every step.
 
-    Inputs are standard normal, drawn from ``seed`` (so runs that differ only in the layer see the
-    same data). The optimizer defaults to Adam over ``layer.adapter_parameters()`` with ``lr``.
+    Inputs are standard normal, drawn from ``seed`` on the CPU (so runs that differ only in the layer
+    see the same data, on any device) and moved to ``target``'s device. The optimizer defaults to
+    Adam over ``layer.adapter_parameters()`` with ``lr``.
     """
     g = torch.Generator().manual_seed(seed)
     if optimizer is None:
         optimizer = torch.optim.Adam(layer.adapter_parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        x = torch.randn(batch_size, target.shape[1], generator=g)
+        x = torch.randn(batch_size, target.shape[1], generator=g).to(target.device)
         loss = F.mse_loss(layer(x), x @ target.T)
         optimizer.zero_grad()
         loss.backward()

@@ -40,6 +40,11 @@ def test_head_replaces_the_language_model_head(classifier: GPTClassifier) -> Non
     assert head.weight is not classifier.gpt.tok_emb.weight  # the tie to the embedding is gone
 
 
+def test_head_is_built_where_the_backbone_lives() -> None:
+    head = GPTClassifier(gpt.GPTModel("tiny").to(torch.float64)).gpt.out_head
+    assert head.weight.dtype == torch.float64 and head.bias.dtype == torch.float64
+
+
 @torch.no_grad()
 def test_padded_batch_gives_each_message_its_own_logits(classifier: GPTClassifier) -> None:
     """With last-real pooling, padding changes nothing; with position -1 it does."""

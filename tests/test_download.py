@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import socket
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -94,7 +96,25 @@ def test_truncated_file_is_rejected(http_server, monkeypatch, cache) -> None:
     _assert_clean_failure(excinfo, cache, "differs from the known one")
 
 
-class _ShortBodyHandler(http.server.BaseHTTPRequestHandler):
+@contextlib.contextmanager
+def _mirror(monkeypatch: pytest.MonkeyPatch, handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[None]:
+    """A loopback server answering with ``handler``, set as the download mirror while the block runs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+class _ShortBodyHandler(_QuietHandler):
     """Announces more bytes than it sends, then closes the connection."""
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
@@ -105,36 +125,18 @@ class _ShortBodyHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
 
 def test_connection_closed_mid_body_is_rejected(monkeypatch, cache) -> None:
     _register(monkeypatch, "blob.bin", PAYLOAD)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShortBodyHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(DownloadError) as excinfo:
-            fetch("blob.bin", cache_dir=cache, progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _mirror(monkeypatch, _ShortBodyHandler), pytest.raises(DownloadError) as excinfo:
+        fetch("blob.bin", cache_dir=cache, progress=False)
     _assert_clean_failure(excinfo, cache, "truncated", f"1,000 of {len(PAYLOAD):,} bytes")
 
 
 def test_unknown_size_still_checks_announced_length(monkeypatch, cache) -> None:
     _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShortBodyHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(DownloadError, match="truncated"):
-            fetch("blob.bin", cache_dir=cache, progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _mirror(monkeypatch, _ShortBodyHandler), pytest.raises(DownloadError, match="truncated"):
+        fetch("blob.bin", cache_dir=cache, progress=False)
     assert list(cache.iterdir()) == []
 
 
@@ -169,7 +171,7 @@ def test_offline_gives_one_clear_error(monkeypatch, cache) -> None:
     assert excinfo.value.__cause__ is None and excinfo.value.__suppress_context__
 
 
-class _DowngradeHandler(http.server.BaseHTTPRequestHandler):
+class _DowngradeHandler(_QuietHandler):
     """Redirects every request to a plain-http address on another host."""
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
@@ -177,21 +179,11 @@ class _DowngradeHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Location", "http://example.org/blob.bin")
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
 
 def test_redirect_to_plain_http_is_refused(monkeypatch, cache) -> None:
     _register(monkeypatch, "blob.bin", PAYLOAD)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DowngradeHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(DownloadError) as excinfo:
-            fetch("blob.bin", cache_dir=cache, progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _mirror(monkeypatch, _DowngradeHandler), pytest.raises(DownloadError) as excinfo:
+        fetch("blob.bin", cache_dir=cache, progress=False)
     _assert_clean_failure(excinfo, cache, "not https")
 
 
@@ -209,3 +201,17 @@ def test_only_known_https_files_are_fetched(monkeypatch, cache) -> None:
     with pytest.raises(ValueError, match="loopback"):
         fetch("blob.bin", cache_dir=cache)
     assert list(cache.iterdir()) == []
+
+
+def test_atomic_write_replaces_the_file_only_when_the_block_succeeds(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "result.json"
+    with download.atomic_write(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target  # the suffix picks formats
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+
+    with pytest.raises(RuntimeError, match="writer failed"), download.atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left

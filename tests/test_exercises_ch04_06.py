@@ -178,3 +178,14 @@ def test_adapter_bytes_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert "assumes 4 bytes" in capsys.readouterr().out
     assert not ch06.check_adapter_bytes(lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad))
     assert "not bytes" in capsys.readouterr().out
+
+
+def test_balance_check_reports_a_non_frame_from_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+    calls = []
+
+    def frame_once(df: pd.DataFrame, seed: int):
+        calls.append(seed)
+        return _balance(df, seed) if len(calls) == 1 else None
+
+    assert not ch04.check_balance(frame_once)
+    assert "return a pandas DataFrame, not NoneType" in capsys.readouterr().out

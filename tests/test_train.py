@@ -201,6 +201,19 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     assert int(result.stdout) >= 0.9 * 200 * 2**20
 
 
+@pytest.mark.parametrize(("capability", "bf16"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_autocast_only_on_gpus_with_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], bf16: bool
+) -> None:
+    """A T4 (7.5) only emulates bf16, so it trains in float32; A100 (8.0) and H100 (9.0) use bf16."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype, enabled: calls.append((device_type, enabled)))
+    train.autocast(torch.device("cuda"))
+    train.autocast(torch.device("cpu"))
+    assert calls == [("cuda", bf16), ("cpu", False)]
+
+
 def test_outside_torchrun_there_is_one_process() -> None:
     with train.distributed() as info:
         assert (info.rank, info.world_size, info.is_main) == (0, 1, True)

@@ -35,7 +35,7 @@ def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
         rows = [i for i in range(batch) if not torch.allclose(got[i], want[i])]
         if torch.allclose(got, hidden[:, -1]):
             problems.append("you read position -1: for every message shorter than the batch that is a padding token")
-        elif all(i < batch and lengths[i] < time and torch.allclose(got[i], hidden[i, lengths[i]]) for i in rows):
+        elif all(lengths[i] < time and torch.allclose(got[i], hidden[i, lengths[i]]) for i in rows):
             problems.append("off by one: position `length` is the first padding token; the last real one is `length - 1`")
         else:
             problems.append(f"rows {rows} are not the hidden state at position length - 1 of their message")
@@ -58,8 +58,9 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
     except Exception as exc:
         return report([f"your function raised {type(exc).__name__}: {exc}"], "")
     problems: list[str] = []
-    if not isinstance(out, pd.DataFrame):
-        return report([f"return a pandas DataFrame, not {type(out).__name__}"], "")
+    not_frames = [type(result).__name__ for result in (out, again, other) if not isinstance(result, pd.DataFrame)]
+    if not_frames:
+        return report([f"return a pandas DataFrame, not {not_frames[0]}"], "")
     if not df.equals(before):
         problems.append("your function changed the DataFrame it was given; work on a copy")
     if label_column not in out.columns or "Text" not in out.columns:
@@ -70,7 +71,7 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
         problems.append(f"keep all {n_spam} spam messages (the rare class); you kept {kept_spam}")
     if kept_ham != n_spam:
         problems.append(f"draw as many ham messages as there are spam ({n_spam}); you kept {kept_ham}")
-    if out["Text"].duplicated().any() or (isinstance(other, pd.DataFrame) and other["Text"].duplicated().any()):
+    if out["Text"].duplicated().any() or ("Text" in other.columns and other["Text"].duplicated().any()):
         problems.append("some messages appear twice: sample without replacement")
     if not set(out["Text"]) <= set(before["Text"]):
         problems.append("the result holds messages that were not in the input")

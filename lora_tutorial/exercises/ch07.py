@@ -23,6 +23,19 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), atol=tol, rtol=tol))
 
 
+def _tensor_answer_problem(
+    out: object, err: str | None, shape: torch.Size, *, err_hint: str = "", shape_hint: str = ""
+) -> str | None:
+    """Why a tensor answer cannot be compared value by value (it raised, is no tensor, has the wrong shape), or None."""
+    if err:
+        return f"your function raised {err}{err_hint}"
+    if not isinstance(out, torch.Tensor):
+        return f"your function returned {type(out).__name__}, not a torch.Tensor"
+    if tuple(out.shape) != tuple(shape):
+        return f"the result has shape {tuple(out.shape)}, expected {tuple(shape)}{shape_hint}"
+    return None
+
+
 # ----------------------------------------------------------------------------- DoRA
 
 
@@ -55,12 +68,9 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
     out, err = _call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
     expected = dora_reference(W0, A, B, m, scaling)
     V = W0 + scaling * (A @ B).T
-    if err:
-        problems.append(f"your function raised {err}")
-    elif not isinstance(out, torch.Tensor):
-        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
-    elif tuple(out.shape) != tuple(W0.shape):
-        problems.append(f"the result has shape {tuple(out.shape)}, expected {tuple(W0.shape)} like W0 (out, in)")
+    first = _tensor_answer_problem(out, err, W0.shape, shape_hint=" like W0 (out, in)")
+    if first:
+        problems.append(first)
     elif not _close(out, expected):
         out = out.detach()
         if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
@@ -93,12 +103,12 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     w, blocksize = _nf4_case(), 64
     out, err = _call(fn, w.clone(), blocksize)
     expected = quantize_blockwise(w, blocksize=blocksize).dequantize()
-    if err:
-        problems.append(f"your function raised {err} (hint: pad the flattened values to a multiple of blocksize)")
-    elif not isinstance(out, torch.Tensor):
-        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
-    elif tuple(out.shape) != tuple(w.shape):
-        problems.append(f"the result has shape {tuple(out.shape)}; give back the input's shape {tuple(w.shape)}")
+    first = _tensor_answer_problem(
+        out, err, w.shape, err_hint=" (hint: pad the flattened values to a multiple of blocksize)",
+        shape_hint=": give back the input's shape",
+    )
+    if first:
+        problems.append(first)
     elif not _close(out, expected, 1e-6):
         out = out.detach()
         whole = quantize_blockwise(w, blocksize=w.numel()).dequantize()
@@ -137,7 +147,7 @@ def check_pissa_init(fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor
     if wrong:
         return report(wrong + ["A is (in, rank), B is (rank, out), the residual is (out, in) like W"], "")
     reference = LinearWithPiSSA(_linear(W), rank, scaling * rank)
-    principal = (reference.delta_weight()).detach()
+    principal = reference.delta_weight().detach()
     update = scaling * (A @ B).T
     if not _close(residual + update, W):
         if _close(residual + (A @ B).T, W):
