@@ -1,0 +1,74 @@
+"""Checks for chapter 2's coding exercises: counting LoRA parameters and the bytes training keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import lowrank
+from ._feedback import report
+
+# GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
+_CONFIGS = [
+    {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12, "drop_rate": 0.0, "qkv_bias": True},
+    {"vocab_size": 1000, "context_length": 64, "emb_dim": 96, "n_heads": 4, "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False},
+]
+
+
+def _qv_params(cfg: dict, rank: int) -> int:
+    shapes = lowrank.gpt_linear_shapes(cfg)
+    return lowrank.lora_params_for(shapes, rank, select=lambda name: name.endswith(("W_query", "W_value")))
+
+
+def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
+    """Check ``fn(cfg, rank)``: LoRA parameters when adapting ``W_query`` and ``W_value`` of every block."""
+    problems: list[str] = []
+    for cfg in _CONFIGS:
+        d, layers = cfg["emb_dim"], cfg["n_layers"]
+        for rank in (1, 8):
+            where = f"for emb_dim={d}, n_layers={layers}, rank={rank}"
+            try:
+                got = fn(dict(cfg), rank)
+            except Exception as err:  # a learner's bug: say it in words
+                problems.append(f"{where} your function raised {type(err).__name__}: {err}")
+                return report(problems, "")
+            expected = _qv_params(cfg, rank)
+            if got == expected:
+                continue
+            hints = {
+                expected // 2: "half the answer: there are two adapted matrices per block (query and value), "
+                "and each adapter has A (d_in x r) and B (r x d_out), r*(d_in + d_out) numbers",
+                expected // layers: "that is one block; multiply by n_layers",
+                2 * layers * d * d: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
+            }
+            problems.append(f"{where} you returned {got!r}, expected {expected:,}" + (f" ({hints[got]})" if got in hints else ""))
+            return report(problems, "")
+    return report(problems, "That is 2 * n_layers * rank * (emb_dim + emb_dim), the count of the LoRA paper's setup.")
+
+
+def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
+    """Check ``fn(n_total, n_trainable, bytes_per_number)``: weights + gradients + AdamW state, in bytes."""
+    problems: list[str] = []
+    for n_total, n_trainable, size in [(1000, 1000, 4), (1000, 10, 4), (5000, 40, 2)]:
+        where = f"for n_total={n_total}, n_trainable={n_trainable}, bytes_per_number={size}"
+        try:
+            got = fn(n_total, n_trainable, size)
+        except Exception as err:  # a learner's bug: say it in words
+            problems.append(f"{where} your function raised {type(err).__name__}: {err}")
+            break
+        expected = lowrank.training_state_bytes(n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]).total
+        if got == expected:
+            continue
+        hints = {
+            (n_total + n_trainable) * size: "AdamW's two moments per trained number are missing",
+            (n_total + 3 * n_trainable) * size: "gradients are missing: every trained number has one",
+            (n_total + 2 * n_trainable) * size: "one of: gradients, or AdamW's second moment, is missing",
+            4 * n_total * size: "gradients and AdamW state exist only for trained numbers, not frozen ones",
+            n_total + 3 * n_trainable: "that counts numbers; multiply by bytes_per_number",
+            n_total + 4 * n_trainable: "that counts numbers; multiply by bytes_per_number",
+        }
+        problems.append(f"{where} you returned {got!r}, expected {expected:,}" + (f" ({hints[got]})" if got in hints else ""))
+        break
+    return report(problems, "Weights for every number; a gradient and two AdamW moments for each trained one.")
+
+
+__all__ = ["check_qv_lora_params", "check_training_bytes"]

@@ -1,0 +1,383 @@
+"""Low-rank arithmetic: SVD helpers, the best rank-r approximation, and parameter and memory counts.
+
+Chapter 1 uses the first half (singular values, Eckart-Young truncation and its error), chapter 2
+the second half (how many numbers LoRA trains and stores, how many bytes training keeps, and a
+measurement of one training step to hold those predictions against).
+
+Conventions: a weight matrix ``W`` has shape ``(d_out, d_in)`` as in ``nn.Linear.weight`` and the
+LoRA paper, so the low-rank factors are ``B`` of shape ``(d_out, r)`` and ``A`` of shape ``(r, d_in)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------- SVD helpers
+
+
+def _as_matrix(W: Tensor) -> Tensor:
+    if not isinstance(W, Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(W).__name__}; wrap it with torch.as_tensor(...)")
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got a tensor of shape {tuple(W.shape)}; reshape it to (rows, cols)")
+    return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+
+
+def _check_rank(r: int, max_rank: int) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {r!r}")
+    if r > max_rank:
+        raise ValueError(f"rank {r} is larger than min(rows, cols) = {max_rank}; use a rank of at most {max_rank}")
+
+
+def singular_values(W: Tensor) -> Tensor:
+    """The singular values of ``W``, largest first (a 1-D tensor of length ``min(W.shape)``)."""
+    return torch.linalg.svdvals(_as_matrix(W))
+
+
+def numerical_rank(W: Tensor, rtol: float | None = None) -> int:
+    """The number of singular values above ``rtol * largest`` (NumPy's default tolerance when None)."""
+    s = singular_values(W)
+    if s.numel() == 0 or s[0] == 0:
+        return 0
+    if rtol is None:
+        rtol = max(W.shape) * torch.finfo(s.dtype).eps
+    return int((s > rtol * s[0]).sum())
+
+
+def low_rank_factors(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Factors ``B (d_out, r)`` and ``A (r, d_in)`` with ``B @ A`` the best rank-``r`` approximation of ``W``.
+
+    The singular values are split evenly (``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``), which is
+    how a LoRA adapter would store the same matrix.
+    """
+    M = _as_matrix(W)
+    _check_rank(r, min(M.shape))
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+
+def best_rank_r(W: Tensor, r: int) -> Tensor:
+    """The best rank-``r`` approximation of ``W`` (Eckart-Young): keep the ``r`` largest singular values."""
+    B, A = low_rank_factors(W, r)
+    return B @ A
+
+
+def rank_r_error(W: Tensor, r: int, norm: str = "fro") -> float:
+    """The error ``||W - best_rank_r(W, r)||`` predicted by Eckart-Young from the singular values alone.
+
+    Frobenius norm: ``sqrt(s_{r+1}^2 + s_{r+2}^2 + ...)``; spectral norm (``"2"``): ``s_{r+1}``.
+    """
+    s = singular_values(W)
+    _check_rank(r, s.numel())
+    tail = s[r:]
+    if norm == "fro":
+        return float(tail.square().sum().sqrt())
+    if norm == "2":
+        return float(tail[0]) if tail.numel() else 0.0
+    raise ValueError(f"norm must be 'fro' or '2', got {norm!r}")
+
+
+def energy_captured(s: Tensor, r: int) -> float:
+    """The share of ``sum(s**2)`` (the squared Frobenius norm) held by the ``r`` largest singular values."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    _check_rank(r, s.numel())
+    total = s.square().sum()
+    if total == 0:
+        raise ValueError("all singular values are zero: a zero matrix has no energy to share")
+    return float(s[:r].square().sum() / total)
+
+
+def rank_for_energy(s: Tensor, fraction: float) -> int:
+    """The smallest rank whose singular values hold at least ``fraction`` of the energy (0 < fraction <= 1)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if s.square().sum() == 0:
+        raise ValueError("all singular values are zero: a zero matrix has no energy to share")
+    shares = s.square().cumsum(0) / s.square().sum()
+    return int((shares < fraction - 1e-12).sum()) + 1
+
+
+def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
+    """A Gaussian matrix of ``W``'s shape scaled to ``W``'s Frobenius norm: the no-structure baseline."""
+    M = _as_matrix(W)
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(M.shape, generator=g, dtype=M.dtype).to(M.device)
+    return R * (torch.linalg.matrix_norm(M) / torch.linalg.matrix_norm(R))
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def _check_dims(**dims: int) -> None:
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def full_param_count(d_in: int, d_out: int) -> int:
+    """Numbers in a dense ``d_out x d_in`` weight: ``d_in * d_out`` (what full fine-tuning trains)."""
+    _check_dims(d_in=d_in, d_out=d_out)
+    return d_in * d_out
+
+
+def lora_param_count(d_in: int, d_out: int, rank: int) -> int:
+    """Numbers in a LoRA adapter for that weight: ``rank * (d_in + d_out)`` (``A`` plus ``B``)."""
+    _check_dims(d_in=d_in, d_out=d_out, rank=rank)
+    return rank * (d_in + d_out)
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One ``nn.Linear`` of a model: its name (as in ``named_modules``), sizes and whether it has a bias."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+
+
+def gpt_linear_shapes(cfg: Mapping, num_classes: int | None = None) -> list[LinearShape]:
+    """Every linear layer of ``gpt.GPTModel(cfg)``, named as in the model, without building it.
+
+    ``num_classes`` replaces the vocabulary output head by a classification head (with a bias,
+    as ``nn.Linear`` has by default), as the spam classifier does.
+    """
+    d, n_layers, qkv_bias = cfg["emb_dim"], cfg["n_layers"], bool(cfg["qkv_bias"])
+    shapes = []
+    for i in range(n_layers):
+        block = f"trf_blocks.{i}"
+        for proj in ("W_query", "W_key", "W_value"):
+            shapes.append(LinearShape(f"{block}.att.{proj}", d, d, qkv_bias))
+        shapes.append(LinearShape(f"{block}.att.out_proj", d, d, True))
+        shapes.append(LinearShape(f"{block}.ff.layers.0", d, 4 * d, True))
+        shapes.append(LinearShape(f"{block}.ff.layers.2", 4 * d, d, True))
+    if num_classes is None:
+        shapes.append(LinearShape("out_head", d, cfg["vocab_size"], False))
+    else:
+        shapes.append(LinearShape("out_head", d, num_classes, True))
+    return shapes
+
+
+def gpt_param_count(cfg: Mapping, num_classes: int | None = None, *, tied_head: bool = True) -> int:
+    """All parameters of ``gpt.GPTModel(cfg)``: embeddings, blocks, norms and head, without building it.
+
+    GPT-2's vocabulary head shares its weight with the token embedding (``tied_head=True``, as
+    ``GPTModel`` does), so it adds nothing; ``tied_head=False`` counts it separately, as untied
+    implementations do. A classification head (``num_classes``) is always a separate layer.
+    """
+    d = cfg["emb_dim"]
+    embeddings = (cfg["vocab_size"] + cfg["context_length"]) * d
+    norms = (2 * cfg["n_layers"] + 1) * 2 * d  # two LayerNorms per block plus the final one; scale and shift
+    shapes = gpt_linear_shapes(cfg, num_classes)
+    if num_classes is None and tied_head:
+        shapes = [s for s in shapes if s.name != "out_head"]
+    linears = sum(s.d_in * s.d_out + (s.d_out if s.bias else 0) for s in shapes)
+    return embeddings + norms + linears
+
+
+def lora_params_for(shapes: Iterable[LinearShape], rank: int, select: Callable[[str], bool] | None = None) -> int:
+    """LoRA parameters for the layers in ``shapes`` whose name passes ``select`` (all when None)."""
+    return sum(lora_param_count(s.d_in, s.d_out, rank) for s in shapes if select is None or select(s.name))
+
+
+# --------------------------------------------------------------------------- bytes
+
+_NAMED_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+}
+
+
+def bytes_per_param(dtype: torch.dtype | str) -> int:
+    """Bytes one number takes in ``dtype`` (a torch dtype or a name such as ``"bfloat16"``)."""
+    if isinstance(dtype, str):
+        if dtype not in _NAMED_DTYPES:
+            raise ValueError(f"unknown dtype name {dtype!r}; use one of {sorted(_NAMED_DTYPES)} or a torch.dtype")
+        dtype = _NAMED_DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or a name, got {type(dtype).__name__}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def adapter_bytes(n_params: int, dtype: torch.dtype | str = torch.float32) -> int:
+    """Bytes of ``n_params`` adapter weights on disk or in memory (file headers not included)."""
+    return n_params * bytes_per_param(dtype)
+
+
+def adamw_state_bytes(n_trainable: int, dtype: torch.dtype | str = torch.float32) -> int:
+    """Bytes of AdamW's state: two running averages (first and second moment) per trained number."""
+    return 2 * n_trainable * bytes_per_param(dtype)
+
+
+@dataclass(frozen=True)
+class TrainingStateBytes:
+    """Bytes that training keeps for the whole run, apart from activations."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def training_state_bytes(
+    n_total: int, n_trainable: int, dtype: torch.dtype | str = torch.float32
+) -> TrainingStateBytes:
+    """Predicted bytes of weights (all), gradients (trained only) and AdamW state (trained only)."""
+    if not 0 <= n_trainable <= n_total:
+        raise ValueError(f"need 0 <= n_trainable <= n_total, got n_trainable={n_trainable}, n_total={n_total}")
+    size = bytes_per_param(dtype)
+    return TrainingStateBytes(n_total * size, n_trainable * size, adamw_state_bytes(n_trainable, dtype))
+
+
+# --------------------------------------------------------------------------- measuring one step
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingStateBytes:
+    """Bytes actually held right now by the model's parameters, their gradients and the optimizer state."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor) and v.ndim > 0  # AdamW's step counter is a 0-d tensor
+    )
+    return TrainingStateBytes(weights, grads, state)
+
+
+@contextmanager
+def count_saved_activations(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd saves for the backward pass (the activations) inside the block.
+
+    Tensors that share storage are counted once, and the model's own parameters are not counted.
+    The result is in ``counter["bytes"]`` when the block ends.
+    """
+    param_keys = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[tuple[int, int]] = set()
+    counter = {"bytes": 0}
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key[0] not in param_keys and key not in seen:
+            seen.add(key)
+            counter["bytes"] += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield counter
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """One measured training step: time, bytes of training state and activations, device peak if known."""
+
+    seconds: float
+    state: TrainingStateBytes
+    activation_bytes: int
+    device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, None elsewhere
+
+
+def measure_training_step(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module], Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    repeats: int = 3,
+) -> StepMeasurement:
+    """Run ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``) and measure them.
+
+    The first step is a warm-up (it creates the optimizer state); the time is the median of the
+    others. On CUDA the peak of allocated memory during the steps is recorded too.
+    """
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 (one warm-up step, one timed), got {repeats}")
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    times, activations = [], 0
+    for i in range(repeats):
+        optimizer.zero_grad(set_to_none=True)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with count_saved_activations(model) as saved:
+            loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+        activations = saved["bytes"]
+    peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
+    return StepMeasurement(
+        seconds=sorted(times)[len(times) // 2],
+        state=measured_state_bytes(model, optimizer),
+        activation_bytes=activations,
+        device_peak_bytes=peak,
+    )
+
+
+def megabytes(n_bytes: float) -> float:
+    """Bytes as megabytes (10**6 bytes, the unit papers and file browsers use), for tables."""
+    return n_bytes / 1e6
+
+
+def gigabytes(n_bytes: float) -> float:
+    """Bytes as gigabytes (10**9 bytes), for tables."""
+    return n_bytes / 1e9
+
+
+__all__ = [
+    "LinearShape",
+    "StepMeasurement",
+    "TrainingStateBytes",
+    "adamw_state_bytes",
+    "adapter_bytes",
+    "best_rank_r",
+    "bytes_per_param",
+    "count_saved_activations",
+    "energy_captured",
+    "full_param_count",
+    "gigabytes",
+    "gpt_linear_shapes",
+    "gpt_param_count",
+    "lora_param_count",
+    "lora_params_for",
+    "low_rank_factors",
+    "measure_training_step",
+    "measured_state_bytes",
+    "megabytes",
+    "numerical_rank",
+    "random_like",
+    "rank_for_energy",
+    "rank_r_error",
+    "singular_values",
+    "training_state_bytes",
+]
