@@ -59,6 +59,18 @@ def test_quick_run_writes_adapter_metrics_and_plots(tmp_path: Path, data_dir: Pa
     assert train.weights_digest(model) == metrics["weights_digest_per_rank"][0]
 
 
+def test_learning_rate_defaults_to_the_methods_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    for method in train.METHODS:
+        assert finetune.parse_args(["--method", method]).lr == train.DEFAULT_LR[method]
+        assert finetune.parse_args(["--method", method, "--quick"]).lr == train.QUICK_LR
+    assert finetune.parse_args(["--method", "full", "--lr", "2e-4"]).lr == 2e-4
+    args = finetune.parse_args([])
+    assert (args.method, args.lr, args.rank, args.alpha) == ("lora", train.DEFAULT_LR["lora"], train.LORA_RANK, train.LORA_ALPHA)
+    assert finetune.parse_args(["--quick"]).alpha == train.QUICK_LORA_ALPHA
+    assert finetune.parse_args(["--quick", "--alpha", "8"]).alpha == 8
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process runs of a tiny model: one thread beats cores shared with other work."""

@@ -78,6 +78,17 @@ def test_prepare_model_trains_what_each_method_says() -> None:
         train.prepare_model(tiny_classifier(), "prefix")
 
 
+def test_default_learning_rates_and_lora_settings() -> None:
+    assert train.default_lr("lora", quick=False) == train.DEFAULT_LR["lora"] > train.DEFAULT_LR["full"]
+    assert [train.default_lr(m, quick=False) for m in train.METHODS] == [train.DEFAULT_LR[m] for m in train.METHODS]
+    assert {train.default_lr(m, quick=True) for m in train.METHODS} == {train.QUICK_LR}
+    with pytest.raises(ValueError, match="method='prefix'"):
+        train.default_lr("prefix", quick=False)
+    layer = train.prepare_model(tiny_classifier(), "lora").gpt.trf_blocks[0].att.W_query.lora
+    assert layer.A.shape[1] == train.LORA_RANK and layer.scaling == train.LORA_ALPHA / train.LORA_RANK
+    assert (train.default_alpha(quick=False), train.default_alpha(quick=True)) == (train.LORA_ALPHA, train.QUICK_LORA_ALPHA)
+
+
 @pytest.mark.parametrize(("method", "lr"), [("lora", 3e-3), ("full", 1e-3)])
 def test_training_lowers_the_loss_and_separates_the_classes(method: str, lr: float) -> None:
     model = train.prepare_model(tiny_classifier(), method, rank=4, alpha=8)
