@@ -35,6 +35,10 @@ def markdown(nb: nbformat.NotebookNode) -> str:
     return "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
 
 
+def test_the_package_names_the_same_repository() -> None:
+    assert f'Homepage = "{REPO_URL}"' in (ROOT / "pyproject.toml").read_text(), "pyproject.toml must name the repository of book/_config.yml"
+
+
 def test_every_toc_entry_exists() -> None:
     for name in toc_files():
         matches = [p for p in (ROOT / f"{name}.md", ROOT / f"{name}.ipynb") if p.is_file()]
