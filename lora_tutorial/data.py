@@ -153,8 +153,8 @@ def calls_to_action(text: str) -> bool:
     The rule: one of the words call, ring, phone, dial, text, txt, sms, send or reply, then,
     in the same sentence and within 40 characters, a number of at least five digits
     ("Call 09061701461", "text WIN to 87121"). It is a different question from spam (many
-    spam messages ask for a click or a reply instead, and a few hams give a number), which
-    makes it a second task on the same messages.
+    spam messages ask for a click or a reply without a number), which makes it a second task
+    on the same messages.
     """
     return _CALL_TO_ACTION.search(text) is not None
 
