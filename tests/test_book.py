@@ -92,3 +92,24 @@ def test_reads_quick_mode_only_through_config(chapter: nbformat.NotebookNode) ->
     code = "\n".join(c.source for c in chapter.cells if c.cell_type == "code")
     assert "LORA_TUTORIAL_QUICK" not in code, "read quick mode with config.is_quick(), not the environment"
     assert "tqdm.auto" not in code and "ipywidgets" not in code, "widget output loads scripts from a CDN"
+
+
+def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """book/_ext/stream_outputs.py: tqdm's redraws collapse to what a terminal shows at the end."""
+    monkeypatch.syspath_prepend(str(ROOT / "book" / "_ext"))
+    from stream_outputs import coalesce_streams
+
+    def stream(name: str, text: str) -> nbformat.NotebookNode:
+        return nbformat.v4.new_output("stream", name=name, text=text)
+
+    outputs = [
+        stream("stderr", "\rtrain:   0%|          | 0/3"),
+        stream("stderr", "\rtrain:  67%|######6   | 2/3"),
+        stream("stderr", "\rtrain: 100%|##########| 3/3\n"),
+        stream("stdout", "done\n"),
+        stream("stderr", "\repoch:  50%|#####     | 1/2"),
+        stream("stderr", "\r                              \r"),  # a bar with leave=False clears itself
+    ]
+    merged = coalesce_streams(outputs)
+    texts = {o["name"]: o["text"] for o in merged}
+    assert texts == {"stderr": "train: 100%|##########| 3/3\n", "stdout": "done\n"}

@@ -2,8 +2,8 @@
 
 Every page in the table of contents is served from 127.0.0.1 and opened; a page fails when it
 shows a Python traceback or error output, leaves math unrendered, breaks an image or a script,
-or makes any request to another origin. A screenshot of each page lands in
-``_build/screenshots/`` for a person to look at.
+or makes any request to another origin. Two screenshots of each page (its top, and the whole
+page) land in ``_build/screenshots/`` for a person to look at.
 
 Needs a built site (``_build/html``): without one these tests skip, unless
 ``LORA_TUTORIAL_REQUIRE_SITE=1`` (as in CI, after the build), which makes a missing site fail.
@@ -138,8 +138,9 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
         colab = tab.locator("a[href*='colab.research.google.com']").first
         if colab.count():
             colab.wait_for(state="visible")
-    shot = SCREENSHOTS / f"{page.replace('/', '__')}.png"
-    tab.screenshot(path=str(shot))
+    name = page.replace("/", "__")
+    tab.screenshot(path=str(SCREENSHOTS / f"{name}.png"))  # the top: navigation, math, the Colab menu
+    tab.screenshot(path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True)  # every figure and table
     colab_href = colab.get_attribute("href") if colab is not None and colab.count() else None
     tab.close()
 
