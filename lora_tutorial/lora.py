@@ -12,8 +12,8 @@ you tune for one rank then roughly holds for another. ``use_rslora=True`` gives
 ``alpha / sqrt(rank)`` (rank-stabilised LoRA, Kalajdzievski 2023), which keeps the update from
 shrinking as the rank grows. The code this module grew from multiplied by ``alpha`` alone; with that
 convention the update (a sum of ``rank`` terms) grows with the rank, so every change of rank also
-changes the effective learning rate. LLMs-from-scratch changed its appendix E to ``alpha / rank``
-for this reason.
+changes the effective learning rate. LLMs-from-scratch changed its appendix E code to
+``alpha / rank`` for this reason (github.com/rasbt/LLMs-from-scratch, pull request 823, 2025).
 
 Initialisation. A is drawn like the weight of ``nn.Linear(in_dim, rank)`` (uniform, bound
 ``1/sqrt(in_dim)``), as LoRA's reference code and PEFT do. Running ``kaiming_uniform_`` on A laid
