@@ -12,9 +12,7 @@ Environment variables:
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,12 +22,6 @@ DATA_ENV = "LORA_TUTORIAL_DATA"
 CACHE_ENV = "LORA_TUTORIAL_CACHE"
 
 _TRUE = {"1", "true", "yes", "on"}
-
-# tiktoken names its cache files by the SHA-1 of the URL it would download.
-TIKTOKEN_GPT2_FILES = {
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
 
 
 def is_quick() -> bool:
@@ -86,33 +78,6 @@ def cache_dir() -> Path:
         path = base / "lora_tutorial"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
-    """Let ``tiktoken.get_encoding("gpt2")`` work offline from the local BPE files.
-
-    Copies ``gpt2-bpe/{vocab.bpe,encoder.json}`` from :func:`data_dir` into a cache folder
-    under the names tiktoken looks for and sets ``TIKTOKEN_CACHE_DIR``. Returns that folder,
-    or None (changing nothing) when there are no local files; tiktoken then downloads.
-    """
-    sources = {name: shared_file("gpt2-bpe", name) for name in TIKTOKEN_GPT2_FILES}
-    if any(src is None for src in sources.values()):
-        return None
-    target = cache if cache is not None else cache_dir() / "tiktoken"
-    target.mkdir(parents=True, exist_ok=True)
-    for name, url in TIKTOKEN_GPT2_FILES.items():
-        dest = target / hashlib.sha1(url.encode()).hexdigest()
-        if not dest.exists():
-            # One temporary name per process: under torchrun every process gets here at once.
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-            try:
-                shutil.copyfile(sources[name], tmp)
-                tmp.replace(dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
-    return target
 
 
 def get_device(prefer: str | None = None) -> torch.device:

@@ -22,6 +22,7 @@ import http.client
 import ipaddress
 import os
 import secrets
+import shutil
 import stat
 import urllib.error
 import urllib.parse
@@ -206,6 +207,33 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# tiktoken names its cache files by the SHA-1 of the URL it would download.
+TIKTOKEN_GPT2_FILES = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
+    """Let ``tiktoken.get_encoding("gpt2")`` work offline from the local BPE files.
+
+    Copies ``gpt2-bpe/{vocab.bpe,encoder.json}`` from :func:`config.data_dir` into a cache folder
+    under the names tiktoken looks for and sets ``TIKTOKEN_CACHE_DIR``. Returns that folder,
+    or None (changing nothing) when there are no local files; tiktoken then downloads.
+    """
+    sources = {name: config.shared_file("gpt2-bpe", name) for name in TIKTOKEN_GPT2_FILES}
+    if any(src is None for src in sources.values()):
+        return None
+    target = cache if cache is not None else config.cache_dir() / "tiktoken"
+    for name, url in TIKTOKEN_GPT2_FILES.items():
+        dest = target / hashlib.sha1(url.encode()).hexdigest()
+        if not dest.exists():
+            with atomic_write(dest) as tmp:
+                shutil.copyfile(sources[name], tmp)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
+    return target
 
 
 def _download(url: str, remote: RemoteFile, dest: Path, *, progress: bool) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lora_tutorial import config, download
+from lora_tutorial import download
 
 CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 
@@ -259,7 +259,7 @@ def load_gpt2(name: str = "gpt2-small", *, cache_dir: Path | None = None, progre
 
 def get_tokenizer() -> tiktoken.Encoding:
     """GPT-2's byte-pair encoding (50,257 tokens), from local files when the data folder has them."""
-    config.use_offline_tiktoken()
+    download.use_offline_tiktoken()
     return tiktoken.get_encoding("gpt2")
 
 

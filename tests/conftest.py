@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from lora_tutorial import config
+from lora_tutorial import config, download
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def gpt2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """tiktoken's GPT-2 encoding, made to work offline from the local BPE files."""
     import tiktoken
 
-    if config.use_offline_tiktoken(tmp_path_factory.mktemp("tiktoken")) is None:
+    if download.use_offline_tiktoken(tmp_path_factory.mktemp("tiktoken")) is None:
         pytest.skip("GPT-2 BPE files not found in the offline data folder")
     return tiktoken.get_encoding("gpt2")
 
