@@ -80,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.method == "lora":
+        try:
+            lora.check_alpha(args.alpha)  # here, before data and weights are fetched, not deep inside training
+        except ValueError as err:
+            parser.error(f"--alpha: {err}")
     return args
 
 

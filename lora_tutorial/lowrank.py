@@ -33,7 +33,7 @@ def _as_matrix(W: Tensor) -> Tensor:
 
 def _check_rank(r: int, max_rank: int) -> None:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
-        raise ValueError(f"rank must be a non-negative integer, got {r!r}")
+        raise ValueError(f"rank must be a non-negative integer, got {r!r}; use a whole number from 0 to {max_rank}")
     if r > max_rank:
         raise ValueError(f"rank {r} is larger than min(rows, cols) = {max_rank}; use a rank of at most {max_rank}")
 
@@ -87,25 +87,30 @@ def rank_r_error(W: Tensor, r: int, norm: str = "fro") -> float:
     raise ValueError(f"norm must be 'fro' or '2', got {norm!r}")
 
 
+def _energy_shares(s: Tensor) -> Tensor:
+    """``shares[k]``: the share of ``sum(s**2)`` held by the ``k + 1`` largest singular values."""
+    energy = torch.as_tensor(s, dtype=torch.float64).square()
+    total = energy.sum()
+    if total == 0:
+        raise ValueError(
+            "all singular values are zero: a zero matrix has no energy to share; pass the singular values of a nonzero matrix"
+        )
+    return energy.cumsum(0) / total
+
+
 def energy_captured(s: Tensor, r: int) -> float:
     """The share of ``sum(s**2)`` (the squared Frobenius norm) held by the ``r`` largest singular values."""
     s = torch.as_tensor(s, dtype=torch.float64)
     _check_rank(r, s.numel())
-    total = s.square().sum()
-    if total == 0:
-        raise ValueError("all singular values are zero: a zero matrix has no energy to share")
-    return float(s[:r].square().sum() / total)
+    shares = _energy_shares(s)
+    return float(shares[r - 1]) if r else 0.0
 
 
 def rank_for_energy(s: Tensor, fraction: float) -> int:
     """The smallest rank whose singular values hold at least ``fraction`` of the energy (0 < fraction <= 1)."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    s = torch.as_tensor(s, dtype=torch.float64)
-    if s.square().sum() == 0:
-        raise ValueError("all singular values are zero: a zero matrix has no energy to share")
-    shares = s.square().cumsum(0) / s.square().sum()
-    return int((shares < fraction - 1e-12).sum()) + 1
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.9 for 90% of the energy")
+    return int((_energy_shares(s) < fraction - 1e-12).sum()) + 1
 
 
 def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
@@ -122,7 +127,7 @@ def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
 def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; pass a whole number of at least 1")
 
 
 def full_param_count(d_in: int, d_out: int) -> int:

@@ -59,10 +59,14 @@ LORA_TARGETS = ("W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.la
 HEAD = "gpt.out_head"  # the classification head's name in a GPTClassifier
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}; pick one of those names")
+
+
 def default_lr(method: str, *, quick: bool) -> float:
     """The default learning rate of ``method``: ``DEFAULT_LR[method]``, or ``QUICK_LR`` when ``quick``."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    _check_method(method)
     return QUICK_LR if quick else DEFAULT_LR[method]
 
 
@@ -93,8 +97,7 @@ def prepare_model(
 
     The head is always trained: it is new and starts from random weights.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    _check_method(method)
     if method == "full":
         model.requires_grad_(True)
         return model

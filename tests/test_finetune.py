@@ -71,6 +71,14 @@ def test_learning_rate_defaults_to_the_methods_own(monkeypatch: pytest.MonkeyPat
     assert finetune.parse_args(["--quick", "--alpha", "8"]).alpha == 8
 
 
+def test_bad_alpha_is_rejected_before_anything_is_fetched(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--quick", "--alpha", "0"])
+    assert exit_info.value.code == 2
+    assert "--alpha: alpha must be a positive number, got 0.0" in capsys.readouterr().err
+    assert finetune.parse_args(["--quick", "--method", "full", "--alpha", "0"]).alpha == 0  # unused by full
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process runs of a tiny model: one thread beats cores shared with other work."""

@@ -6,17 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import lowrank
+from lora_tutorial import gpt, lora, lowrank
 
-GPT2_SMALL = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "emb_dim": 768,
-    "n_heads": 12,
-    "n_layers": 12,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+GPT2_SMALL = gpt.GPT_CONFIGS["gpt2-small"]
 
 
 def _matrix(rows: int = 30, cols: int = 20, seed: int = 0) -> torch.Tensor:
@@ -72,6 +64,7 @@ def test_energy_and_rank_for_energy():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert lowrank.energy_captured(s, 1) == pytest.approx(9 / 14)
     assert lowrank.energy_captured(s, 3) == pytest.approx(1.0)
+    assert lowrank.energy_captured(s, 0) == 0.0
     assert lowrank.rank_for_energy(s, 9 / 14) == 1
     assert lowrank.rank_for_energy(s, 0.9) == 2
     assert lowrank.rank_for_energy(s, 1.0) == 3
@@ -128,14 +121,13 @@ def test_gpt2_small_counts_match_the_published_figures():
 
 
 def test_gpt_counts_match_a_built_model():
-    gpt = pytest.importorskip("lora_tutorial.gpt")
     cfg = dict(gpt.GPT_CONFIGS["tiny"])
     model = gpt.GPTModel(cfg)
-    assert lowrank.gpt_param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert lowrank.gpt_param_count(cfg) == lora.count_parameters(model).total
     built = {n: (m.in_features, m.out_features, m.bias is not None) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert built == {s.name: (s.d_in, s.d_out, s.bias) for s in lowrank.gpt_linear_shapes(cfg)}
     model.out_head = nn.Linear(cfg["emb_dim"], 2)
-    assert lowrank.gpt_param_count(cfg, num_classes=2) == sum(p.numel() for p in model.parameters())
+    assert lowrank.gpt_param_count(cfg, num_classes=2) == lora.count_parameters(model).total
 
 
 def test_bytes_arithmetic():
@@ -164,8 +156,8 @@ def test_measured_state_bytes_match_the_prediction_after_a_step():
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     x = torch.randn(8, 16)
     m = lowrank.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
-    n_total = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in trainable)
+    n_total, n_trainable = lora.count_parameters(model)
+    assert n_trainable == sum(p.numel() for p in trainable)
     assert m.state == lowrank.training_state_bytes(n_total, n_trainable)
     assert m.seconds > 0 and m.device_peak_bytes is None
     assert m.activation_bytes > 0

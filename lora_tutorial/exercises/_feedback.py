@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+
+def call(fn: Callable, *args: object) -> tuple[object, str | None]:
+    """``(fn(*args), None)``, or ``(None, "ErrorType: message")`` when a learner's function raises."""
+    try:
+        return fn(*args), None
+    except Exception as err:  # a learner's bug: report it in words instead of a traceback
+        return None, f"{type(err).__name__}: {err}"
+
 
 def report(problems: list[str], success: str) -> bool:
     """Print the problems found (or ``success`` when there are none) and return whether all is right."""

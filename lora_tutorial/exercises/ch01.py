@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .. import lowrank
-from ._feedback import report
+from ._feedback import call, report
 
 # (rows, cols, rank) cases: square, tall and wide matrices, the extremes r = 1 and r = full.
 _CASES = [(6, 6, 2), (8, 5, 1), (4, 7, 3), (5, 3, 3)]
@@ -16,13 +16,6 @@ _CASES = [(6, 6, 2), (8, 5, 1), (4, 7, 3), (5, 3, 3)]
 def _matrices() -> list[tuple[torch.Tensor, int]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(m, n, generator=g), r) for m, n, r in _CASES]
-
-
-def _call(fn: Callable, *args) -> tuple[object, str | None]:
-    try:
-        return fn(*args), None
-    except Exception as err:  # a learner's bug: report it in words instead of a traceback
-        return None, f"{type(err).__name__}: {err}"
 
 
 def _diagnose(W: torch.Tensor, r: int, out: torch.Tensor) -> str:
@@ -44,7 +37,7 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     problems: list[str] = []
     for W, r in _matrices():
         where = f"for a {W.shape[0]}x{W.shape[1]} matrix and r={r}"
-        out, err = _call(fn, W.clone(), r)
+        out, err = call(fn, W.clone(), r)
         if err:
             problems.append(f"{where} your function raised {err}")
             break
@@ -75,7 +68,7 @@ def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
     problems: list[str] = []
     s = torch.tensor([4.0, 3.0, 2.0, 1.0])
     for r in (0, 1, 2, 4):
-        out, err = _call(fn, s.clone(), r)
+        out, err = call(fn, s.clone(), r)
         if err:
             problems.append(f"for s={s.tolist()} and r={r} your function raised {err}")
             break

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .. import lowrank
-from ._feedback import report
+from .. import gpt, lowrank
+from ._feedback import call, report
 
 # GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
 _CONFIGS = [
-    {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12, "drop_rate": 0.0, "qkv_bias": True},
+    gpt.GPT_CONFIGS["gpt2-small"],
     {"vocab_size": 1000, "context_length": 64, "emb_dim": 96, "n_heads": 4, "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False},
 ]
 
@@ -26,10 +26,9 @@ def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
         d, layers = cfg["emb_dim"], cfg["n_layers"]
         for rank in (1, 8):
             where = f"for emb_dim={d}, n_layers={layers}, rank={rank}"
-            try:
-                got = fn(dict(cfg), rank)
-            except Exception as err:  # a learner's bug: say it in words
-                problems.append(f"{where} your function raised {type(err).__name__}: {err}")
+            got, err = call(fn, dict(cfg), rank)
+            if err:
+                problems.append(f"{where} your function raised {err}")
                 return report(problems, "")
             expected = _qv_params(cfg, rank)
             if got == expected:
@@ -50,10 +49,9 @@ def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
     problems: list[str] = []
     for n_total, n_trainable, size in [(1000, 1000, 4), (1000, 10, 4), (5000, 40, 2)]:
         where = f"for n_total={n_total}, n_trainable={n_trainable}, bytes_per_number={size}"
-        try:
-            got = fn(n_total, n_trainable, size)
-        except Exception as err:  # a learner's bug: say it in words
-            problems.append(f"{where} your function raised {type(err).__name__}: {err}")
+        got, err = call(fn, n_total, n_trainable, size)
+        if err:
+            problems.append(f"{where} your function raised {err}")
             break
         expected = lowrank.training_state_bytes(n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]).total
         if got == expected:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import lora
-from ._feedback import report
+from ._feedback import call, report
 
 
 def check_merge(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> bool:
@@ -23,11 +23,10 @@ def check_merge(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], 
     weight = torch.randn(d_out, d_in, generator=g)
     A, B = torch.randn(d_in, rank, generator=g), torch.randn(rank, d_out, generator=g)
     original = weight.clone()
-    try:
-        merged = fn(weight, A, B, scaling)
-    except Exception as err:  # a learner's bug: say it in words
-        hint = " (A @ B is (in, out); nn.Linear's weight is (out, in): transpose it)" if "size" in str(err) else ""
-        return report([f"your function raised {type(err).__name__}: {err}{hint}"], "")
+    merged, err = call(fn, weight, A, B, scaling)
+    if err:
+        hint = " (A @ B is (in, out); nn.Linear's weight is (out, in): transpose it)" if "size" in err else ""
+        return report([f"your function raised {err}{hint}"], "")
     expected = original + scaling * (A @ B).T
     if not isinstance(merged, torch.Tensor):
         problems.append(f"your function returned {type(merged).__name__}, not a tensor")
@@ -65,10 +64,9 @@ class _Toy(nn.Module):
 def check_freeze(fn: Callable[[nn.Module], object]) -> bool:
     """Check ``fn(model)``: afterwards only the LoRA matrices ``A`` and ``B`` require gradients."""
     model = _Toy()
-    try:
-        fn(model)
-    except Exception as err:  # a learner's bug: say it in words
-        return report([f"your function raised {type(err).__name__}: {err}"], "")
+    _, err = call(fn, model)
+    if err:
+        return report([f"your function raised {err}"], "")
     problems: list[str] = []
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     expected = sorted(name for name, _ in model.named_parameters() if name.endswith(("lora.A", "lora.B")))

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lora_tutorial.exercises._feedback import report
+from lora_tutorial.exercises._feedback import call, report
 
 
 def _tiny_lora_classifier(seed: int = 0) -> nn.Module:
@@ -87,10 +87,9 @@ def check_adapter_bytes(adapter_bytes: Callable[[nn.Module], int]) -> bool:
     for dtype in (torch.float32, torch.bfloat16):
         model = _tiny_lora_classifier().to(dtype)
         want = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        try:
-            got = adapter_bytes(model)
-        except Exception as exc:
-            return report([f"your function raised {type(exc).__name__}: {exc}"], "")
+        got, err = call(adapter_bytes, model)
+        if err:
+            return report([f"your function raised {err}"], "")
         if got != want:
             everything = sum(p.numel() * p.element_size() for p in model.parameters())
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -9,14 +9,7 @@ from torch import nn
 
 from ..quantize import quantize_blockwise
 from ..variants import LinearWithDoRA, LinearWithPiSSA
-from ._feedback import report
-
-
-def _call(fn: Callable, *args) -> tuple[object, str | None]:
-    try:
-        return fn(*args), None
-    except Exception as err:  # a learner's bug: report it in words instead of a traceback
-        return None, f"{type(err).__name__}: {err}"
+from ._feedback import call, report
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -65,7 +58,7 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
     """Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||`` with ``V = W0 + scaling * (A @ B).T``."""
     problems: list[str] = []
     W0, A, B, m, scaling = _dora_case()
-    out, err = _call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
+    out, err = call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
     expected = dora_reference(W0, A, B, m, scaling)
     V = W0 + scaling * (A @ B).T
     first = _tensor_answer_problem(out, err, W0.shape, shape_hint=" like W0 (out, in)")
@@ -101,7 +94,7 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     """Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4 and dequantize it (same shape back)."""
     problems: list[str] = []
     w, blocksize = _nf4_case(), 64
-    out, err = _call(fn, w.clone(), blocksize)
+    out, err = call(fn, w.clone(), blocksize)
     expected = quantize_blockwise(w, blocksize=blocksize).dequantize()
     first = _tensor_answer_problem(
         out, err, w.shape, err_hint=" (hint: pad the flattened values to a multiple of blocksize)",
@@ -136,7 +129,7 @@ def check_pissa_init(fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor
     problems: list[str] = []
     g = torch.Generator().manual_seed(4)
     W, rank, scaling = torch.randn(6, 9, generator=g), 2, 0.5
-    out, err = _call(fn, W.clone(), rank, scaling)
+    out, err = call(fn, W.clone(), rank, scaling)
     if err:
         return report([f"your function raised {err}"], "")
     if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
