@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tutorial import config, gpt, train
+from lora_tutorial import config, gpt, memory, train
 from lora_tutorial.classify import GPTClassifier
 
 CANDIDATES = ("full", "lora", "peft")
@@ -45,7 +45,13 @@ def build(candidate: str, device: torch.device) -> tuple[torch.nn.Module, Callab
 
         hf = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))
         model = get_peft_model(
-            hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS")
+            hf,
+            LoraConfig(
+                r=RANK,
+                lora_alpha=ALPHA,
+                target_modules=["c_attn", "c_proj", "c_fc"],
+                task_type="SEQ_CLS",
+            ),
         ).to(device)
 
         def loss(ids, labels, lengths):
@@ -53,8 +59,12 @@ def build(candidate: str, device: torch.device) -> tuple[torch.nn.Module, Callab
             return model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
 
         return model, loss
-    model = train.prepare_model(GPTClassifier(gpt.GPTModel("gpt2-small")), candidate, rank=RANK, alpha=ALPHA).to(device)
-    return model, lambda ids, labels, lengths: torch.nn.functional.cross_entropy(model(ids, lengths).float(), labels)
+    model = train.prepare_model(
+        GPTClassifier(gpt.GPTModel("gpt2-small")), candidate, rank=RANK, alpha=ALPHA
+    ).to(device)
+    return model, lambda ids, labels, lengths: torch.nn.functional.cross_entropy(
+        model(ids, lengths).float(), labels
+    )
 
 
 def measure(candidate: str, steps: int, device: torch.device) -> dict:
@@ -79,7 +89,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
     for _ in range(2):
         step()
     times = []
-    with train.PeakMemory(device) as memory:
+    with memory.PeakMemory(device) as peak:
         for _ in range(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -91,18 +101,24 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
     return {
         "candidate": candidate,
         "seconds_per_step": statistics.median(times),
-        "peak_memory_bytes": memory.peak_bytes,
-        "memory_measure": memory.measure,
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak.measure": memory.measure,
         "trainable_params": sum(p.numel() for p in params),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per candidate (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per candidate (default: %(default)s)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--worker", choices=CANDIDATES, help=argparse.SUPPRESS)  # one candidate, JSON out
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--worker", choices=CANDIDATES, help=argparse.SUPPRESS
+    )  # one candidate, JSON out
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
@@ -113,18 +129,31 @@ def main() -> None:
         print(json.dumps(measure(args.worker, args.steps, device)))
         return
 
-    print(f"batch {BATCH} x {TOKENS} tokens, gpt2-small shapes, LoRA rank {RANK} alpha {ALPHA}, device {device}, "
-          f"{args.steps} timed steps per candidate, torch {torch.__version__}")
+    print(
+        f"batch {BATCH} x {TOKENS} tokens, gpt2-small shapes, LoRA rank {RANK} alpha {ALPHA}, device {device}, "
+        f"{args.steps} timed steps per candidate, torch {torch.__version__}"
+    )
     results = {}
     for candidate in CANDIDATES:
-        command = [sys.executable, __file__, "--worker", candidate, "--steps", str(args.steps), "--device", str(device)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            candidate,
+            "--steps",
+            str(args.steps),
+            "--device",
+            str(device),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[candidate] = json.loads(out.strip().splitlines()[-1])
     full, ours, peft = (results[c] for c in CANDIDATES)
     print(f"memory measured as: {full['memory_measure']}\n")
-    print(f"{'candidate':<10}{'trainable':>14}{'s/step':>10}{'peak MiB':>10}{'time/full':>11}{'mem/full':>10}")
+    print(
+        f"{'candidate':<10}{'trainable':>14}{'s/step':>10}{'peak MiB':>10}{'time/full':>11}{'mem/full':>10}"
+    )
     for r in results.values():
         print(
             f"{r['candidate']:<10}{r['trainable_params']:>14,}{r['seconds_per_step']:>10.3f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
@@ -134,7 +163,9 @@ def main() -> None:
         f"\nours lora / full: time {ours['seconds_per_step'] / full['seconds_per_step']:.2f} (aim <= 0.6), "
         f"memory {ours['peak_memory_bytes'] / full['peak_memory_bytes']:.2f} (aim <= 0.8)"
     )
-    print(f"ours lora / peft lora: time {ours['seconds_per_step'] / peft['seconds_per_step']:.2f} (aim <= 1.0)")
+    print(
+        f"ours lora / peft lora: time {ours['seconds_per_step'] / peft['seconds_per_step']:.2f} (aim <= 1.0)"
+    )
 
 
 if __name__ == "__main__":

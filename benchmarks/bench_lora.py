@@ -30,7 +30,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int
+) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating rounds after a warm-up."""
     per_round = 5 if device.type == "cpu" else 50
     for fn in fns.values():  # warm-up: allocator, kernels, autograd graph caches
@@ -78,14 +80,18 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"device={device}, threads={torch.get_num_threads()}, rank={args.rank}, alpha={args.alpha}, "
-          f"batch={BATCH}x{TOKENS} tokens, float32, {args.rounds} interleaved rounds, medians")
+    print(
+        f"device={device}, threads={torch.get_num_threads()}, rank={args.rank}, alpha={args.alpha}, "
+        f"batch={BATCH}x{TOKENS} tokens, float32, {args.rounds} interleaved rounds, medians"
+    )
 
     print("\nforward+backward (base frozen, A and B trainable)")
     print(f"{'shape':>12} {'ours ms':>9} {'PEFT ms':>9} {'ours/PEFT':>10}")
@@ -98,8 +104,12 @@ def main() -> None:
                 if p.requires_grad:
                     nn.init.normal_(p, std=0.02)
         x = torch.randn(BATCH, TOKENS, d_in, device=device)
-        t = time_interleaved({"ours": train_step(ours, x), "peft": train_step(peft, x)}, device, args.rounds)
-        print(f"{d_in:>5}->{d_out:<5} {t['ours'] * 1e3:9.3f} {t['peft'] * 1e3:9.3f} {t['ours'] / t['peft']:10.3f}")
+        t = time_interleaved(
+            {"ours": train_step(ours, x), "peft": train_step(peft, x)}, device, args.rounds
+        )
+        print(
+            f"{d_in:>5}->{d_out:<5} {t['ours'] * 1e3:9.3f} {t['peft'] * 1e3:9.3f} {t['ours'] / t['peft']:10.3f}"
+        )
 
     print("\ninference (torch.inference_mode), relative to a plain nn.Linear of the same shape")
     print(f"{'shape':>12} {'plain ms':>9} {'merged/plain':>13} {'unmerged/plain':>15}")
@@ -112,8 +122,10 @@ def main() -> None:
         x = torch.randn(BATCH, TOKENS, d_in, device=device)
         fns = {"plain": infer(plain, x), "merged": infer(merged, x), "unmerged": infer(unmerged, x)}
         t = time_interleaved(fns, device, args.rounds)
-        print(f"{d_in:>5}->{d_out:<5} {t['plain'] * 1e3:9.3f} {t['merged'] / t['plain']:13.3f} "
-              f"{t['unmerged'] / t['plain']:15.3f}")
+        print(
+            f"{d_in:>5}->{d_out:<5} {t['plain'] * 1e3:9.3f} {t['merged'] / t['plain']:13.3f} "
+            f"{t['unmerged'] / t['plain']:15.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from lora_tutorial.data import LABELS, PAD_TOKEN_ID
 POOLINGS = ("last_real", "last")
 
 
-def pool(hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str = "last_real") -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str = "last_real"
+) -> torch.Tensor:
     """Pick one hidden state per row: ``[batch, tokens, emb] -> [batch, emb]``.
 
     ``"last_real"`` takes position ``lengths[i] - 1`` of row ``i`` (``lengths=None`` means the
@@ -30,7 +32,9 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str = "las
     if pooling != "last_real":
         raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
     lengths = lengths.to(hidden.device)
-    if lengths.shape != hidden.shape[:1] or bool(((lengths < 1) | (lengths > hidden.shape[1])).any()):
+    if lengths.shape != hidden.shape[:1] or bool(
+        ((lengths < 1) | (lengths > hidden.shape[1])).any()
+    ):
         raise ValueError(
             f"lengths must hold one value in 1..{hidden.shape[1]} per row of the batch of {hidden.shape[0]}, got {lengths.tolist()}"
         )

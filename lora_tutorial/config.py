@@ -1,11 +1,20 @@
-"""Settings read once, here: quick mode, data and cache folders, device choice.
+"""Settings read once, here: the mode (quick / rehearsal / full), data and cache folders, device.
 
-Every chapter, test and script asks this module rather than reading environment
-variables itself, so that one switch (``LORA_TUTORIAL_QUICK=1``) changes the whole book.
+Every chapter, test and script asks this module rather than reading environment variables
+itself, so that one switch changes the whole book.
+
+The three modes run one code path:
+
+- **full** (the default): the real GPT-2 and the full data: the book's results.
+- **quick** (``LORA_TUTORIAL_QUICK=1``): a tiny model and a few steps, in seconds on a CPU.
+- **rehearsal** (``LORA_TUTORIAL_REHEARSAL=1``): every full-mode cell at full size, but GPT-2's
+  architecture with random weights and each training run stopped after a few steps. It proves
+  that full mode runs and measures what it costs; its accuracies mean nothing.
 
 Environment variables:
 
-- ``LORA_TUTORIAL_QUICK``: ``1`` runs chapters with a tiny model and a few steps.
+- ``LORA_TUTORIAL_QUICK``, ``LORA_TUTORIAL_REHEARSAL``: ``1`` (or ``true``/``yes``/``on``) turns
+  the mode on, ``0`` (or ``false``/``no``/``off``/empty) leaves it off; anything else is an error.
 - ``LORA_TUTORIAL_DATA``: a folder laid out like ``../shared/data`` (offline copies).
 - ``LORA_TUTORIAL_CACHE``: where downloads are kept (default ``~/.cache/lora_tutorial``).
 """
@@ -14,29 +23,72 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 QUICK_ENV = "LORA_TUTORIAL_QUICK"
+REHEARSAL_ENV = "LORA_TUTORIAL_REHEARSAL"
 DATA_ENV = "LORA_TUTORIAL_DATA"
 CACHE_ENV = "LORA_TUTORIAL_CACHE"
 
+Mode = Literal["full", "quick", "rehearsal"]
+REHEARSAL_TRAIN_STEPS = 2  # optimizer steps per training run in rehearsal mode
+REHEARSAL_EVAL_BATCHES = 2  # batches per evaluation in rehearsal mode
+
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def _flag(name: str) -> bool:
+    """The on/off environment variable ``name``; a value that is neither is an error, not "off"."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"{name}={os.environ[name]!r} is not understood; set it to 1 to turn the mode on "
+        "or 0 (or leave it unset) to turn it off"
+    )
+
+
+def mode() -> Mode:
+    """Which mode runs: ``"quick"``, ``"rehearsal"`` or ``"full"``; both switches on is an error."""
+    quick, rehearsal = _flag(QUICK_ENV), _flag(REHEARSAL_ENV)
+    if quick and rehearsal:
+        raise ValueError(f"{QUICK_ENV} and {REHEARSAL_ENV} are both on; choose one mode")
+    return "quick" if quick else "rehearsal" if rehearsal else "full"
 
 
 def is_quick() -> bool:
-    """True when ``LORA_TUTORIAL_QUICK`` asks for quick mode (tiny model, few steps)."""
-    return os.environ.get(QUICK_ENV, "").strip().lower() in _TRUE
+    """True in quick mode (tiny model, few steps)."""
+    return mode() == "quick"
+
+
+def is_rehearsal() -> bool:
+    """True in rehearsal mode (full sizes, random weights, a few steps)."""
+    return mode() == "rehearsal"
 
 
 def mode_banner() -> str:
-    """One line saying which mode is running, for the top of every chapter."""
-    if is_quick():
+    """A few lines saying which mode is running, for the top of every chapter."""
+    current = mode()
+    if current == "quick":
         return (
-            "QUICK MODE (LORA_TUTORIAL_QUICK=1): a tiny model and a few steps.\n"
+            f"QUICK MODE ({QUICK_ENV}=1): a tiny model and a few steps.\n"
             "The numbers below show that the code runs; they are not the book's full results."
         )
-    return "FULL MODE: the real GPT-2 and the full data.\nA GPU makes this much faster; on a CPU, set LORA_TUTORIAL_QUICK=1 for a quick run."
+    if current == "rehearsal":
+        return (
+            f"REHEARSAL MODE ({REHEARSAL_ENV}=1): full-mode sizes, but GPT-2 with random weights\n"
+            f"and every training run stopped after {REHEARSAL_TRAIN_STEPS} steps. The numbers below "
+            "are meaningless;\nthe run proves that full mode works here and measures what it costs."
+        )
+    return (
+        "FULL MODE: the real GPT-2 and the full data.\n"
+        f"A GPU makes this much faster; on a CPU, set {QUICK_ENV}=1 for a quick run."
+    )
 
 
 def repo_root() -> Path:
@@ -53,7 +105,9 @@ def data_dir() -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"{DATA_ENV}={env!r} is not a folder; point it at a data folder or unset it")
+            raise FileNotFoundError(
+                f"{DATA_ENV}={env!r} is not a folder; point it at a data folder or unset it"
+            )
         return path
     path = repo_root().parent / "shared" / "data"
     return path if path.is_dir() else None

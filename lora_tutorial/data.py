@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_tutorial import config, download
+from lora_tutorial.files import atomic_write
 
 SMS_FILE = "SMSSpamCollection"
 SHARED_FOLDER = "sms-spam-collection"  # the folder name inside config.data_dir()
@@ -72,7 +73,11 @@ def extract_zip(zip_path: str | Path, target_dir: str | Path) -> Path:
         for member in archive.infolist():
             name = member.filename
             resolved = (root / name).resolve()
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or not resolved.is_relative_to(root):
+            if (
+                name.startswith(("/", "\\"))
+                or re.match(r"^[A-Za-z]:", name)
+                or not resolved.is_relative_to(root)
+            ):
                 raise ValueError(
                     f"unsafe archive {zip_path}: member {name!r} would be written outside {target_dir}; "
                     "refusing to extract it (use the original UCI zip)"
@@ -114,7 +119,9 @@ def sms_spam_file(folder: str | Path | None = None, *, progress: bool = True) ->
     extracted = extract_zip(zip_path, folder / "extracted")
     matches = sorted(extracted.rglob(SMS_FILE))
     if not matches:
-        raise FileNotFoundError(f"{zip_path} has no member named {SMS_FILE}; is it the UCI SMS Spam Collection zip?")
+        raise FileNotFoundError(
+            f"{zip_path} has no member named {SMS_FILE}; is it the UCI SMS Spam Collection zip?"
+        )
     return matches[0]
 
 
@@ -129,12 +136,20 @@ def read_messages(path: str | Path | None = None) -> pd.DataFrame:
     """
     path = Path(path) if path is not None else sms_spam_file()
     df = pd.read_csv(
-        path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
-        keep_default_na=False, dtype=str, encoding="utf-8",
+        path,
+        sep="\t",
+        header=None,
+        names=["Label", "Text"],
+        quoting=csv.QUOTE_NONE,
+        keep_default_na=False,
+        dtype=str,
+        encoding="utf-8",
     )
     unknown = sorted(set(df["Label"]) - set(LABEL_IDS))
     if unknown:
-        raise ValueError(f"{path}: unexpected labels {unknown}; expected {list(LABELS)} in the first column")
+        raise ValueError(
+            f"{path}: unexpected labels {unknown}; expected {list(LABELS)} in the first column"
+        )
     df["Label"] = df["Label"].map(LABEL_IDS).astype("int64")
     return df
 
@@ -168,10 +183,14 @@ def with_call_to_action_labels(df: pd.DataFrame, column: str = "CallToAction") -
 
 def _require_column(df: pd.DataFrame, column: str) -> None:
     if column not in df.columns:
-        raise ValueError(f"no column {column!r} in the data (columns: {list(df.columns)}); pass label_column=")
+        raise ValueError(
+            f"no column {column!r} in the data (columns: {list(df.columns)}); pass label_column="
+        )
 
 
-def balance_classes(df: pd.DataFrame, label_column: str = "Label", seed: int = SEED) -> pd.DataFrame:
+def balance_classes(
+    df: pd.DataFrame, label_column: str = "Label", seed: int = SEED
+) -> pd.DataFrame:
     """Undersample every class to the size of the smallest one, with a fixed seed.
 
     Classes keep their order of first appearance; a class already at the smallest size keeps
@@ -181,7 +200,9 @@ def balance_classes(df: pd.DataFrame, label_column: str = "Label", seed: int = S
     _require_column(df, label_column)
     counts = df[label_column].value_counts(sort=False)
     if len(counts) < 2:
-        raise ValueError(f"column {label_column!r} has a single class {list(counts.index)}; nothing to balance")
+        raise ValueError(
+            f"column {label_column!r} has a single class {list(counts.index)}; nothing to balance"
+        )
     n = int(counts.min())
     parts = [
         rows.sample(n, random_state=seed) if len(rows) > n else rows
@@ -222,7 +243,13 @@ def subset(df: pd.DataFrame, n: int, label_column: str = "Label", seed: int = SE
     shuffled = df.sample(frac=1, random_state=seed)
     # Round-robin over the classes: the k-th row of every class before the (k+1)-th of any.
     rank = shuffled.groupby(label_column, sort=False).cumcount()
-    return shuffled.assign(_rank=rank).sort_values("_rank", kind="stable").head(n).drop(columns="_rank").reset_index(drop=True)
+    return (
+        shuffled.assign(_rank=rank)
+        .sort_values("_rank", kind="stable")
+        .head(n)
+        .drop(columns="_rank")
+        .reset_index(drop=True)
+    )
 
 
 def save_splits(splits: Splits, folder: str | Path) -> dict[str, Path]:
@@ -232,7 +259,7 @@ def save_splits(splits: Splits, folder: str | Path) -> dict[str, Path]:
     paths = {}
     for name, frame in zip(SPLIT_NAMES, splits):
         path = folder / f"{name}.csv"
-        with download.atomic_write(path) as tmp:
+        with atomic_write(path) as tmp:
             frame.to_csv(tmp, index=False)
         paths[name] = path
     return paths
@@ -244,11 +271,17 @@ def load_splits(folder: str | Path) -> Splits:
     missing = [f"{name}.csv" for name in SPLIT_NAMES if not (folder / f"{name}.csv").is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}; write them with prepare_splits()")
-    return Splits(*(pd.read_csv(folder / f"{name}.csv", keep_default_na=False) for name in SPLIT_NAMES))
+    return Splits(
+        *(pd.read_csv(folder / f"{name}.csv", keep_default_na=False) for name in SPLIT_NAMES)
+    )
 
 
 def prepare_splits(
-    folder: str | Path | None = None, *, seed: int = SEED, source: str | Path | None = None, progress: bool = True
+    folder: str | Path | None = None,
+    *,
+    seed: int = SEED,
+    source: str | Path | None = None,
+    progress: bool = True,
 ) -> Splits:
     """Read, balance and split the SMS data and save the three CSVs in ``folder``.
 
@@ -286,7 +319,9 @@ class SpamDataset(Dataset):
         _require_column(df, label_column)
         if "Text" not in df.columns:
             raise ValueError(f"no column 'Text' in the data (columns: {list(df.columns)})")
-        encode = getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode  # "<|endoftext|>" in a text is text
+        encode = (
+            getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode
+        )  # "<|endoftext|>" in a text is text
         encoded = [encode(text) for text in df["Text"]]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
@@ -337,11 +372,23 @@ def make_loaders(
     if context_length is not None and train_ds.max_length > context_length:
         train_ds = SpamDataset(train, tokenizer, context_length, label_column=label_column)
     if len(train_ds) < batch_size:
-        raise ValueError(f"{len(train_ds)} training messages make no full batch of {batch_size}; lower batch_size")
-    val_ds, test_ds = (SpamDataset(d, tokenizer, train_ds.max_length, label_column=label_column) for d in (validation, test))
+        raise ValueError(
+            f"{len(train_ds)} training messages make no full batch of {batch_size}; lower batch_size"
+        )
+    val_ds, test_ds = (
+        SpamDataset(d, tokenizer, train_ds.max_length, label_column=label_column)
+        for d in (validation, test)
+    )
     generator = torch.Generator().manual_seed(seed)
     return Loaders(
-        DataLoader(train_ds, batch_size, shuffle=True, drop_last=True, generator=generator, num_workers=num_workers),
+        DataLoader(
+            train_ds,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=num_workers,
+        ),
         DataLoader(val_ds, batch_size, num_workers=num_workers),
         DataLoader(test_ds, batch_size, num_workers=num_workers),
     )

@@ -16,18 +16,14 @@ which is how the tests serve files).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import ipaddress
 import os
-import secrets
 import shutil
-import stat
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +31,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from lora_tutorial import config
+from lora_tutorial.files import atomic_write
 
 MIRROR_ENV = "LORA_TUTORIAL_MIRROR"
 _CHUNK = 1 << 20  # 1 MiB per read keeps memory flat for multi-GB files
@@ -87,7 +84,9 @@ KNOWN_FILES: dict[str, RemoteFile] = {
 }
 
 
-def fetch(name_or_file: str | RemoteFile, *, cache_dir: Path | None = None, progress: bool = True) -> Path:
+def fetch(
+    name_or_file: str | RemoteFile, *, cache_dir: Path | None = None, progress: bool = True
+) -> Path:
     """Return the local path of a known file, downloading and verifying it on first use.
 
     ``name_or_file`` is a key of :data:`KNOWN_FILES` or one of its values. ``cache_dir``
@@ -111,7 +110,9 @@ def fetch(name_or_file: str | RemoteFile, *, cache_dir: Path | None = None, prog
 def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
     if isinstance(name_or_file, str):
         if name_or_file not in KNOWN_FILES:
-            raise ValueError(f"unknown file {name_or_file!r}; known files: {', '.join(sorted(KNOWN_FILES))}")
+            raise ValueError(
+                f"unknown file {name_or_file!r}; known files: {', '.join(sorted(KNOWN_FILES))}"
+            )
         remote = KNOWN_FILES[name_or_file]
     elif isinstance(name_or_file, RemoteFile):
         if name_or_file not in KNOWN_FILES.values():
@@ -121,7 +122,9 @@ def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
             )
         remote = name_or_file
     else:
-        raise TypeError(f"fetch() takes a KNOWN_FILES key or a RemoteFile, not {type(name_or_file).__name__}")
+        raise TypeError(
+            f"fetch() takes a KNOWN_FILES key or a RemoteFile, not {type(name_or_file).__name__}"
+        )
     if urllib.parse.urlsplit(remote.url).scheme != "https":
         raise ValueError(f"refusing to fetch {remote.url!r}: only https addresses are allowed")
     if Path(remote.filename).name != remote.filename or remote.filename in {"", ".", ".."}:
@@ -141,7 +144,9 @@ def _source_url(remote: RemoteFile) -> str:
             "use https (http is allowed only for 127.0.0.1/localhost)"
         )
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(f"{MIRROR_ENV}={mirror!r} is not an http(s) base address like https://example.org/files")
+        raise ValueError(
+            f"{MIRROR_ENV}={mirror!r} is not an http(s) base address like https://example.org/files"
+        )
     return f"{mirror.rstrip('/')}/{urllib.parse.quote(remote.filename)}"
 
 
@@ -150,8 +155,12 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
         parts = urllib.parse.urlsplit(newurl)
-        if parts.scheme != "https" and not (parts.scheme == "http" and _is_loopback(parts.hostname)):
-            raise DownloadError(f"{req.full_url} redirected to {newurl!r}, which is not https; refusing to follow.")
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and _is_loopback(parts.hostname)
+        ):
+            raise DownloadError(
+                f"{req.full_url} redirected to {newurl!r}, which is not https; refusing to follow."
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -178,35 +187,6 @@ def _how_to_supply(remote: RemoteFile, dest: Path) -> str:
         f"{dest} (or point {config.CACHE_ENV} at a folder that holds {remote.filename!r}, "
         f"or {MIRROR_ENV} at a server that serves it)."
     )
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """A new temporary file beside ``path`` to write to; it replaces ``path`` only when the block succeeds.
-
-    On any error the temporary file is removed and ``path`` is left as it was, so nothing
-    half-written is ever found under the final name. The temporary name keeps the suffix (some
-    writers pick the format from it) and is unique, so processes writing at once do not collide.
-    The file ends with the permissions of any new file (0o666 minus the umask), also where the
-    writer (safetensors, for one) would leave 0o600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:  # another writer drew the same name: draw again
-            continue
-    try:
-        mode = stat.S_IMODE(tmp.stat().st_mode)
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # tiktoken names its cache files by the SHA-1 of the URL it would download.
@@ -273,7 +253,12 @@ def _stream(url: str, remote: RemoteFile, out: BinaryIO, *, progress: bool) -> N
         digest = hashlib.sha256()
         received = 0
         bar = tqdm(
-            total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=remote.filename, disable=not progress
+            total=expected,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=remote.filename,
+            disable=not progress,
         )
         with bar:
             while chunk := _read_chunk(response, remote, received):
@@ -284,7 +269,9 @@ def _stream(url: str, remote: RemoteFile, out: BinaryIO, *, progress: bool) -> N
 
     if expected is not None and received != expected:
         what = "was truncated" if received < expected else "is longer than expected"
-        raise DownloadError(f"Downloading {remote.filename} {what}: received {received:,} of {expected:,} bytes.")
+        raise DownloadError(
+            f"Downloading {remote.filename} {what}: received {received:,} of {expected:,} bytes."
+        )
     if remote.sha256 is not None and digest.hexdigest() != remote.sha256.lower():
         raise DownloadError(
             f"Downloading {remote.filename} gave a file whose sha256 is {digest.hexdigest()}, "

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from lora_tutorial import download
 
-CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+CONFIG_KEYS = (
+    "vocab_size",
+    "context_length",
+    "emb_dim",
+    "n_heads",
+    "n_layers",
+    "drop_rate",
+    "qkv_bias",
+)
 
 _GPT2 = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
 
@@ -60,7 +68,9 @@ def resolve_config(cfg: str | Mapping) -> dict:
 class MultiHeadAttention(nn.Module):
     """Causal self-attention: each position attends to itself and the positions before it."""
 
-    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True
+    ) -> None:
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"d_out={d_out} must be divisible by num_heads={num_heads}")
@@ -79,7 +89,9 @@ class MultiHeadAttention(nn.Module):
             proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.W_query, self.W_key, self.W_value)
         )
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -105,7 +117,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
         self.att = MultiHeadAttention(
-            cfg["emb_dim"], cfg["emb_dim"], cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"]
+            cfg["emb_dim"],
+            cfg["emb_dim"],
+            cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"],
         )
         self.norm2 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
         self.ff = FeedForward(cfg["emb_dim"])
@@ -138,7 +154,9 @@ class GPTModel(nn.Module):
     def hidden_states(self, in_idx: Tensor) -> Tensor:
         """The final-normalised hidden states ``[batch, time, emb_dim]``, before the output head."""
         if in_idx.ndim != 2:
-            raise ValueError(f"expected token ids of shape [batch, time], got {tuple(in_idx.shape)}")
+            raise ValueError(
+                f"expected token ids of shape [batch, time], got {tuple(in_idx.shape)}"
+            )
         t = in_idx.shape[1]
         if t > self.cfg["context_length"]:
             raise ValueError(
@@ -189,7 +207,11 @@ def _hf_key_map(cfg: dict) -> dict[str, tuple[list[str], bool]]:
         keys[f"{hf}attn.c_attn.weight"] = ([f"{name}.weight" for name in qkv], True)
         if cfg["qkv_bias"]:
             keys[f"{hf}attn.c_attn.bias"] = ([f"{name}.bias" for name in qkv], False)
-        linears = (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"), ("mlp.c_proj", "ff.layers.2"))
+        linears = (
+            ("attn.c_proj", "att.out_proj"),
+            ("mlp.c_fc", "ff.layers.0"),
+            ("mlp.c_proj", "ff.layers.2"),
+        )
         for hf_name, our_name in linears:
             keys[f"{hf}{hf_name}.weight"] = ([f"{ours}{our_name}.weight"], True)
             keys[f"{hf}{hf_name}.bias"] = ([f"{ours}{our_name}.bias"], False)
@@ -212,13 +234,19 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
 
     unexpected = sorted(key for key in sd if key not in key_map and not _HF_BUFFERS.fullmatch(key))
     if unexpected:
-        hint = " (this model has qkv_bias=False)" if any(k.endswith("c_attn.bias") for k in unexpected) else ""
+        hint = (
+            " (this model has qkv_bias=False)"
+            if any(k.endswith("c_attn.bias") for k in unexpected)
+            else ""
+        )
         raise ValueError(
             f"unexpected key {unexpected[0]!r} in the GPT-2 state dict{hint}; {len(unexpected)} unexpected in all"
         )
     missing = [key for key in key_map if key not in sd]
     if missing:
-        raise ValueError(f"missing key {missing[0]!r} in the GPT-2 state dict; {len(missing)} missing in all")
+        raise ValueError(
+            f"missing key {missing[0]!r} in the GPT-2 state dict; {len(missing)} missing in all"
+        )
 
     with torch.no_grad():
         for hf_key, (names, conv1d) in key_map.items():
@@ -227,7 +255,9 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
             stacked = (sum(p.shape[0] for p in targets), *targets[0].shape[1:])
             expected = stacked[::-1] if conv1d else stacked
             if tuple(tensor.shape) != tuple(expected):
-                raise ValueError(f"key {hf_key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+                raise ValueError(
+                    f"key {hf_key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+                )
             if conv1d:
                 tensor = tensor.t()
             for param, piece in zip(targets, tensor.split([p.shape[0] for p in targets], dim=0)):
@@ -237,7 +267,9 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
     return model
 
 
-def load_gpt2(name: str = "gpt2-small", *, cache_dir: Path | None = None, progress: bool = True) -> GPTModel:
+def load_gpt2(
+    name: str = "gpt2-small", *, cache_dir: Path | None = None, progress: bool = True
+) -> GPTModel:
     """GPT-2 with OpenAI's pretrained weights, in eval mode.
 
     Downloads (once, verified) the Hugging Face ``model.safetensors`` for ``name`` via
@@ -265,7 +297,9 @@ def get_tokenizer() -> tiktoken.Encoding:
 
 def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding) -> Tensor:
     """Token ids of ``text`` as a ``[1, t]`` LongTensor (a batch of one)."""
-    return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"}), dtype=torch.long).unsqueeze(0)
+    return torch.tensor(
+        tokenizer.encode(text, allowed_special={"<|endoftext|>"}), dtype=torch.long
+    ).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids: Tensor, tokenizer: tiktoken.Encoding) -> str:
@@ -312,7 +346,9 @@ def generate(
                 kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth_best, float("-inf"))
             if temperature > 0:
-                next_id = torch.multinomial(torch.softmax(logits / temperature, dim=-1), num_samples=1)
+                next_id = torch.multinomial(
+                    torch.softmax(logits / temperature, dim=-1), num_samples=1
+                )
             else:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             idx = torch.cat([idx, next_id], dim=1)

@@ -37,24 +37,14 @@ The extension point: adapter layers. Every wrapped layer is an :class:`AdapterLa
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-
-from lora_tutorial import __version__
-from lora_tutorial.download import atomic_write
-
-ADAPTER_FORMAT = "lora_tutorial.adapter"
 
 # ----------------------------------------------------------------------------- argument checks
 
@@ -62,19 +52,25 @@ ADAPTER_FORMAT = "lora_tutorial.adapter"
 def check_rank(rank: Any) -> None:
     """Raise ValueError unless ``rank`` is a positive integer (shared by every adapter layer)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16")
+        raise ValueError(
+            f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16"
+        )
 
 
 def check_alpha(alpha: Any) -> None:
     """Raise ValueError unless ``alpha`` is a positive, finite number."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < math.inf):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank")
+        raise ValueError(
+            f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank"
+        )
 
 
 def check_dropout(dropout: Any) -> None:
     """Raise ValueError unless ``dropout`` is a probability in [0, 1)."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (0 <= dropout < 1):
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}; use 0.0 for no dropout")
+        raise ValueError(
+            f"dropout must be a probability in [0, 1), got {dropout!r}; use 0.0 for no dropout"
+        )
 
 
 # ----------------------------------------------------------------------------- layers
@@ -99,7 +95,12 @@ class LoRALayer(nn.Module):
         check_rank(rank)
         check_alpha(alpha)
         check_dropout(dropout)
-        self.rank, self.alpha, self.use_rslora, self.dropout_p = int(rank), alpha, bool(use_rslora), float(dropout)
+        self.rank, self.alpha, self.use_rslora, self.dropout_p = (
+            int(rank),
+            alpha,
+            bool(use_rslora),
+            float(dropout),
+        )
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
@@ -192,7 +193,13 @@ class LinearWithLoRA(AdapterLayer):
     kind = "lora"
 
     def __init__(
-        self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(linear)
         self.lora = LoRALayer(
@@ -213,7 +220,12 @@ class LinearWithLoRA(AdapterLayer):
 
     def config(self) -> dict[str, Any]:
         lora = self.lora
-        return {"rank": lora.rank, "alpha": lora.alpha, "use_rslora": lora.use_rslora, "dropout": lora.dropout_p}
+        return {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "use_rslora": lora.use_rslora,
+            "dropout": lora.dropout_p,
+        }
 
     def delta_weight(self) -> Tensor:
         return (self.lora.scaling * (self.lora.A @ self.lora.B)).T
@@ -263,7 +275,9 @@ def _get_submodule(model: nn.Module, name: str, what: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         known = [n for n, _ in model.named_modules() if n][:8]
-        raise ValueError(f"{what} {name!r} is not a module of this model; modules include {known}") from None
+        raise ValueError(
+            f"{what} {name!r} is not a module of this model; modules include {known}"
+        ) from None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -279,7 +293,9 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 def _require_adapters(model: nn.Module, action: str) -> dict[str, AdapterLayer]:
     layers = adapter_layers(model)
     if not layers:
-        raise ValueError(f"{action}: the model has no adapter layers; call replace_linear_with_lora(model, ...) first")
+        raise ValueError(
+            f"{action}: the model has no adapter layers; call replace_linear_with_lora(model, ...) first"
+        )
     return layers
 
 
@@ -309,18 +325,27 @@ def replace_linear_with_lora(
     already wrapped; on any error the model is left unchanged.
     """
     if isinstance(model, nn.Linear):
-        raise TypeError("model is itself an nn.Linear; wrap it directly: LinearWithLoRA(linear, rank, alpha)")
+        raise TypeError(
+            "model is itself an nn.Linear; wrap it directly: LinearWithLoRA(linear, rank, alpha)"
+        )
     included, excluded = _matcher(include, "include"), _matcher(exclude, "exclude")
     found = list(_linear_layers(model))
     chosen = [
         (name, m)
         for name, m in found
-        if (included is None or included(name, m)) and not (excluded is not None and excluded(name, m))
+        if (included is None or included(name, m))
+        and not (excluded is not None and excluded(name, m))
     ]
     if not chosen:
         names = [name for name, _ in found]
-        listing = f"linear layers in this model include {names[:8]}" if names else "this model has no nn.Linear layers"
-        raise ValueError(f"no linear layer matched include={include!r}, exclude={exclude!r}; {listing}")
+        listing = (
+            f"linear layers in this model include {names[:8]}"
+            if names
+            else "this model has no nn.Linear layers"
+        )
+        raise ValueError(
+            f"no linear layer matched include={include!r}, exclude={exclude!r}; {listing}"
+        )
     for name, m in chosen:
         if isinstance(m, AdapterLayer):
             raise ValueError(
@@ -329,13 +354,16 @@ def replace_linear_with_lora(
             )
     # Build every wrapper before touching the model, so that bad arguments leave it unchanged.
     wrapped = {
-        name: wrapper(m, rank, alpha, use_rslora=use_rslora, dropout=dropout, **wrapper_kwargs) for name, m in chosen
+        name: wrapper(m, rank, alpha, use_rslora=use_rslora, dropout=dropout, **wrapper_kwargs)
+        for name, m in chosen
     }
     for name, layer in wrapped.items():
         _set_submodule(model, name, layer)
     if verbose:
         kind = type(next(iter(wrapped.values()))).__name__
-        print(f"Wrapped {len(wrapped)} of {len(found)} linear layers with {kind} (rank={rank}, alpha={alpha})")
+        print(
+            f"Wrapped {len(wrapped)} of {len(found)} linear layers with {kind} (rank={rank}, alpha={alpha})"
+        )
     return model
 
 
@@ -351,7 +379,9 @@ def mark_only_lora_as_trainable(model: nn.Module, extra: str | Iterable[str] = (
     """Freeze everything except the adapters and the modules named in ``extra`` (e.g. a new ``"out_head"``)."""
     layers = _require_adapters(model, "mark_only_lora_as_trainable")
     extras = [extra] if isinstance(extra, str) else list(extra)
-    extra_modules = [_get_submodule(model, name, "extra module") for name in extras]  # check names first
+    extra_modules = [
+        _get_submodule(model, name, "extra module") for name in extras
+    ]  # check names first
     model.requires_grad_(False)
     for layer in layers.values():
         for p in layer.adapter_parameters():
@@ -364,7 +394,9 @@ def mark_only_lora_as_trainable(model: nn.Module, extra: str | Iterable[str] = (
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Total and trainable parameter counts (shared parameters counted once)."""
     params = list(model.parameters())
-    return ParameterCount(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+    return ParameterCount(
+        sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    )
 
 
 # ----------------------------------------------------------------------------- merging
@@ -390,151 +422,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         return model.merged_linear()
     for name, layer in _require_adapters(model, "merge_and_unload").items():
         _set_submodule(model, name, layer.merged_linear())
-    return model
-
-
-# ----------------------------------------------------------------------------- adapters on disk
-
-
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be read: truncated, corrupt, or not written by ``save_adapter``."""
-
-
-def _summary(layers: dict[str, AdapterLayer]) -> dict[str, str]:
-    """kind, rank, alpha and scaling rule for the file's metadata; "mixed" where the layers differ."""
-    summary: dict[str, str] = {}
-    for layer in layers.values():
-        config = layer.config()
-        lora = getattr(layer, "lora", None)
-        fields = {
-            "kind": layer.kind,
-            "rank": str(config.get("rank")),
-            "alpha": str(config.get("alpha")),
-            "scaling": lora.scaling_rule if isinstance(lora, LoRALayer) else "n/a",
-        }
-        for key, value in fields.items():
-            summary[key] = value if summary.get(key, value) == value else "mixed"
-    return summary
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra_modules: str | Iterable[str] = ()) -> Path:
-    """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file; return its path.
-
-    Tensor names are the model's own state-dict keys. The metadata records each layer's kind and
-    config, the extra module names, and rank / alpha / scaling rule. The file is written to a
-    temporary name and renamed, so a failed save leaves no partial file behind; it gets the
-    permissions of any new file (0o644 under the usual umask 022).
-    """
-    layers = _require_adapters(model, "save_adapter")
-    extras = [extra_modules] if isinstance(extra_modules, str) else list(extra_modules)
-    for layer in layers.values():
-        if ADAPTER_KINDS.get(layer.kind) is not type(layer):
-            raise TypeError(
-                f"{type(layer).__name__} has kind {layer.kind!r}, which is registered to "
-                f"{getattr(ADAPTER_KINDS.get(layer.kind), '__name__', None)}; give the class its own `kind`"
-            )
-    tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update({f"{name}.{key}": t for key, t in layer.adapter_state().items()})
-    for name in extras:
-        state = _get_submodule(model, name, "extra module").state_dict()
-        tensors.update({f"{name}.{key}": t for key, t in state.items()})
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
-    metadata = {
-        "format": ADAPTER_FORMAT,
-        "lora_tutorial_version": __version__,
-        "layers": json.dumps({name: {"kind": layer.kind, "config": layer.config()} for name, layer in layers.items()}),
-        "extra_modules": json.dumps(extras),
-        **_summary(layers),
-    }
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return path
-
-
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and the decoded metadata of an adapter file; AdapterFileError if it is unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter file at {path}; write one with save_adapter(model, path)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error type for truncated or garbled files
-        raise AdapterFileError(
-            f"cannot read adapter file {path}: {err}. It is truncated or corrupt; save the adapter again"
-        ) from err
-    if metadata.get("format") != ADAPTER_FORMAT:
-        raise AdapterFileError(
-            f"{path} is a safetensors file but not a lora_tutorial adapter (its metadata lacks "
-            f"format={ADAPTER_FORMAT!r}); write adapters with save_adapter"
-        )
-    try:
-        layers, extras = json.loads(metadata["layers"]), json.loads(metadata["extra_modules"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"adapter file {path} has damaged metadata ({err!r}); save the adapter again") from err
-    return tensors, {**metadata, "layers": layers, "extra_modules": extras}
-
-
-def _build_layer(model: nn.Module, name: str, kind: str, config: dict[str, Any]) -> AdapterLayer | None:
-    """A new adapter layer for the plain nn.Linear at ``name``; None if a matching one is already there."""
-    current = _get_submodule(model, name, "adapted layer")
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(
-            f"layer {name!r} uses adapter kind {kind!r}, which is not registered (known: {sorted(ADAPTER_KINDS)}); "
-            "import the module that defines it, e.g. lora_tutorial.variants"
-        )
-    if isinstance(current, AdapterLayer):
-        if current.kind != kind or current.config() != config:
-            raise ValueError(
-                f"layer {name!r} is already a {current.kind} adapter with {current.config()}, "
-                f"but the file holds a {kind} adapter with {config}; load into a fresh base model"
-            )
-        if current.merged:
-            raise ValueError(f"layer {name!r} is merged; call unmerge_lora(model) before loading new adapter weights")
-        return None
-    if not isinstance(current, nn.Linear):
-        raise TypeError(f"layer {name!r} is a {type(current).__name__}; the adapter file expects an nn.Linear there")
-    return ADAPTER_KINDS[kind](current, **config)
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter file into ``model`` in place and return it.
-
-    Plain ``nn.Linear`` layers named in the file are wrapped as recorded; layers that are already
-    adapters must have the same kind and config. Shapes are checked before anything is copied: the
-    first mismatching layer is named with both shapes, and on any error the model is left unchanged.
-    """
-    tensors, info = read_adapter(path)
-    owners = [*info["layers"], *info["extra_modules"]]
-    replaced: list[tuple[str, nn.Module]] = []
-    try:
-        for name, record in info["layers"].items():
-            layer = _build_layer(model, name, record["kind"], record["config"])
-            if layer is not None:
-                replaced.append((name, layer.linear))
-                _set_submodule(model, name, layer)
-        state = model.state_dict(keep_vars=True)
-        expected = [f"{name}.{key}" for name in info["layers"] for key in model.get_submodule(name).adapter_state()]
-        for name in info["extra_modules"]:
-            expected += [f"{name}.{key}" for key in _get_submodule(model, name, "extra module").state_dict()]
-        for key in dict.fromkeys([*expected, *tensors]):  # model order first, then anything else in the file
-            owner = max((n for n in owners if key.startswith(n + ".")), key=len, default="?")
-            if key not in tensors or key not in state:
-                where = "the adapter file" if key not in tensors else "the model"
-                raise ValueError(f"layer {owner!r}: {where} has no tensor {key!r}; it comes from another model")
-            if tensors[key].shape != state[key].shape:
-                raise ValueError(
-                    f"layer {owner!r}: {key!r} has shape {tuple(tensors[key].shape)} in the adapter file "
-                    f"but {tuple(state[key].shape)} in the model; the adapter was made for other shapes or another rank"
-                )
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                state[key].copy_(tensor)
-    except BaseException:
-        for name, linear in reversed(replaced):
-            _set_submodule(model, name, linear)
-        raise
     return model

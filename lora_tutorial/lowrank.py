@@ -11,31 +11,36 @@ LoRA paper, so the low-rank factors are ``B`` of shape ``(d_out, r)`` and ``A`` 
 from __future__ import annotations
 
 import numbers
-import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 # --------------------------------------------------------------------------- SVD helpers
 
 
 def _as_matrix(W: Tensor) -> Tensor:
     if not isinstance(W, Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(W).__name__}; wrap it with torch.as_tensor(...)")
+        raise TypeError(
+            f"expected a torch.Tensor, got {type(W).__name__}; wrap it with torch.as_tensor(...)"
+        )
     if W.ndim != 2:
-        raise ValueError(f"expected a 2-D matrix, got a tensor of shape {tuple(W.shape)}; reshape it to (rows, cols)")
+        raise ValueError(
+            f"expected a 2-D matrix, got a tensor of shape {tuple(W.shape)}; reshape it to (rows, cols)"
+        )
     return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
 def _check_rank(r: int, max_rank: int) -> None:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
-        raise ValueError(f"rank must be a non-negative integer, got {r!r}; use a whole number from 0 to {max_rank}")
+        raise ValueError(
+            f"rank must be a non-negative integer, got {r!r}; use a whole number from 0 to {max_rank}"
+        )
     if r > max_rank:
-        raise ValueError(f"rank {r} is larger than min(rows, cols) = {max_rank}; use a rank of at most {max_rank}")
+        raise ValueError(
+            f"rank {r} is larger than min(rows, cols) = {max_rank}; use a rank of at most {max_rank}"
+        )
 
 
 def singular_values(W: Tensor) -> Tensor:
@@ -109,7 +114,9 @@ def energy_captured(s: Tensor, r: int) -> float:
 def rank_for_energy(s: Tensor, fraction: float) -> int:
     """The smallest rank whose singular values hold at least ``fraction`` of the energy (0 < fraction <= 1)."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.9 for 90% of the energy")
+        raise ValueError(
+            f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.9 for 90% of the energy"
+        )
     return int((_energy_shares(s) < fraction - 1e-12).sum()) + 1
 
 
@@ -127,7 +134,9 @@ def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
 def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}; pass a whole number of at least 1")
+            raise ValueError(
+                f"{name} must be a positive integer, got {value!r}; pass a whole number of at least 1"
+            )
 
 
 def full_param_count(d_in: int, d_out: int) -> int:
@@ -183,7 +192,9 @@ def gpt_param_count(cfg: Mapping, num_classes: int | None = None, *, tied_head: 
     """
     d = cfg["emb_dim"]
     embeddings = (cfg["vocab_size"] + cfg["context_length"]) * d
-    norms = (2 * cfg["n_layers"] + 1) * 2 * d  # two LayerNorms per block plus the final one; scale and shift
+    norms = (
+        (2 * cfg["n_layers"] + 1) * 2 * d
+    )  # two LayerNorms per block plus the final one; scale and shift
     shapes = gpt_linear_shapes(cfg, num_classes)
     if num_classes is None and tied_head:
         shapes = [s for s in shapes if s.name != "out_head"]
@@ -191,9 +202,13 @@ def gpt_param_count(cfg: Mapping, num_classes: int | None = None, *, tied_head: 
     return embeddings + norms + linears
 
 
-def lora_params_for(shapes: Iterable[LinearShape], rank: int, select: Callable[[str], bool] | None = None) -> int:
+def lora_params_for(
+    shapes: Iterable[LinearShape], rank: int, select: Callable[[str], bool] | None = None
+) -> int:
     """LoRA parameters for the layers in ``shapes`` whose name passes ``select`` (all when None)."""
-    return sum(lora_param_count(s.d_in, s.d_out, rank) for s in shapes if select is None or select(s.name))
+    return sum(
+        lora_param_count(s.d_in, s.d_out, rank) for s in shapes if select is None or select(s.name)
+    )
 
 
 # --------------------------------------------------------------------------- bytes
@@ -214,7 +229,9 @@ def bytes_per_param(dtype: torch.dtype | str) -> int:
     """Bytes one number takes in ``dtype`` (a torch dtype or a name such as ``"bfloat16"``)."""
     if isinstance(dtype, str):
         if dtype not in _NAMED_DTYPES:
-            raise ValueError(f"unknown dtype name {dtype!r}; use one of {sorted(_NAMED_DTYPES)} or a torch.dtype")
+            raise ValueError(
+                f"unknown dtype name {dtype!r}; use one of {sorted(_NAMED_DTYPES)} or a torch.dtype"
+            )
         dtype = _NAMED_DTYPES[dtype]
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or a name, got {type(dtype).__name__}")
@@ -249,103 +266,12 @@ def training_state_bytes(
 ) -> TrainingStateBytes:
     """Predicted bytes of weights (all), gradients (trained only) and AdamW state (trained only)."""
     if not 0 <= n_trainable <= n_total:
-        raise ValueError(f"need 0 <= n_trainable <= n_total, got n_trainable={n_trainable}, n_total={n_total}")
+        raise ValueError(
+            f"need 0 <= n_trainable <= n_total, got n_trainable={n_trainable}, n_total={n_total}"
+        )
     size = bytes_per_param(dtype)
-    return TrainingStateBytes(n_total * size, n_trainable * size, adamw_state_bytes(n_trainable, dtype))
-
-
-# --------------------------------------------------------------------------- measuring one step
-
-
-def _storage_key(t: Tensor) -> tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingStateBytes:
-    """Bytes actually held right now by the model's parameters, their gradients and the optimizer state."""
-    params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    state = sum(
-        v.numel() * v.element_size()
-        for s in optimizer.state.values()
-        for v in s.values()
-        if isinstance(v, Tensor) and v.ndim > 0  # AdamW's step counter is a 0-d tensor
-    )
-    return TrainingStateBytes(weights, grads, state)
-
-
-@contextmanager
-def count_saved_activations(model: nn.Module) -> Iterator[dict[str, int]]:
-    """Count the bytes autograd saves for the backward pass (the activations) inside the block.
-
-    Tensors that share storage are counted once, and the model's own parameters are not counted.
-    The result is in ``counter["bytes"]`` when the block ends.
-    """
-    param_keys = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[tuple[int, int]] = set()
-    counter = {"bytes": 0}
-
-    def pack(t: Tensor) -> Tensor:
-        key = _storage_key(t)
-        if key[0] not in param_keys and key not in seen:
-            seen.add(key)
-            counter["bytes"] += key[1]
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield counter
-
-
-@dataclass(frozen=True)
-class StepMeasurement:
-    """One measured training step: time, bytes of training state and activations, device peak if known."""
-
-    seconds: float
-    state: TrainingStateBytes
-    activation_bytes: int
-    device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, None elsewhere
-
-
-def measure_training_step(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module], Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    repeats: int = 3,
-) -> StepMeasurement:
-    """Run ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``) and measure them.
-
-    The first step is a warm-up (it creates the optimizer state); the time is the median of the
-    others. On CUDA the peak of allocated memory during the steps is recorded too.
-    """
-    if repeats < 2:
-        raise ValueError(f"repeats must be at least 2 (one warm-up step, one timed), got {repeats}")
-    device = next(model.parameters()).device
-    on_cuda = device.type == "cuda"
-    times, activations = [], 0
-    for i in range(repeats):
-        optimizer.zero_grad(set_to_none=True)
-        if on_cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        with count_saved_activations(model) as saved:
-            loss = loss_fn(model)
-        loss.backward()
-        optimizer.step()
-        if on_cuda:
-            torch.cuda.synchronize(device)
-        if i > 0:
-            times.append(time.perf_counter() - start)
-        activations = saved["bytes"]
-    peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
-    return StepMeasurement(
-        seconds=sorted(times)[len(times) // 2],
-        state=measured_state_bytes(model, optimizer),
-        activation_bytes=activations,
-        device_peak_bytes=peak,
+    return TrainingStateBytes(
+        n_total * size, n_trainable * size, adamw_state_bytes(n_trainable, dtype)
     )
 
 
@@ -361,13 +287,11 @@ def gigabytes(n_bytes: float) -> float:
 
 __all__ = [
     "LinearShape",
-    "StepMeasurement",
     "TrainingStateBytes",
     "adamw_state_bytes",
     "adapter_bytes",
     "best_rank_r",
     "bytes_per_param",
-    "count_saved_activations",
     "energy_captured",
     "full_param_count",
     "gigabytes",
@@ -376,8 +300,6 @@ __all__ = [
     "lora_param_count",
     "lora_params_for",
     "low_rank_factors",
-    "measure_training_step",
-    "measured_state_bytes",
     "megabytes",
     "numerical_rank",
     "random_like",

@@ -7,15 +7,15 @@ saves and closes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_tutorial.data import LABELS
-from lora_tutorial.download import atomic_write
+from lora_tutorial.files import atomic_write
 from lora_tutorial.train import History, MethodResult
 
 
@@ -34,11 +34,24 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (6, 4)) -> tuple[Figure, 
     return fig, ax
 
 
-def plot_losses(history: History, *, ax: Axes | None = None, path: str | Path | None = None, title: str = "Training and validation loss") -> Figure:
+def plot_losses(
+    history: History,
+    *,
+    ax: Axes | None = None,
+    path: str | Path | None = None,
+    title: str = "Training and validation loss",
+) -> Figure:
     """Cross-entropy loss against the number of training messages seen."""
     fig, ax = _axes(ax)
-    ax.plot(history.examples_seen, history.train_losses, marker=".", label="training (mean since last point)")
-    ax.plot(history.examples_seen, history.val_losses, marker=".", linestyle="--", label="validation")
+    ax.plot(
+        history.examples_seen,
+        history.train_losses,
+        marker=".",
+        label="training (mean since last point)",
+    )
+    ax.plot(
+        history.examples_seen, history.val_losses, marker=".", linestyle="--", label="validation"
+    )
     ax.set(title=title, xlabel="training messages seen", ylabel="cross-entropy loss (nats)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -47,12 +60,24 @@ def plot_losses(history: History, *, ax: Axes | None = None, path: str | Path | 
     return fig
 
 
-def plot_accuracy(history: History, *, ax: Axes | None = None, path: str | Path | None = None, title: str = "Accuracy per epoch") -> Figure:
+def plot_accuracy(
+    history: History,
+    *,
+    ax: Axes | None = None,
+    path: str | Path | None = None,
+    title: str = "Accuracy per epoch",
+) -> Figure:
     """Training and validation accuracy (%) at the end of each epoch."""
     fig, ax = _axes(ax)
     epochs = range(1, len(history.train_accuracy) + 1)
     ax.plot(epochs, [100 * a for a in history.train_accuracy], marker="o", label="training")
-    ax.plot(epochs, [100 * a for a in history.val_accuracy], marker="o", linestyle="--", label="validation")
+    ax.plot(
+        epochs,
+        [100 * a for a in history.val_accuracy],
+        marker="o",
+        linestyle="--",
+        label="validation",
+    )
     ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 102))
     ax.set_xticks(list(epochs))
     ax.legend()
@@ -76,9 +101,24 @@ def plot_confusion(
     peak = max(max(row) for row in confusion) or 1
     for i, row in enumerate(confusion):
         for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                color="white" if count > peak / 2 else "black",
+            )
     ticks = range(len(labels))
-    ax.set(title=title, xlabel="predicted class", ylabel="true class", xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels)
+    ax.set(
+        title=title,
+        xlabel="predicted class",
+        ylabel="true class",
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=labels,
+        yticklabels=labels,
+    )
     fig.colorbar(image, ax=ax, label="messages")
     if path is not None:
         save_figure(fig, path)
@@ -93,11 +133,22 @@ def _short(value: float) -> str:
     return f"{value:.3g}"
 
 
-def plot_method_comparison(results: Sequence[MethodResult], *, path: str | Path | None = None, title: str = "Fine-tuning methods compared") -> Figure:
+def plot_method_comparison(
+    results: Sequence[MethodResult],
+    *,
+    path: str | Path | None = None,
+    title: str = "Fine-tuning methods compared",
+) -> Figure:
     """Four bar charts side by side: trainable parameters, seconds per epoch, peak memory, accuracy."""
     names = [r.method for r in results]
-    accuracy = [100 * (r.test_accuracy if r.test_accuracy is not None else r.val_accuracy) for r in results]
-    accuracy_label = "test accuracy (%)" if all(r.test_accuracy is not None for r in results) else "validation accuracy (%)"
+    accuracy = [
+        100 * (r.test_accuracy if r.test_accuracy is not None else r.val_accuracy) for r in results
+    ]
+    accuracy_label = (
+        "test accuracy (%)"
+        if all(r.test_accuracy is not None for r in results)
+        else "validation accuracy (%)"
+    )
     panels = [
         ("trainable parameters (log scale)", [r.trainable_params for r in results], True),
         ("time per epoch (s)", [r.seconds_per_epoch for r in results], False),
@@ -106,7 +157,9 @@ def plot_method_comparison(results: Sequence[MethodResult], *, path: str | Path 
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (label, values, log) in zip(axes, panels):
-        plot_bars(names, values, title="", ylabel=label, xlabel="method", log=log, fmt=_short, ax=ax)
+        plot_bars(
+            names, values, title="", ylabel=label, xlabel="method", log=log, fmt=_short, ax=ax
+        )
     fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
@@ -158,7 +211,9 @@ def plot_length_histogram(
     for i, (name, values) in enumerate(groups.items()):
         ax.hist(values, bins=bins, color=f"C{i}", alpha=0.6 if len(groups) > 1 else 1.0, label=name)
     if max_length is not None:
-        ax.axvline(max_length, color="C3", linestyle="--", label=f"padding length ({max_length} tokens)")
+        ax.axvline(
+            max_length, color="C3", linestyle="--", label=f"padding length ({max_length} tokens)"
+        )
     if max_length is not None or len(groups) > 1:
         ax.legend()
     ax.set(title=title, xlabel="length (tokens)", ylabel="messages")

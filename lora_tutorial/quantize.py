@@ -46,7 +46,9 @@ def nf4_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
     level is exactly +-1. The result matches the table published with QLoRA to about 1e-7.
     """
     if not 0.5 < offset < 1.0:
-        raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}; the default is {NF4_OFFSET}")
+        raise ValueError(
+            f"offset must lie in (0.5, 1), got {offset!r}; the default is {NF4_OFFSET}"
+        )
     quantile = torch.special.ndtri  # the inverse of the standard normal CDF
     positive = quantile(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
     negative = -quantile(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
@@ -72,7 +74,10 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes needed to store this tensor: the packed codes plus the scales (levels are shared)."""
-        return self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        return (
+            self.packed.numel() * self.packed.element_size()
+            + self.absmax.numel() * self.absmax.element_size()
+        )
 
     @property
     def bits_per_value(self) -> float:
@@ -103,10 +108,14 @@ def quantize_blockwise(
     if not tensor.is_floating_point():
         raise TypeError(f"can only quantize floating-point tensors, got dtype {tensor.dtype}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}; QLoRA uses {NF4_BLOCK_SIZE}")
+        raise ValueError(
+            f"blocksize must be a positive integer, got {blocksize!r}; QLoRA uses {NF4_BLOCK_SIZE}"
+        )
     levels = nf4_levels() if levels is None else levels.detach().float().flatten()
     if levels.numel() != 16 or not bool((levels.diff() > 0).all()):
-        raise ValueError(f"levels must be 16 increasing values (4 bits), got {levels.numel()} values: {levels.tolist()}")
+        raise ValueError(
+            f"levels must be 16 increasing values (4 bits), got {levels.numel()} values: {levels.tolist()}"
+        )
     if tensor.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
 
@@ -120,7 +129,9 @@ def quantize_blockwise(
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]
-    return QuantizedTensor(packed, absmax, levels.to(flat.device), tensor.shape, tensor.dtype, blocksize)
+    return QuantizedTensor(
+        packed, absmax, levels.to(flat.device), tensor.shape, tensor.dtype, blocksize
+    )
 
 
 def quantization_error(tensor: torch.Tensor, quantized: QuantizedTensor) -> dict[str, float]:
@@ -155,7 +166,9 @@ class LinearNF4(nn.Module):
 
     def quantized_weight(self) -> QuantizedTensor:
         shape = torch.Size((self.out_features, self.in_features))
-        return QuantizedTensor(self.packed, self.absmax, self.levels, shape, self.weight_dtype, self.blocksize)
+        return QuantizedTensor(
+            self.packed, self.absmax, self.levels, shape, self.weight_dtype, self.blocksize
+        )
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight ``(out, in)`` that the 4-bit codes stand for."""
@@ -169,7 +182,9 @@ class LinearNF4(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
 
 
-def quantize_linear_layers(model: nn.Module, blocksize: int = NF4_BLOCK_SIZE, *, exclude: tuple[str, ...] = ()) -> int:
+def quantize_linear_layers(
+    model: nn.Module, blocksize: int = NF4_BLOCK_SIZE, *, exclude: tuple[str, ...] = ()
+) -> int:
     """Replace the model's plain ``nn.Linear`` layers (in place) by frozen :class:`LinearNF4`; return the count.
 
     Modules whose qualified name contains one of ``exclude`` stay in float (a classification head,
@@ -180,7 +195,10 @@ def quantize_linear_layers(model: nn.Module, blocksize: int = NF4_BLOCK_SIZE, *,
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name and name not in adapted and not any(part in name for part in exclude)
+        if isinstance(module, nn.Linear)
+        and name
+        and name not in adapted
+        and not any(part in name for part in exclude)
     ]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")

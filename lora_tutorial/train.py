@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import resource
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,8 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from lora_tutorial import config, lora
+from lora_tutorial import lora
 from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.distributed import _dist_info, gather
+from lora_tutorial.memory import PeakMemory
 
 METHODS = ("lora", "full", "last-block")
 
@@ -43,7 +41,9 @@ METHODS = ("lora", "full", "last-block")
 # so at that rate it changes the model far more slowly. Hu et al. (2021) trained LoRA with 2e-4 on
 # GPT-2 and 4e-4 to 5e-4 on RoBERTa.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "last-block": 5e-5}
-QUICK_LR = 1e-3  # quick mode, every method: a tiny random model needs large steps to move in a few batches
+QUICK_LR = (
+    1e-3  # quick mode, every method: a tiny random model needs large steps to move in a few batches
+)
 
 # LoRA's default rank and alpha in full mode (scaling alpha / rank = 2). Under AdamW the scaling, like
 # the learning rate, sets how fast the update grows. Appendix E of LLMs-from-scratch multiplied its
@@ -107,8 +107,12 @@ def prepare_model(
             module.requires_grad_(True)
         return model
     if not targets:
-        raise ValueError("targets is empty: name at least one linear layer for LoRA, e.g. ('W_query', 'W_value')")
-    lora.replace_linear_with_lora(model, rank, alpha, include=list(targets), exclude=HEAD, dropout=dropout)
+        raise ValueError(
+            "targets is empty: name at least one linear layer for LoRA, e.g. ('W_query', 'W_value')"
+        )
+    lora.replace_linear_with_lora(
+        model, rank, alpha, include=list(targets), exclude=HEAD, dropout=dropout
+    )
     lora.mark_only_lora_as_trainable(model, extra=HEAD)
     return model
 
@@ -123,7 +127,9 @@ def weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -166,7 +172,11 @@ def batch_loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, *, device: torch.device | None = None, num_batches: int | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device | None = None,
+    num_batches: int | None = None,
 ) -> Evaluation:
     """Accuracy, mean loss, confusion matrix and per-class precision/recall on ``loader``.
 
@@ -186,7 +196,9 @@ def evaluate(
             loss, logits = batch_loss(model, batch, device)
             labels = batch[1]
             predicted = logits.argmax(dim=-1).cpu()
-            confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(num_classes, -1)
+            confusion += torch.bincount(
+                labels * num_classes + predicted, minlength=num_classes**2
+            ).view(num_classes, -1)
             total_loss += loss.item() * len(labels)
             examples += len(labels)
     finally:
@@ -199,126 +211,12 @@ def evaluate(
         accuracy=correct.sum().item() / examples,
         loss=total_loss / examples,
         confusion=confusion.tolist(),
-        precision=[c / p if p else 0.0 for c, p in zip(correct.tolist(), predicted_counts.tolist())],
+        precision=[
+            c / p if p else 0.0 for c, p in zip(correct.tolist(), predicted_counts.tolist())
+        ],
         recall=[c / t if t else 0.0 for c, t in zip(correct.tolist(), true_counts.tolist())],
         examples=examples,
     )
-
-
-# --- memory ------------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process now (Linux), or its high-water mark elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-class PeakMemory:
-    """Context manager measuring the peak memory of the code inside it; read ``.peak_bytes``.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, weights included). Elsewhere:
-    the process's resident memory (RSS), sampled every 5 ms by a thread; it includes Python,
-    the libraries and memory the allocator kept from earlier work, so compare methods in
-    fresh processes. ``.measure`` says which of the two was used.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-        self.measure = (
-            "torch.cuda.max_memory_allocated (tensor memory on the GPU)"
-            if device.type == "cuda"
-            else "process resident memory (RSS), sampled every 5 ms"
-        )
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_bytes = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
-
-
-# --- several processes -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands among those that ``torchrun`` started (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process prints progress and writes files."""
-        return self.rank == 0
-
-    def device(self, prefer: str | None = None) -> torch.device:
-        """This process's device: its own GPU under ``torchrun`` on CUDA, else :func:`config.get_device`."""
-        device = config.get_device(prefer)
-        if device.type == "cuda" and self.world_size > 1:
-            return torch.device("cuda", self.local_rank)
-        return device
-
-
-@contextlib.contextmanager
-def distributed() -> Iterator[DistInfo]:
-    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), leave it at the end.
-
-    Uses the ``nccl`` backend when CUDA is available and ``gloo`` on CPUs. Outside ``torchrun``
-    it yields rank 0 of 1 and does nothing else.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 or dist.is_initialized():
-        yield _dist_info()
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    try:
-        yield _dist_info()
-    finally:
-        dist.destroy_process_group()
-
-
-def _dist_info() -> DistInfo:
-    if not dist.is_initialized():
-        return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def gather(value: object) -> list[object]:
-    """``value`` from every process, in rank order (a one-element list without a process group)."""
-    if not dist.is_initialized():
-        return [value]
-    values: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -364,7 +262,10 @@ def _train_loader(loader: DataLoader, seed: int) -> tuple[DataLoader, Distribute
         return loader, None
     sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed, drop_last=True)
     sharded = DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
         num_workers=loader.num_workers,
     )
     return sharded, sampler
@@ -413,14 +314,20 @@ def train_classifier(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("no parameter requires a gradient; call prepare_model(model, method) first")
+        raise ValueError(
+            "no parameter requires a gradient; call prepare_model(model, method) first"
+        )
     info = _dist_info()
-    device = info.device(None if device is None else str(device))  # under torchrun: this process's own GPU
+    device = info.device(
+        None if device is None else str(device)
+    )  # under torchrun: this process's own GPU
     set_seed(seed)
     model.to(device)
     net: nn.Module = model
     if info.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     loader, sampler = _train_loader(train_loader, seed)
     if make_optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -439,7 +346,12 @@ def train_classifier(
                 sampler.set_epoch(epoch)
             epoch_start, eval_seconds = time.perf_counter(), 0.0
             net.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and info.is_main), leave=False)
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                disable=not (progress and info.is_main),
+                leave=False,
+            )
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = batch_loss(net, batch, device)
@@ -457,19 +369,29 @@ def train_classifier(
                     history.steps.append(step)
                     history.examples_seen.append(seen)
                     history.train_losses.append(train_loss)
-                    history.val_losses.append(evaluate(model, val_loader, device=device, num_batches=eval_batches).loss)
+                    history.val_losses.append(
+                        evaluate(model, val_loader, device=device, num_batches=eval_batches).loss
+                    )
                     window = []
                     eval_seconds += time.perf_counter() - eval_start
-                    bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{history.val_losses[-1]:.3f}")
+                    bar.set_postfix(
+                        train_loss=f"{train_loss:.3f}", val_loss=f"{history.val_losses[-1]:.3f}"
+                    )
                 if done:
                     break
             history.epoch_seconds.append(time.perf_counter() - epoch_start - eval_seconds)
-            train_acc = evaluate(model, train_loader, device=device, num_batches=accuracy_batches).accuracy
-            val_acc = evaluate(model, val_loader, device=device, num_batches=accuracy_batches).accuracy
+            train_acc = evaluate(
+                model, train_loader, device=device, num_batches=accuracy_batches
+            ).accuracy
+            val_acc = evaluate(
+                model, val_loader, device=device, num_batches=accuracy_batches
+            ).accuracy
             history.train_accuracy.append(train_acc)
             history.val_accuracy.append(val_acc)
             if progress and info.is_main:
-                tqdm.write(f"epoch {epoch + 1}: train accuracy {train_acc:.1%}, validation accuracy {val_acc:.1%}")
+                tqdm.write(
+                    f"epoch {epoch + 1}: train accuracy {train_acc:.1%}, validation accuracy {val_acc:.1%}"
+                )
             if max_steps is not None and step >= max_steps:
                 break
     history.elapsed_seconds = time.perf_counter() - start
@@ -498,7 +420,9 @@ class MethodResult:
         return asdict(self)
 
 
-def summarize(method: str, model: nn.Module, history: History, test: Evaluation | None = None) -> MethodResult:
+def summarize(
+    method: str, model: nn.Module, history: History, test: Evaluation | None = None
+) -> MethodResult:
     """The comparison row for a trained model: parameters, time per epoch, peak memory, accuracy."""
     counts = lora.count_parameters(_unwrap(model))
     return MethodResult(

@@ -76,16 +76,26 @@ class LinearWithDoRA(LinearWithLoRA):
     kind = "dora"
 
     def __init__(
-        self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
         self.m = nn.Parameter(linear.weight.detach().norm(dim=1).clone())
-        self.register_buffer("_merged_norm", None, persistent=False)  # ||V|| at merge time, to unmerge
+        self.register_buffer(
+            "_merged_norm", None, persistent=False
+        )  # ||V|| at merge time, to unmerge
 
     def weight_norm(self) -> Tensor:
         """``||V||`` per output unit, shape ``(out,)``, without gradient."""
         with torch.no_grad():
-            return (self.linear.weight + self.delta_weight().to(self.linear.weight.dtype)).norm(dim=1)
+            return (self.linear.weight + self.delta_weight().to(self.linear.weight.dtype)).norm(
+                dim=1
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -108,9 +118,14 @@ class LinearWithDoRA(LinearWithLoRA):
         """Recover ``W0 = W' * ||V|| / m - scaling * (A @ B)^T`` (needs every entry of m non-zero)."""
         if self.merged:
             if bool((self.m == 0).any()):
-                raise ValueError("cannot unmerge: some magnitudes in .m are exactly 0, so W0 is lost for those rows")
+                raise ValueError(
+                    "cannot unmerge: some magnitudes in .m are exactly 0, so W0 is lost for those rows"
+                )
             weight = self.linear.weight
-            weight.copy_(weight * (self._merged_norm / self.m)[:, None] - self.delta_weight().to(weight.dtype))
+            weight.copy_(
+                weight * (self._merged_norm / self.m)[:, None]
+                - self.delta_weight().to(weight.dtype)
+            )
             self._merged_norm, self.merged = None, False
 
 
@@ -136,7 +151,13 @@ class LinearWithPiSSA(LinearWithLoRA):
     kind = "pissa"
 
     def __init__(
-        self, linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         check_rank(rank)
         if rank > min(linear.in_features, linear.out_features):
@@ -207,16 +228,33 @@ class LinearWithVeRA(AdapterLayer):
     kind = "vera"
 
     def __init__(
-        self, linear: nn.Linear, rank: int, *, d_initial: float = 0.1, seed: int = 0, dropout: float = 0.0
+        self,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        d_initial: float = 0.1,
+        seed: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(linear)
         check_rank(rank)
         check_dropout(dropout)
-        if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+        if (
+            isinstance(d_initial, bool)
+            or not isinstance(d_initial, (int, float))
+            or not math.isfinite(d_initial)
+        ):
             raise ValueError(f"d_initial must be a finite number, got {d_initial!r}; PEFT uses 0.1")
-        self.rank, self.d_initial, self.seed, self.dropout_p = int(rank), float(d_initial), int(seed), float(dropout)
+        self.rank, self.d_initial, self.seed, self.dropout_p = (
+            int(rank),
+            float(d_initial),
+            int(seed),
+            float(dropout),
+        )
         kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.projections = VeRAProjections(linear.in_features, linear.out_features, self.rank, self.seed).to(**kwargs)
+        self.projections = VeRAProjections(
+            linear.in_features, linear.out_features, self.rank, self.seed
+        ).to(**kwargs)
         self.d = nn.Parameter(torch.full((self.rank,), self.d_initial, **kwargs))
         self.b = nn.Parameter(torch.zeros(linear.out_features, **kwargs))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -228,14 +266,21 @@ class LinearWithVeRA(AdapterLayer):
         return self.linear(x) + self.b * ((self.dropout(x) @ p.A * self.d) @ p.B)
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "d_initial": self.d_initial, "seed": self.seed, "dropout": self.dropout_p}
+        return {
+            "rank": self.rank,
+            "d_initial": self.d_initial,
+            "seed": self.seed,
+            "dropout": self.dropout_p,
+        }
 
     def delta_weight(self) -> Tensor:
         p = self.projections
         return ((p.A * self.d) @ p.B * self.b).T
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, seed={self.seed}, d_initial={self.d_initial}, merged={self.merged}"
+        return (
+            f"rank={self.rank}, seed={self.seed}, d_initial={self.d_initial}, merged={self.merged}"
+        )
 
 
 def share_vera_projections(model: nn.Module) -> int:
@@ -248,7 +293,14 @@ def share_vera_projections(model: nn.Module) -> int:
     for layer in adapter_layers(model).values():
         if isinstance(layer, LinearWithVeRA):
             A = layer.projections.A
-            key = (A.shape[0], layer.projections.B.shape[1], layer.rank, layer.seed, A.device, A.dtype)
+            key = (
+                A.shape[0],
+                layer.projections.B.shape[1],
+                layer.rank,
+                layer.seed,
+                A.device,
+                A.dtype,
+            )
             layer.projections = shared.setdefault(key, layer.projections)
     return len(shared)
 
@@ -269,10 +321,14 @@ def replace_linear_with_vera(
     VeRA has no ``alpha``: the trainable vectors set the scale.
     """
 
-    def wrap(linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool, dropout: float) -> LinearWithVeRA:
+    def wrap(
+        linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool, dropout: float
+    ) -> LinearWithVeRA:
         return LinearWithVeRA(linear, rank, d_initial=d_initial, seed=seed, dropout=dropout)
 
-    replace_linear_with_lora(model, rank, 1.0, include=include, exclude=exclude, dropout=dropout, wrapper=wrap)
+    replace_linear_with_lora(
+        model, rank, 1.0, include=include, exclude=exclude, dropout=dropout, wrapper=wrap
+    )
     share_vera_projections(model)
     return model
 
@@ -293,7 +349,9 @@ def loraplus_param_groups(
     """
     for name, value in (("lr", lr), ("lr_ratio", lr_ratio)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}; LoRA+ suggests lr_ratio=16")
+            raise ValueError(
+                f"{name} must be a positive number, got {value!r}; LoRA+ suggests lr_ratio=16"
+            )
     b_params = {id(m.B) for m in model.modules() if isinstance(m, LoRALayer)}
     matrices, bs, vectors = [], [], []
     for p in model.parameters():
@@ -306,7 +364,9 @@ def loraplus_param_groups(
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("no parameter requires a gradient; call mark_only_lora_as_trainable(model) first")
+        raise ValueError(
+            "no parameter requires a gradient; call mark_only_lora_as_trainable(model) first"
+        )
     return groups
 
 
@@ -375,7 +435,14 @@ def fit_target(
 
 
 def fit_random_update(
-    rank: int, *, use_rslora: bool, alpha: float = 8.0, dim: int = 128, steps: int = 150, lr: float = 2e-3, seed: int = 0
+    rank: int,
+    *,
+    use_rslora: bool,
+    alpha: float = 8.0,
+    dim: int = 128,
+    steps: int = 150,
+    lr: float = 2e-3,
+    seed: int = 0,
 ) -> list[float]:
     """The rsLoRA experiment: a LoRA layer of ``rank`` fits :func:`low_rank_task`; returns the losses.
 

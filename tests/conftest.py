@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -14,7 +14,9 @@ from lora_tutorial import config, download
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each test downloads into its own cache folder, never the user's."""
     monkeypatch.setenv(config.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
 
@@ -24,7 +26,9 @@ def data_dir() -> Path:
     """The offline reference data (``../shared/data``); skips where a checkout has none."""
     path = config.data_dir()
     if path is None:
-        pytest.skip("no offline data folder: set LORA_TUTORIAL_DATA or place shared/data beside the repository")
+        pytest.skip(
+            "no offline data folder: set LORA_TUTORIAL_DATA or place shared/data beside the repository"
+        )
     return path
 
 
@@ -39,7 +43,7 @@ def gpt2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -60,7 +64,7 @@ class LocalServer:
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self.thread.start()
         return self
 

@@ -36,7 +36,9 @@ def markdown(nb: nbformat.NotebookNode) -> str:
 
 
 def test_the_package_names_the_same_repository() -> None:
-    assert f'Homepage = "{REPO_URL}"' in (ROOT / "pyproject.toml").read_text(), "pyproject.toml must name the repository of book/_config.yml"
+    assert f'Homepage = "{REPO_URL}"' in (ROOT / "pyproject.toml").read_text(), (
+        "pyproject.toml must name the repository of book/_config.yml"
+    )
 
 
 def test_every_toc_entry_exists() -> None:
@@ -57,16 +59,26 @@ def chapter(request: pytest.FixtureRequest) -> nbformat.NotebookNode:
 
 
 def test_committed_without_outputs(chapter: nbformat.NotebookNode) -> None:
-    with_outputs = [i for i, c in enumerate(chapter.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not with_outputs, f"code cells {with_outputs} carry outputs; the build executes notebooks"
+    with_outputs = [
+        i
+        for i, c in enumerate(chapter.cells)
+        if c.cell_type == "code" and (c.outputs or c.execution_count)
+    ]
+    assert not with_outputs, (
+        f"code cells {with_outputs} carry outputs; the build executes notebooks"
+    )
 
 
 def test_starts_with_title_then_colab_setup_and_mode_banner(chapter: nbformat.NotebookNode) -> None:
     first_md = next(c for c in chapter.cells if c.cell_type == "markdown")
-    assert re.match(r"# \d+\. \S", first_md.source), "the first markdown cell must be the title '# N. Title'"
+    assert re.match(r"# \d+\. \S", first_md.source), (
+        "the first markdown cell must be the title '# N. Title'"
+    )
     code = [c.source for c in chapter.cells if c.cell_type == "code"]
     assert '"google.colab" in sys.modules' in code[0], "the first code cell must set up Colab"
-    assert f"git+{REPO_URL}" in code[0], f"the Colab set-up cell must install from {REPO_URL} (book/_config.yml)"
+    assert f"git+{REPO_URL}" in code[0], (
+        f"the Colab set-up cell must install from {REPO_URL} (book/_config.yml)"
+    )
     assert "config.mode_banner()" in code[1], "the second code cell must print config.mode_banner()"
 
 
@@ -74,7 +86,10 @@ def test_follows_the_chapter_template(chapter: nbformat.NotebookNode) -> None:
     headings = [h.lower() for h in re.findall(r"^#{2,3} (.+)$", markdown(chapter), re.MULTILINE)]
     for section in ("learning goals", "summary", "exercises"):
         assert any(section in h for h in headings), f"no '{section}' section; headings: {headings}"
-    order = [next(i for i, h in enumerate(headings) if s in h) for s in ("learning goals", "summary", "exercises")]
+    order = [
+        next(i for i, h in enumerate(headings) if s in h)
+        for s in ("learning goals", "summary", "exercises")
+    ]
     assert order == sorted(order), "sections must come as learning goals → … → summary → exercises"
 
 
@@ -83,15 +98,21 @@ def test_has_three_exercises_with_hidden_solutions(chapter: nbformat.NotebookNod
     labels = re.findall(r"```\{exercise\}[^\n]*\n:label: (\S+)", text)
     assert len(labels) >= 3, f"only {len(labels)} exercises"
     for label in labels:
-        solution = re.search(r"```\{solution\} " + re.escape(label) + r"\n((?::\S+:[^\n]*\n)*)", text)
+        solution = re.search(
+            r"```\{solution\} " + re.escape(label) + r"\n((?::\S+:[^\n]*\n)*)", text
+        )
         assert solution, f"exercise {label} has no solution"
         assert ":class: dropdown" in solution.group(1), f"the solution of {label} is not hidden"
 
 
 def test_reads_quick_mode_only_through_config(chapter: nbformat.NotebookNode) -> None:
     code = "\n".join(c.source for c in chapter.cells if c.cell_type == "code")
-    assert "LORA_TUTORIAL_QUICK" not in code, "read quick mode with config.is_quick(), not the environment"
-    assert "tqdm.auto" not in code and "ipywidgets" not in code, "widget output loads scripts from a CDN"
+    assert "LORA_TUTORIAL_QUICK" not in code, (
+        "read quick mode with config.is_quick(), not the environment"
+    )
+    assert "tqdm.auto" not in code and "ipywidgets" not in code, (
+        "widget output loads scripts from a CDN"
+    )
 
 
 def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +129,9 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
         stream("stderr", "\rtrain: 100%|##########| 3/3\n"),
         stream("stdout", "done\n"),
         stream("stderr", "\repoch:  50%|#####     | 1/2"),
-        stream("stderr", "\r                              \r"),  # a bar with leave=False clears itself
+        stream(
+            "stderr", "\r                              \r"
+        ),  # a bar with leave=False clears itself
     ]
     merged = coalesce_streams(outputs)
     texts = {o["name"]: o["text"] for o in merged}

@@ -57,7 +57,9 @@ def test_padded_batch_gives_each_message_its_own_logits(classifier: GPTClassifie
 
     classifier.pooling = "last"
     naive = classifier(batch, lengths)
-    torch.testing.assert_close(naive[0], alone[0], rtol=1e-5, atol=1e-5)  # the longest row has no padding
+    torch.testing.assert_close(
+        naive[0], alone[0], rtol=1e-5, atol=1e-5
+    )  # the longest row has no padding
     assert not torch.allclose(naive[1:], alone[1:], atol=1e-4)  # the others read a padding token
 
 

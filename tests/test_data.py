@@ -12,7 +12,7 @@ import torch
 
 from lora_tutorial import config, data, download
 
-SAMPLE = "ham\tOk lar... Joking wif u oni...\nspam\tWINNER!! Call 09061701461 to claim \"your\" prize\nham\tSee you at 5\n"
+SAMPLE = 'ham\tOk lar... Joking wif u oni...\nspam\tWINNER!! Call 09061701461 to claim "your" prize\nham\tSee you at 5\n'
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,17 @@ def _zip(path: Path, members: dict[str, str]) -> Path:
     return path
 
 
-def test_download_and_extract_from_mirror(http_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_download_and_extract_from_mirror(
+    http_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     known = download.KNOWN_FILES[data.ZIP_NAME]
-    archive = _zip(http_server.root / known.filename, {data.SMS_FILE: SAMPLE, "readme": "test archive"})
+    archive = _zip(
+        http_server.root / known.filename, {data.SMS_FILE: SAMPLE, "readme": "test archive"}
+    )
     blob = archive.read_bytes()
-    test_file = download.RemoteFile(known.url, known.filename, len(blob), hashlib.sha256(blob).hexdigest())
+    test_file = download.RemoteFile(
+        known.url, known.filename, len(blob), hashlib.sha256(blob).hexdigest()
+    )
     monkeypatch.setitem(download.KNOWN_FILES, data.ZIP_NAME, test_file)
     monkeypatch.setenv(download.MIRROR_ENV, http_server.base_url)
     empty = tmp_path / "no-data"
@@ -74,28 +80,38 @@ def test_download_and_extract_from_mirror(http_server, monkeypatch: pytest.Monke
     assert df["Text"][1] == 'WINNER!! Call 09061701461 to claim "your" prize'
 
 
-@pytest.mark.parametrize("member", ["../escaped.txt", "inner/../../escaped.txt", "/tmp/absolute.txt"])
+@pytest.mark.parametrize(
+    "member", ["../escaped.txt", "inner/../../escaped.txt", "/tmp/absolute.txt"]
+)
 def test_unsafe_archive_is_refused(tmp_path: Path, member: str) -> None:
     archive = _zip(tmp_path / "evil.zip", {data.SMS_FILE: SAMPLE, member: "gotcha"})
     target = tmp_path / "out" / "extracted"
     with pytest.raises(ValueError, match="outside"):
         data.extract_zip(archive, target)
     assert not target.exists()
-    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert (
+        not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    )
     assert list((tmp_path / "out").iterdir()) == []  # no temporary folder left behind
 
 
-def test_offline_without_copy_says_where_to_put_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_offline_without_copy_says_where_to_put_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     empty = tmp_path / "no-data"
     empty.mkdir()
     monkeypatch.setenv(config.DATA_ENV, str(empty))
-    monkeypatch.setenv(download.MIRROR_ENV, "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv(
+        download.MIRROR_ENV, "http://127.0.0.1:9"
+    )  # nothing listens on the discard port
     with pytest.raises(download.DownloadError, match=data.SMS_FILE):
         data.sms_spam_file(tmp_path / "sms", progress=False)
 
 
 def test_spam_dataset_pads_truncates_and_keeps_lengths(gpt2_tokenizer) -> None:
-    df = pd.DataFrame({"Label": [0, 1, 0], "Text": ["Hi", "Call now to win a prize today", "See you at five"]})
+    df = pd.DataFrame(
+        {"Label": [0, 1, 0], "Text": ["Hi", "Call now to win a prize today", "See you at five"]}
+    )
     token_counts = [len(gpt2_tokenizer.encode(t)) for t in df["Text"]]
     ds = data.SpamDataset(df, gpt2_tokenizer)
     assert ds.max_length == max(token_counts)
@@ -111,7 +127,9 @@ def test_spam_dataset_pads_truncates_and_keeps_lengths(gpt2_tokenizer) -> None:
     assert short.truncated == sum(n > 3 for n in token_counts)
 
 
-def test_loaders_are_seeded_and_share_the_training_length(messages: pd.DataFrame, gpt2_tokenizer) -> None:
+def test_loaders_are_seeded_and_share_the_training_length(
+    messages: pd.DataFrame, gpt2_tokenizer
+) -> None:
     splits = data.split(data.subset(data.balance_classes(messages), 60))
     first = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)
     second = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)

@@ -7,18 +7,21 @@ import hashlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from lora_tutorial import config, download
 from lora_tutorial.download import DownloadError, RemoteFile, fetch
+from lora_tutorial.files import atomic_write
 
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB of known bytes
 
 
-def _register(monkeypatch: pytest.MonkeyPatch, name: str, data: bytes, **overrides: object) -> RemoteFile:
+def _register(
+    monkeypatch: pytest.MonkeyPatch, name: str, data: bytes, **overrides: object
+) -> RemoteFile:
     """Add a RemoteFile describing ``data`` to KNOWN_FILES for this test only."""
     fields = dict(
         url=f"https://example.org/{name}",
@@ -45,7 +48,9 @@ def _served(server, monkeypatch: pytest.MonkeyPatch, name: str, data: bytes) -> 
 
 
 def test_known_files_are_https_with_checks() -> None:
-    assert {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "sms-spam-zip"} <= set(download.KNOWN_FILES)
+    assert {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "sms-spam-zip"} <= set(
+        download.KNOWN_FILES
+    )
     for name, remote in download.KNOWN_FILES.items():
         assert remote.url.startswith("https://"), name
         assert remote.sha256 is None or len(remote.sha256) == 64, name
@@ -97,7 +102,9 @@ def test_truncated_file_is_rejected(http_server, monkeypatch, cache) -> None:
 
 
 @contextlib.contextmanager
-def _mirror(monkeypatch: pytest.MonkeyPatch, handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[None]:
+def _mirror(
+    monkeypatch: pytest.MonkeyPatch, handler: type[http.server.BaseHTTPRequestHandler]
+) -> Iterator[None]:
     """A loopback server answering with ``handler``, set as the download mirror while the block runs."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -110,14 +117,14 @@ def _mirror(monkeypatch: pytest.MonkeyPatch, handler: type[http.server.BaseHTTPR
 
 
 class _QuietHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
 class _ShortBodyHandler(_QuietHandler):
     """Announces more bytes than it sends, then closes the connection."""
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAYLOAD)))
         self.end_headers()
@@ -174,7 +181,7 @@ def test_offline_gives_one_clear_error(monkeypatch, cache) -> None:
 class _DowngradeHandler(_QuietHandler):
     """Redirects every request to a plain-http address on another host."""
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         self.send_response(302)
         self.send_header("Location", "http://example.org/blob.bin")
         self.end_headers()
@@ -205,12 +212,14 @@ def test_only_known_https_files_are_fetched(monkeypatch, cache) -> None:
 
 def test_atomic_write_replaces_the_file_only_when_the_block_succeeds(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "result.json"
-    with download.atomic_write(target) as tmp:
-        assert tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target  # the suffix picks formats
+    with atomic_write(target) as tmp:
+        assert (
+            tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target
+        )  # the suffix picks formats
         tmp.write_text("first")
     assert target.read_text() == "first"
 
-    with pytest.raises(RuntimeError, match="writer failed"), download.atomic_write(target) as tmp:
+    with pytest.raises(RuntimeError, match="writer failed"), atomic_write(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("writer failed")
     assert target.read_text() == "first"

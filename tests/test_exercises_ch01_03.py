@@ -59,9 +59,13 @@ def test_ch01_tail_error(capsys):
     assert ok
     ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: s[r:].square().sum().item())
     assert not ok and "square root" in out
-    ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: s[r + 1 :].square().sum().sqrt().item())
+    ok, out = _verdict(
+        capsys, ch01.check_tail_error, lambda s, r: s[r + 1 :].square().sum().sqrt().item()
+    )
     assert not ok and "off by one" in out
-    ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: s[:r].square().sum().sqrt().item())
+    ok, out = _verdict(
+        capsys, ch01.check_tail_error, lambda s, r: s[:r].square().sum().sqrt().item()
+    )
     assert not ok and "kept values" in out
     ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: "oops")
     assert not ok and "not a number" in out
@@ -71,13 +75,21 @@ def test_ch01_tail_error(capsys):
 
 
 def test_ch02_qv_lora_params(capsys):
-    ok, _ = _verdict(capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["n_layers"] * 2 * r * 2 * cfg["emb_dim"])
+    ok, _ = _verdict(
+        capsys,
+        ch02.check_qv_lora_params,
+        lambda cfg, r: cfg["n_layers"] * 2 * r * 2 * cfg["emb_dim"],
+    )
     assert ok
-    ok, out = _verdict(capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["n_layers"] * r * 2 * cfg["emb_dim"])
+    ok, out = _verdict(
+        capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["n_layers"] * r * 2 * cfg["emb_dim"]
+    )
     assert not ok and "two adapted matrices per block" in out
     ok, out = _verdict(capsys, ch02.check_qv_lora_params, lambda cfg, r: 2 * r * 2 * cfg["emb_dim"])
     assert not ok and "n_layers" in out
-    ok, out = _verdict(capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["n_layers"] * 2 * cfg["emb_dim"] ** 2)
+    ok, out = _verdict(
+        capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["n_layers"] * 2 * cfg["emb_dim"] ** 2
+    )
     assert not ok and "full weights" in out
     ok, out = _verdict(capsys, ch02.check_qv_lora_params, lambda cfg, r: cfg["missing"])
     assert not ok and "KeyError" in out

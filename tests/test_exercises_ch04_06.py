@@ -30,7 +30,9 @@ def test_pooling_check_accepts_last_real_token(capsys: pytest.CaptureFixture[str
     ],
     ids=["last-position", "index-length", "broadcast", "off-by-one-clamped", "first-token"],
 )
-def test_pooling_check_rejects_typical_mistakes(wrong, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pooling_check_rejects_typical_mistakes(
+    wrong, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert not ch04.check_pooling(wrong)
     assert message in capsys.readouterr().out
 
@@ -44,11 +46,15 @@ def _balance(df: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def _mutating(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    df["order"] = df.sample(frac=1, random_state=seed).groupby("Label").cumcount()  # writes into the caller's frame
+    df["order"] = (
+        df.sample(frac=1, random_state=seed).groupby("Label").cumcount()
+    )  # writes into the caller's frame
     return df[df["order"] < (df["Label"] == 1).sum()]
 
 
-@pytest.mark.parametrize("fn", [_balance, lambda df, seed: ch04_package_balance(df, seed)], ids=["solution", "package"])
+@pytest.mark.parametrize(
+    "fn", [_balance, lambda df, seed: ch04_package_balance(df, seed)], ids=["solution", "package"]
+)
 def test_balance_check_accepts_right_answers(fn, capsys: pytest.CaptureFixture[str]) -> None:
     assert ch04.check_balance(fn)
     assert "Correct" in capsys.readouterr().out
@@ -67,16 +73,24 @@ def ch04_package_balance(df: pd.DataFrame, seed: int) -> pd.DataFrame:
         (lambda df, seed: df.groupby("Label").sample(4, random_state=seed), "keep all 8 spam"),
         (
             lambda df, seed: pd.concat(
-                [df[df["Label"] == 0].sample(8, replace=True, random_state=seed), df[df["Label"] == 1]]
+                [
+                    df[df["Label"] == 0].sample(8, replace=True, random_state=seed),
+                    df[df["Label"] == 1],
+                ]
             ),
             "appear twice",
         ),
-        (lambda df, seed: pd.concat([df[df["Label"] == 0].sample(8), df[df["Label"] == 1]]), "same seed"),
+        (
+            lambda df, seed: pd.concat([df[df["Label"] == 0].sample(8), df[df["Label"] == 1]]),
+            "same seed",
+        ),
         (_mutating, "changed the DataFrame"),
     ],
     ids=["no-balancing", "drops-spam", "with-replacement", "unseeded", "mutates-input"],
 )
-def test_balance_check_rejects_typical_mistakes(wrong, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_balance_check_rejects_typical_mistakes(
+    wrong, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert not ch04.check_balance(wrong)
     assert message in capsys.readouterr().out
 
@@ -87,7 +101,9 @@ def test_balance_check_rejects_typical_mistakes(wrong, message: str, capsys: pyt
 def test_expected_lora_count_matches_the_real_lora_model() -> None:
     model = train.prepare_model(GPTClassifier(GPTModel("tiny")), "lora", rank=3, alpha=3)
     head = sum(p.numel() for p in model.gpt.out_head.parameters())
-    assert lora.count_parameters(model).trainable - head == ch05.expected_lora_parameters(GPT_CONFIGS["tiny"], 3)
+    assert lora.count_parameters(model).trainable - head == ch05.expected_lora_parameters(
+        GPT_CONFIGS["tiny"], 3
+    )
 
 
 def test_gpt2_small_rank16_count() -> None:
@@ -165,22 +181,34 @@ def test_use_adapter_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert "reset every LoRA layer" in capsys.readouterr().out
     assert not ch06.check_use_adapter(_no_unmerge)
     assert "unmerge" in capsys.readouterr().out
-    assert not ch06.check_use_adapter(lambda model, adapter: model.load_state_dict(adapter))  # strict: raises
+    assert not ch06.check_use_adapter(
+        lambda model, adapter: model.load_state_dict(adapter)
+    )  # strict: raises
     assert "raised RuntimeError" in capsys.readouterr().out
 
 
 def test_adapter_bytes_check(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ch06.check_adapter_bytes(lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad))
+    assert ch06.check_adapter_bytes(
+        lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+    )
     capsys.readouterr()
-    assert not ch06.check_adapter_bytes(lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))
+    assert not ch06.check_adapter_bytes(
+        lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    )
     assert "counts every parameter" in capsys.readouterr().out
-    assert not ch06.check_adapter_bytes(lambda m: sum(4 * p.numel() for p in m.parameters() if p.requires_grad))
+    assert not ch06.check_adapter_bytes(
+        lambda m: sum(4 * p.numel() for p in m.parameters() if p.requires_grad)
+    )
     assert "assumes 4 bytes" in capsys.readouterr().out
-    assert not ch06.check_adapter_bytes(lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad))
+    assert not ch06.check_adapter_bytes(
+        lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    )
     assert "not bytes" in capsys.readouterr().out
 
 
-def test_balance_check_reports_a_non_frame_from_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+def test_balance_check_reports_a_non_frame_from_any_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     calls = []
 
     def frame_once(df: pd.DataFrame, seed: int):

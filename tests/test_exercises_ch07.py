@@ -41,7 +41,9 @@ def test_dora_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
     [(dora_column_norm, "each row"), (dora_no_scaling, "multiplied by `scaling`"), (dora_update_outside, "normalising W0"),
      (lambda *args: torch.zeros(3), "shape"), (lambda *args: 1 / 0, "ZeroDivisionError")],
 )  # fmt: skip
-def test_dora_check_rejects_typical_mistakes(wrong, hint: str, capsys: pytest.CaptureFixture) -> None:
+def test_dora_check_rejects_typical_mistakes(
+    wrong, hint: str, capsys: pytest.CaptureFixture
+) -> None:
     assert not check_dora_weight(wrong)
     assert hint in capsys.readouterr().out
 
@@ -71,7 +73,9 @@ def test_nf4_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
      (lambda w, bs: nf4_solution(w, bs).flatten(), "shape"),
      (lambda w, bs: w.view(-1, bs), "pad")],
 )  # fmt: skip
-def test_nf4_check_rejects_typical_mistakes(wrong, hint: str, capsys: pytest.CaptureFixture) -> None:
+def test_nf4_check_rejects_typical_mistakes(
+    wrong, hint: str, capsys: pytest.CaptureFixture
+) -> None:
     assert not check_nf4_roundtrip(wrong)
     assert hint in capsys.readouterr().out
 
@@ -118,6 +122,8 @@ def test_pissa_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None
      (pissa_unbalanced, "split sqrt(S)"), (lambda W, r, s: tuple(t.T for t in pissa_solution(W, r, s)), "shape"),
      (lambda W, r, s: W, "three tensors")],
 )  # fmt: skip
-def test_pissa_check_rejects_typical_mistakes(wrong, hint: str, capsys: pytest.CaptureFixture) -> None:
+def test_pissa_check_rejects_typical_mistakes(
+    wrong, hint: str, capsys: pytest.CaptureFixture
+) -> None:
     assert not check_pissa_init(wrong)
     assert hint in capsys.readouterr().out

@@ -10,12 +10,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_tutorial import download, gpt
-from lora_tutorial.gpt import GPTModel, generate, load_hf_state_dict, text_to_token_ids, token_ids_to_text
+from lora_tutorial.gpt import (
+    GPTModel,
+    generate,
+    load_hf_state_dict,
+    text_to_token_ids,
+    token_ids_to_text,
+)
 
 transformers = pytest.importorskip("transformers")
 
 SMALL_HF = dict(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4)
-SMALL_OURS = dict(vocab_size=300, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.0, qkv_bias=True)
+SMALL_OURS = dict(
+    vocab_size=300,
+    context_length=32,
+    emb_dim=48,
+    n_layers=2,
+    n_heads=4,
+    drop_rate=0.0,
+    qkv_bias=True,
+)
 
 
 def _hf_model(**kwargs) -> nn.Module:
@@ -26,7 +40,11 @@ def _hf_model(**kwargs) -> nn.Module:
 
 def _as_published_file(hf_model: nn.Module) -> dict[str, torch.Tensor]:
     """The layout of the published model.safetensors: no prefix, no lm_head, causal-mask buffers."""
-    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    sd = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in hf_model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     n = hf_model.config.n_positions
     for i in range(hf_model.config.n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
@@ -43,7 +61,9 @@ def _serve(http_server, monkeypatch, hf_model: nn.Module, name: str) -> None:
     path = http_server.root / f"{name}.safetensors"
     save_file(_as_published_file(hf_model), str(path))
     data = path.read_bytes()
-    remote = download.RemoteFile(f"https://example.org/{path.name}", path.name, len(data), hashlib.sha256(data).hexdigest())
+    remote = download.RemoteFile(
+        f"https://example.org/{path.name}", path.name, len(data), hashlib.sha256(data).hexdigest()
+    )
     monkeypatch.setitem(download.KNOWN_FILES, name, remote)
     monkeypatch.setenv(download.MIRROR_ENV, http_server.base_url)
 
@@ -55,9 +75,13 @@ def test_fetched_safetensors_reproduce_transformers_logits(http_server, monkeypa
     local = download.fetch("test-gpt", progress=False)
     ours = load_hf_state_dict(GPTModel(SMALL_OURS), load_file(local)).eval()
 
-    ids = torch.randint(0, SMALL_HF["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, SMALL_HF["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1)
+    )
     assert _max_logit_gap(ours, hf_model, ids) < 1e-5
-    assert _max_logit_gap(GPTModel(SMALL_OURS).eval(), hf_model, ids) > 1e-3  # a fresh model really differs
+    assert (
+        _max_logit_gap(GPTModel(SMALL_OURS).eval(), hf_model, ids) > 1e-3
+    )  # a fresh model really differs
 
 
 def test_load_gpt2_fetches_and_returns_eval_model(http_server, monkeypatch) -> None:
@@ -75,7 +99,7 @@ def test_load_gpt2_fetches_and_returns_eval_model(http_server, monkeypatch) -> N
 def test_gpt2_small_shapes_match_transformers(http_server, monkeypatch) -> None:
     hf_model = _hf_model()  # GPT2Config() defaults are gpt2-small's shapes
     ours = GPTModel("gpt2-small")
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 - unique tensors: tied head once
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(ours) == count(hf_model)
 
     _serve(http_server, monkeypatch, hf_model, "test-gpt2-small")
@@ -96,7 +120,15 @@ def test_structure_uses_linear_layers_and_tied_head() -> None:
     model = GPTModel("tiny")
     block = model.trf_blocks[0]
     att, ff = block.att, block.ff
-    for layer in (att.W_query, att.W_key, att.W_value, att.out_proj, ff.layers[0], ff.layers[2], model.out_head):
+    for layer in (
+        att.W_query,
+        att.W_key,
+        att.W_value,
+        att.out_proj,
+        ff.layers[0],
+        ff.layers[2],
+        model.out_head,
+    ):
         assert type(layer) is nn.Linear
     assert isinstance(model.final_norm, nn.LayerNorm) and len(model.trf_blocks) == 2
     assert model.out_head.weight is model.tok_emb.weight
@@ -152,16 +184,26 @@ def test_unexpected_key_is_named(published_small) -> None:
     sd = {**published_small, "h.0.attn.rotary.weight": torch.zeros(3)}
     with pytest.raises(ValueError, match=r"unexpected key 'h\.0\.attn\.rotary\.weight'"):
         load_hf_state_dict(GPTModel(SMALL_OURS), sd)
-    with pytest.raises(ValueError, match=r"unexpected key 'h\.0\.attn\.c_attn\.bias'.*qkv_bias=False"):
+    with pytest.raises(
+        ValueError, match=r"unexpected key 'h\.0\.attn\.c_attn\.bias'.*qkv_bias=False"
+    ):
         load_hf_state_dict(GPTModel({**SMALL_OURS, "qkv_bias": False}), published_small)
 
 
 def test_wrong_shape_is_named(published_small) -> None:
     sd = {**published_small, "wpe.weight": torch.zeros(16, 48)}
-    with pytest.raises(ValueError, match=r"'wpe\.weight' has shape \(16, 48\), expected \(32, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"'wpe\.weight' has shape \(16, 48\), expected \(32, 48\)"
+    ):
         load_hf_state_dict(GPTModel(SMALL_OURS), sd)
-    sd = {**published_small, "h.0.attn.c_attn.weight": published_small["h.0.attn.c_attn.weight"].t()}
-    with pytest.raises(ValueError, match=r"'h\.0\.attn\.c_attn\.weight' has shape \(144, 48\), expected \(48, 144\)"):
+    sd = {
+        **published_small,
+        "h.0.attn.c_attn.weight": published_small["h.0.attn.c_attn.weight"].t(),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"'h\.0\.attn\.c_attn\.weight' has shape \(144, 48\), expected \(48, 144\)",
+    ):
         load_hf_state_dict(GPTModel(SMALL_OURS), sd)
 
 

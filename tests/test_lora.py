@@ -14,21 +14,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_tutorial import lora
+from lora_tutorial import adapters, lora
+from lora_tutorial.adapters import AdapterFileError, load_adapter, read_adapter, save_adapter
 from lora_tutorial.lora import (
     ADAPTER_KINDS,
-    AdapterFileError,
     LinearWithLoRA,
     LoRALayer,
     adapter_layers,
     count_parameters,
-    load_adapter,
     mark_only_lora_as_trainable,
     merge_and_unload,
     merge_lora,
-    read_adapter,
     replace_linear_with_lora,
-    save_adapter,
     unmerge_lora,
 )
 
@@ -155,19 +152,21 @@ def test_adapter_follows_base_dtype() -> None:
 
 @pytest.mark.parametrize("rank", [0, -2, 2.5, True, "8", None])
 def test_bad_rank(rank: object) -> None:
-    with pytest.raises(ValueError, match=rf"rank must be a positive integer, got {repr(rank)}"):
+    with pytest.raises(ValueError, match=rf"rank must be a positive integer, got {rank!r}"):
         LinearWithLoRA(nn.Linear(4, 4), rank, 8)
 
 
 @pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), "16"])
 def test_bad_alpha(alpha: object) -> None:
-    with pytest.raises(ValueError, match=rf"alpha must be a positive number, got {repr(alpha)}"):
+    with pytest.raises(ValueError, match=rf"alpha must be a positive number, got {alpha!r}"):
         LinearWithLoRA(nn.Linear(4, 4), 4, alpha)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
 def test_bad_dropout(dropout: float) -> None:
-    with pytest.raises(ValueError, match=rf"dropout must be a probability in \[0, 1\), got {dropout!r}"):
+    with pytest.raises(
+        ValueError, match=rf"dropout must be a probability in \[0, 1\), got {dropout!r}"
+    ):
         LinearWithLoRA(nn.Linear(4, 4), 4, 8, dropout=dropout)
 
 
@@ -201,17 +200,24 @@ def test_exclude_and_predicate() -> None:
     model = replace_linear_with_lora(tiny_model(), 4, 8, exclude="out_head")
     assert len(adapter_layers(model)) == N_LINEAR - 1
     assert isinstance(model.out_head, nn.Linear) and not isinstance(model.out_head, LinearWithLoRA)
-    model = replace_linear_with_lora(tiny_model(), 4, 8, include=lambda name, m: m.out_features > 16)
+    model = replace_linear_with_lora(
+        tiny_model(), 4, 8, include=lambda name, m: m.out_features > 16
+    )
     assert list(adapter_layers(model)) == ["trf_blocks.0.ff.layers.0", "trf_blocks.1.ff.layers.0"]
 
 
 def test_verbose_reports_the_count(capsys: pytest.CaptureFixture[str]) -> None:
     replace_linear_with_lora(tiny_model(), 4, 8, exclude="out_head", verbose=True)
-    assert f"Wrapped {N_LINEAR - 1} of {N_LINEAR} linear layers with LinearWithLoRA" in capsys.readouterr().out
+    assert (
+        f"Wrapped {N_LINEAR - 1} of {N_LINEAR} linear layers with LinearWithLoRA"
+        in capsys.readouterr().out
+    )
 
 
 def test_nothing_matched_lists_linear_layers() -> None:
-    with pytest.raises(ValueError, match=r"no linear layer matched include='W_nope'.*trf_blocks\.0\.att\.W_query"):
+    with pytest.raises(
+        ValueError, match=r"no linear layer matched include='W_nope'.*trf_blocks\.0\.att\.W_query"
+    ):
         replace_linear_with_lora(tiny_model(), 4, 8, include="W_nope")
     with pytest.raises(ValueError, match="has no nn.Linear layers"):
         replace_linear_with_lora(nn.Sequential(nn.ReLU()), 4, 8)
@@ -219,7 +225,9 @@ def test_nothing_matched_lists_linear_layers() -> None:
 
 def test_refuses_to_wrap_twice_but_extends() -> None:
     model = replace_linear_with_lora(tiny_model(), 4, 8, include="att.*")
-    with pytest.raises(ValueError, match=r"'trf_blocks\.0\.att\.W_query' is already a LinearWithLoRA"):
+    with pytest.raises(
+        ValueError, match=r"'trf_blocks\.0\.att\.W_query' is already a LinearWithLoRA"
+    ):
         replace_linear_with_lora(model, 4, 8)
     replace_linear_with_lora(model, 2, 2, include="ff.*")
     assert len(adapter_layers(model)) == N_LINEAR - 1
@@ -265,13 +273,17 @@ def test_training_changes_only_adapters_and_extras(tokens: torch.Tensor) -> None
 
 def test_merge_equals_unmerged_and_unmerge_restores(tokens: torch.Tensor) -> None:
     model = lora_model().eval()
-    weights = {name: layer.linear.weight.detach().clone() for name, layer in adapter_layers(model).items()}
+    weights = {
+        name: layer.linear.weight.detach().clone() for name, layer in adapter_layers(model).items()
+    }
     expected = model(tokens)
     merge_lora(model)
     merge_lora(model)  # a second merge must not add the update again
     assert all(layer.merged for layer in adapter_layers(model).values())
     torch.testing.assert_close(model(tokens), expected, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(model.trf_blocks[0].att.W_query.linear.weight, weights["trf_blocks.0.att.W_query"])
+    assert not torch.equal(
+        model.trf_blocks[0].att.W_query.linear.weight, weights["trf_blocks.0.att.W_query"]
+    )
     unmerge_lora(model)
     unmerge_lora(model)
     for name, layer in adapter_layers(model).items():
@@ -358,11 +370,16 @@ def test_load_into_model_with_other_shapes_names_layer_and_shapes(tmp_path) -> N
 def test_load_into_model_with_other_rank_or_layers(tmp_path) -> None:
     path = save_adapter(lora_model(), tmp_path / "a.safetensors")
     other_rank = replace_linear_with_lora(tiny_model(), 2, 8, include=ATTENTION_AND_FF)
-    with pytest.raises(ValueError, match=r"'trf_blocks\.0\.att\.W_query' is already a lora adapter with .*'rank': 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"'trf_blocks\.0\.att\.W_query' is already a lora adapter with .*'rank': 2",
+    ):
         load_adapter(other_rank, path)
     torch.manual_seed(0)
     shallower = TinyGPT(n_layers=1)
-    with pytest.raises(ValueError, match=r"adapted layer 'trf_blocks\.1\.att\.W_query' is not a module"):
+    with pytest.raises(
+        ValueError, match=r"adapted layer 'trf_blocks\.1\.att\.W_query' is not a module"
+    ):
         load_adapter(shallower, path)
     assert adapter_layers(shallower) == {}
 
@@ -371,10 +388,14 @@ def test_load_names_a_missing_tensor(tmp_path) -> None:
     path = save_adapter(lora_model(), tmp_path / "a.safetensors")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys() if key != "trf_blocks.1.ff.layers.2.lora.B"}
+        tensors = {
+            key: f.get_tensor(key) for key in f.keys() if key != "trf_blocks.1.ff.layers.2.lora.B"
+        }
     save_file(tensors, str(path), metadata=metadata)
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"'trf_blocks\.1\.ff\.layers\.2': the adapter file has no tensor"):
+    with pytest.raises(
+        ValueError, match=r"'trf_blocks\.1\.ff\.layers\.2': the adapter file has no tensor"
+    ):
         load_adapter(model, path)
     assert adapter_layers(model) == {}
 
@@ -412,7 +433,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch: pytest.Monkey
             f.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "save_file", failing_save_file)
+    monkeypatch.setattr(adapters, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(lora_model(), target)
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
@@ -456,7 +477,9 @@ class LinearWithGatedLoRA(LinearWithLoRA):
 
     kind = "test-gated-lora"
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *, gate: float = 1.0, **kwargs) -> None:
+    def __init__(
+        self, linear: nn.Linear, rank: int, alpha: float, *, gate: float = 1.0, **kwargs
+    ) -> None:
         super().__init__(linear, rank, alpha, **kwargs)
         self.gate = nn.Parameter(torch.tensor(gate))
 
@@ -473,10 +496,14 @@ class LinearWithGatedLoRA(LinearWithLoRA):
 def test_new_adapter_kinds_register_replace_save_and_load(tmp_path, tokens: torch.Tensor) -> None:
     assert ADAPTER_KINDS["test-gated-lora"] is LinearWithGatedLoRA
     assert ADAPTER_KINDS["lora"] is LinearWithLoRA
-    model = replace_linear_with_lora(tiny_model(), 4, 8, include="ff.*", wrapper=LinearWithGatedLoRA, gate=1.0)
+    model = replace_linear_with_lora(
+        tiny_model(), 4, 8, include="ff.*", wrapper=LinearWithGatedLoRA, gate=1.0
+    )
     randomize_adapters(model)
     mark_only_lora_as_trainable(model)
-    assert count_parameters(model).trainable == 2 * 2 * (4 * (16 + 64) + 1)  # 2 blocks x 2 layers x (A, B, gate)
+    assert count_parameters(model).trainable == 2 * 2 * (
+        4 * (16 + 64) + 1
+    )  # 2 blocks x 2 layers x (A, B, gate)
     with torch.no_grad():
         model.trf_blocks[0].ff.layers[0].gate.fill_(0.5)
     path = save_adapter(model, tmp_path / "gated.safetensors")
@@ -493,7 +520,9 @@ def test_subclass_without_its_own_kind_cannot_be_saved(tmp_path) -> None:
         pass
 
     model = replace_linear_with_lora(tiny_model(), 4, 8, include="W_query", wrapper=Unnamed)
-    with pytest.raises(TypeError, match="Unnamed has kind 'lora', which is registered to LinearWithLoRA"):
+    with pytest.raises(
+        TypeError, match="Unnamed has kind 'lora', which is registered to LinearWithLoRA"
+    ):
         save_adapter(model, tmp_path / "a.safetensors")
     assert ADAPTER_KINDS["lora"] is LinearWithLoRA
 
@@ -501,7 +530,9 @@ def test_subclass_without_its_own_kind_cannot_be_saved(tmp_path) -> None:
 # ----------------------------------------------------------------------------- peer check against PEFT
 
 
-@pytest.mark.parametrize("rank, alpha, use_rslora", [(4, 8, False), (4, 8, True), (8, 4, False), (16, 32, True)])
+@pytest.mark.parametrize(
+    "rank, alpha, use_rslora", [(4, 8, False), (4, 8, True), (8, 4, False), (16, 32, True)]
+)
 def test_matches_peft_lora_linear(rank: int, alpha: float, use_rslora: bool) -> None:
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -528,4 +559,6 @@ def test_matches_peft_lora_linear(rank: int, alpha: float, use_rslora: bool) -> 
     (y_theirs * upstream).sum().backward()
     torch.testing.assert_close(ours.lora.A.grad, lora_A.grad.T, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.lora.B.grad, lora_B.grad.T, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.delta_weight(), theirs.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ours.delta_weight(), theirs.get_delta_weight("default"), rtol=1e-5, atol=1e-6
+    )

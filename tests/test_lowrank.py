@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import gpt, lora, lowrank
+from lora_tutorial import gpt, lora, lowrank, memory
 
 GPT2_SMALL = gpt.GPT_CONFIGS["gpt2-small"]
 
 
 def _matrix(rows: int = 30, cols: int = 20, seed: int = 0) -> torch.Tensor:
-    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(
+        rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 def test_singular_values_are_sorted_and_match_numpy_convention():
@@ -47,7 +49,9 @@ def test_truncated_svd_beats_other_rank_r_matrices():
     best = lowrank.rank_r_error(W, 4)
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
-        other = torch.randn(30, 4, generator=g, dtype=W.dtype) @ torch.randn(4, 20, generator=g, dtype=W.dtype)
+        other = torch.randn(30, 4, generator=g, dtype=W.dtype) @ torch.randn(
+            4, 20, generator=g, dtype=W.dtype
+        )
         scale = (other * W).sum() / other.square().sum()  # best multiple of that rank-4 matrix
         assert torch.linalg.matrix_norm(W - scale * other).item() > best
 
@@ -110,7 +114,9 @@ def test_gpt2_small_counts_match_the_published_figures():
     # GPT-2 small without query/key/value biases and an untied vocabulary head: 163,009,536
     # (LLMs-from-scratch, chapter 4); with those biases (as the released weights have) and a
     # 2-class head: 124,441,346, and rank-16 LoRA on every Linear: 2,666,528 (appendix E).
-    assert lowrank.gpt_param_count({**GPT2_SMALL, "qkv_bias": False}, tied_head=False) == 163_009_536
+    assert (
+        lowrank.gpt_param_count({**GPT2_SMALL, "qkv_bias": False}, tied_head=False) == 163_009_536
+    )
     assert lowrank.gpt_param_count(GPT2_SMALL) == 124_439_808  # tied head: the published "124M"
     assert lowrank.gpt_param_count(GPT2_SMALL, num_classes=2) == 124_441_346
     shapes = lowrank.gpt_linear_shapes(GPT2_SMALL, num_classes=2)
@@ -124,7 +130,11 @@ def test_gpt_counts_match_a_built_model():
     cfg = dict(gpt.GPT_CONFIGS["tiny"])
     model = gpt.GPTModel(cfg)
     assert lowrank.gpt_param_count(cfg) == lora.count_parameters(model).total
-    built = {n: (m.in_features, m.out_features, m.bias is not None) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    built = {
+        n: (m.in_features, m.out_features, m.bias is not None)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
     assert built == {s.name: (s.d_in, s.d_out, s.bias) for s in lowrank.gpt_linear_shapes(cfg)}
     model.out_head = nn.Linear(cfg["emb_dim"], 2)
     assert lowrank.gpt_param_count(cfg, num_classes=2) == lora.count_parameters(model).total
@@ -155,7 +165,7 @@ def test_measured_state_bytes_match_the_prediction_after_a_step():
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     x = torch.randn(8, 16)
-    m = lowrank.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
+    m = memory.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
     n_total, n_trainable = lora.count_parameters(model)
     assert n_trainable == sum(p.numel() for p in trainable)
     assert m.state == lowrank.training_state_bytes(n_total, n_trainable)
@@ -167,12 +177,12 @@ def test_saved_activations_grow_with_the_batch_and_exclude_parameters():
     model = _small_model()
     counts = []
     for batch in (4, 40):
-        with lowrank.count_saved_activations(model) as saved:
+        with memory.count_saved_activations(model) as saved:
             model(torch.randn(batch, 16)).sum()
         counts.append(saved["bytes"])
     # Parameters (16*32 + 32*4 weights) would be counted in both; activations scale with the batch.
     assert counts[1] == 10 * counts[0]
-    with lowrank.count_saved_activations(model) as saved, torch.no_grad():
+    with memory.count_saved_activations(model) as saved, torch.no_grad():
         model(torch.randn(4, 16))
     assert saved["bytes"] == 0
 
@@ -180,4 +190,9 @@ def test_saved_activations_grow_with_the_batch_and_exclude_parameters():
 def test_measure_training_step_needs_a_timed_step():
     model = _small_model()
     with pytest.raises(ValueError, match="repeats"):
-        lowrank.measure_training_step(model, lambda n: n(torch.randn(2, 16)).sum(), torch.optim.SGD(model.parameters(), 0.1), repeats=1)
+        memory.measure_training_step(
+            model,
+            lambda n: n(torch.randn(2, 16)).sum(),
+            torch.optim.SGD(model.parameters(), 0.1),
+            repeats=1,
+        )

@@ -11,9 +11,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from test_book import chapter_paths
 
 from lora_tutorial import config
-from test_book import chapter_paths
 
 ROOT = config.repo_root()
 
@@ -21,13 +21,21 @@ ROOT = config.repo_root()
 def execute(path: Path, timeout: int = 900) -> nbformat.NotebookNode:
     """Run a notebook as the book build does: in its own folder, with a fresh kernel."""
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
     return nb
 
 
 def outputs_text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(
-        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
     )
 
 
@@ -44,7 +52,11 @@ def test_chapter_runs_in_quick_mode_and_says_so(path: Path, quick_mode: None) ->
 
 def broken_notebook(folder: Path) -> Path:
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = [
         nbformat.v4.new_markdown_cell("# Broken\n\nThis chapter raises."),
         nbformat.v4.new_code_cell("x = 1\n1 / 0"),
@@ -64,11 +76,21 @@ def test_a_chapter_that_raises_fails_the_book_build(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "book", tmp_path / "book")
     (tmp_path / "chapters").mkdir()
     broken_notebook(tmp_path / "chapters")
-    (tmp_path / "book" / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: chapters/broken\n")
+    (tmp_path / "book" / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nchapters:\n  - file: chapters/broken\n"
+    )
     (tmp_path / "book" / "intro.md").write_text("# Intro\n\nA page.\n")
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     result = subprocess.run(
-        [str(jupyter_book), "build", str(tmp_path), "--config", "book/_config.yml", "--toc", "book/_toc.yml"],
+        [
+            str(jupyter_book),
+            "build",
+            str(tmp_path),
+            "--config",
+            "book/_config.yml",
+            "--toc",
+            "book/_toc.yml",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -28,8 +28,12 @@ def labels_outside_their_axes(fig: Figure) -> list[str]:
     return outside
 
 
-def result(method: str, trainable: int, seconds: float, memory_gib: float, accuracy: float) -> MethodResult:
-    return MethodResult(method, trainable, 124_000_000, seconds, int(memory_gib * 2**30), "test", accuracy, accuracy)
+def result(
+    method: str, trainable: int, seconds: float, memory_gib: float, accuracy: float
+) -> MethodResult:
+    return MethodResult(
+        method, trainable, 124_000_000, seconds, int(memory_gib * 2**30), "test", accuracy, accuracy
+    )
 
 
 def test_method_comparison_labels_fit_inside_the_panels() -> None:
@@ -48,7 +52,9 @@ def test_method_comparison_labels_fit_inside_the_panels() -> None:
 
 @pytest.mark.parametrize("log", [False, True])
 def test_bar_labels_fit_inside_the_axes(log: bool) -> None:
-    fig = plots.plot_bars(["a", "b", "c"], [12.0, 950.0, 87.0], title="sizes", ylabel="size (KiB)", log=log)
+    fig = plots.plot_bars(
+        ["a", "b", "c"], [12.0, 950.0, 87.0], title="sizes", ylabel="size (KiB)", log=log
+    )
     try:
         assert [t.get_text() for t in fig.axes[0].texts] == ["12", "950", "87"]
         assert labels_outside_their_axes(fig) == []

@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
-
 from conftest import LocalServer
+
 from lora_tutorial.config import repo_root
 
 ROOT = repo_root()
@@ -35,7 +35,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|^\w*(Error|Exception): ", re.MULTILINE)
+ERROR_TEXT = re.compile(
+    r"Traceback \(most recent call last\)|^\w*(Error|Exception): ", re.MULTILINE
+)
 
 
 def toc_pages() -> list[str]:
@@ -139,8 +141,12 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
         if colab.count():
             colab.wait_for(state="visible")
     name = page.replace("/", "__")
-    tab.screenshot(path=str(SCREENSHOTS / f"{name}.png"))  # the top: navigation, math, the Colab menu
-    tab.screenshot(path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True)  # every figure and table
+    tab.screenshot(
+        path=str(SCREENSHOTS / f"{name}.png")
+    )  # the top: navigation, math, the Colab menu
+    tab.screenshot(
+        path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True
+    )  # every figure and table
     colab_href = colab.get_attribute("href") if colab is not None and colab.count() else None
     tab.close()
 
@@ -153,7 +159,11 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
     assert not report["unrendered"], f"{page}: math left unrendered: {report['unrendered'][:3]}"
     assert not report["texErrors"], f"{page}: MathJax could not typeset: {report['texErrors'][:3]}"
     assert not report["brokenImages"], f"{page}: broken images: {report['brokenImages'][:3]}"
-    assert len(report["nav"]) >= len(toc_pages()) - 1, f"{page}: navigation is missing chapters: {report['nav']}"
+    assert len(report["nav"]) >= len(toc_pages()) - 1, (
+        f"{page}: navigation is missing chapters: {report['nav']}"
+    )
     if page.startswith("chapters/"):
         expected = f"/blob/main/{page}.ipynb"
-        assert colab_href and expected in colab_href, f"{page}: no Colab launch button for {expected}"
+        assert colab_href and expected in colab_href, (
+            f"{page}: no Colab launch button for {expected}"
+        )

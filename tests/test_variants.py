@@ -10,7 +10,7 @@ from peft import LoraConfig, VeraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 from torch import nn
 
-from lora_tutorial import lora
+from lora_tutorial import adapters, lora
 from lora_tutorial.quantize import (
     LinearNF4,
     LinearWithQLoRA,
@@ -40,7 +40,9 @@ PUBLISHED_NF4 = [
 ]  # fmt: skip
 
 
-def reference_round_trip(tensor: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_round_trip(
+    tensor: torch.Tensor, levels: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A slow, obvious block-by-block quantizer: (codes, dequantized) to compare with the package's."""
     flat = tensor.flatten().double()
     codes, values = [], []
@@ -86,7 +88,11 @@ def test_round_trip_matches_a_reference_quantizer(shape: tuple[int, ...], blocks
     torch.testing.assert_close(q.dequantize(), values.float(), atol=1e-7, rtol=1e-6)
     # Round-trip error: at most half the widest gap between levels, times the block's absmax.
     half_gap = nf4_levels().diff().max() / 2
-    absmax = torch.nn.functional.pad(w.flatten().abs(), (0, (-w.numel()) % blocksize)).view(-1, blocksize).amax(1)
+    absmax = (
+        torch.nn.functional.pad(w.flatten().abs(), (0, (-w.numel()) % blocksize))
+        .view(-1, blocksize)
+        .amax(1)
+    )
     bound = (half_gap * absmax).repeat_interleave(blocksize)[: w.numel()].view(shape)
     assert bool(((q.dequantize() - w).abs() <= bound + 1e-7).all())
 
@@ -132,7 +138,9 @@ def test_linear_nf4_is_a_frozen_dequantizing_linear() -> None:
     layer = LinearNF4(linear)
     assert list(layer.parameters()) == []
     x = torch.randn(5, 48, requires_grad=True)
-    expected = torch.nn.functional.linear(x, quantize_blockwise(linear.weight).dequantize(), linear.bias)
+    expected = torch.nn.functional.linear(
+        x, quantize_blockwise(linear.weight).dequantize(), linear.bias
+    )
     out = layer(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()  # gradients reach the input (and so any adapter below)
@@ -143,7 +151,11 @@ def test_quantize_linear_layers_saves_memory_and_skips_excluded() -> None:
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.Linear(256, 2))
     before = model_weight_bytes(model)
     assert quantize_linear_layers(model, exclude=("3",)) == 2
-    assert isinstance(model[0], LinearNF4) and isinstance(model[2], LinearNF4) and isinstance(model[3], nn.Linear)
+    assert (
+        isinstance(model[0], LinearNF4)
+        and isinstance(model[2], LinearNF4)
+        and isinstance(model[3], nn.Linear)
+    )
     after = model_weight_bytes(model)
     assert after < 0.2 * before
 
@@ -193,7 +205,9 @@ X = torch.randn(6, 16, generator=torch.Generator().manual_seed(9))
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_equal_to_the_base_model_at_initialisation(wrapper) -> None:
     base = tiny()
-    model = lora.replace_linear_with_lora(copy.deepcopy(base), 4, 8, exclude="head", wrapper=wrapper)
+    model = lora.replace_linear_with_lora(
+        copy.deepcopy(base), 4, 8, exclude="head", wrapper=wrapper
+    )
     if wrapper is LinearWithQLoRA:  # QLoRA starts equal to its 4-bit base, not to the float model
         base = copy.deepcopy(base)
         assert quantize_linear_layers(base, exclude=("head",)) == 3
@@ -278,12 +292,14 @@ def test_save_and_load_adapter_into_a_fresh_base(wrapper, tmp_path) -> None:
         lora.replace_linear_with_lora(model, 4, 8, exclude="head", wrapper=wrapper)
     for layer in lora.adapter_layers(model).values():
         randomize_(layer)
-    path = lora.save_adapter(model, tmp_path / "adapter.safetensors", extra_modules="head")
-    fresh = lora.load_adapter(tiny(), path)
-    assert {type(m) for m in lora.adapter_layers(fresh).values()} == {type(m) for m in lora.adapter_layers(model).values()}
+    path = adapters.save_adapter(model, tmp_path / "adapter.safetensors", extra_modules="head")
+    fresh = adapters.load_adapter(tiny(), path)
+    assert {type(m) for m in lora.adapter_layers(fresh).values()} == {
+        type(m) for m in lora.adapter_layers(model).values()
+    }
     torch.testing.assert_close(fresh(X), model(X), atol=1e-5, rtol=1e-5)
     if wrapper == "vera":  # only d and b are stored: the seed regenerates A and B
-        tensors, _ = lora.read_adapter(path)
+        tensors, _ = adapters.read_adapter(path)
         assert {k.rsplit(".", 1)[-1] for k in tensors if not k.startswith("head.")} == {"d", "b"}
         assert share_vera_projections(fresh) == 2
 
@@ -293,11 +309,15 @@ def test_vera_shares_one_projection_per_shape_and_counts_few_parameters() -> Non
     assert model.q.projections is model.v.projections
     assert model.up.projections is not model.q.projections
     model.to(torch.float64)  # sharing survives moves and casts: the module itself is shared
-    assert model.q.projections is model.v.projections and model.q.projections.A.dtype == torch.float64
+    assert (
+        model.q.projections is model.v.projections and model.q.projections.A.dtype == torch.float64
+    )
     lora.mark_only_lora_as_trainable(model)
     vera_count = lora.count_parameters(model).trainable
     assert vera_count == (4 + 16) * 2 + (4 + 24)
-    lora_model = lora.mark_only_lora_as_trainable(lora.replace_linear_with_lora(tiny(), 4, 8, exclude="head"))
+    lora_model = lora.mark_only_lora_as_trainable(
+        lora.replace_linear_with_lora(tiny(), 4, 8, exclude="head")
+    )
     assert lora.count_parameters(lora_model).trainable == 4 * (16 + 16) * 2 + 4 * (16 + 24)
 
 
@@ -337,7 +357,9 @@ def copy_lora_into_peft(ours: lora.LinearWithLoRA, theirs: nn.Module) -> None:
             theirs.lora_magnitude_vector["default"].weight.copy_(ours.m)
 
 
-def assert_same_outputs_and_gradients(ours: nn.Module, theirs: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def assert_same_outputs_and_gradients(
+    ours: nn.Module, theirs: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     out_ours, out_theirs = ours(X), theirs(X)
     torch.testing.assert_close(out_ours, out_theirs, atol=1e-6, rtol=1e-5)
     out_ours.square().sum().backward()
@@ -351,7 +373,9 @@ def assert_same_outputs_and_gradients(ours: nn.Module, theirs: nn.Module, pairs:
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("wrapper", [lora.LinearWithLoRA, LinearWithDoRA])
 def test_peer_lora_rslora_and_dora_match_peft(wrapper, use_rslora: bool) -> None:
-    ours = lora.replace_linear_with_lora(tiny(), 4, 8, exclude="head", wrapper=wrapper, use_rslora=use_rslora)
+    ours = lora.replace_linear_with_lora(
+        tiny(), 4, 8, exclude="head", wrapper=wrapper, use_rslora=use_rslora
+    )
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "up"], use_rslora=use_rslora,
                         use_dora=wrapper is LinearWithDoRA)  # fmt: skip
     theirs = get_peft_model(tiny(), config)
@@ -361,9 +385,14 @@ def test_peer_lora_rslora_and_dora_match_peft(wrapper, use_rslora: bool) -> None
         peer = peft_layer(theirs, name)
         assert peer.scaling["default"] == pytest.approx(layer.lora.scaling)
         if wrapper is LinearWithDoRA:  # PEFT initialises the magnitude to the same row norms
-            torch.testing.assert_close(layer.linear.weight.norm(dim=1), peer.lora_magnitude_vector["default"].weight)
+            torch.testing.assert_close(
+                layer.linear.weight.norm(dim=1), peer.lora_magnitude_vector["default"].weight
+            )
         copy_lora_into_peft(layer, peer)
-        pairs += [(layer.lora.A, peer.lora_A["default"].weight), (layer.lora.B, peer.lora_B["default"].weight)]
+        pairs += [
+            (layer.lora.A, peer.lora_A["default"].weight),
+            (layer.lora.B, peer.lora_B["default"].weight),
+        ]
         if wrapper is LinearWithDoRA:
             pairs.append((layer.m, peer.lora_magnitude_vector["default"].weight))
     assert_same_outputs_and_gradients(ours, theirs, pairs)
@@ -371,32 +400,51 @@ def test_peer_lora_rslora_and_dora_match_peft(wrapper, use_rslora: bool) -> None
 
 def test_peer_pissa_matches_peft_initialisation_and_gradients() -> None:
     ours = lora.replace_linear_with_lora(tiny(), 4, 8, exclude="head", wrapper=LinearWithPiSSA)
-    theirs = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "up"], init_lora_weights="pissa"))
+    theirs = get_peft_model(
+        tiny(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "up"], init_lora_weights="pissa"),
+    )
     pairs = []
     for name, layer in lora.adapter_layers(ours).items():
         peer = peft_layer(theirs, name)
-        torch.testing.assert_close(layer.lora.A, peer.lora_A["default"].weight.T, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer.lora.B, peer.lora_B["default"].weight.T, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer.linear.weight, peer.base_layer.weight, atol=1e-5, rtol=1e-5)
-        pairs += [(layer.lora.A, peer.lora_A["default"].weight), (layer.lora.B, peer.lora_B["default"].weight)]
+        torch.testing.assert_close(
+            layer.lora.A, peer.lora_A["default"].weight.T, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            layer.lora.B, peer.lora_B["default"].weight.T, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            layer.linear.weight, peer.base_layer.weight, atol=1e-5, rtol=1e-5
+        )
+        pairs += [
+            (layer.lora.A, peer.lora_A["default"].weight),
+            (layer.lora.B, peer.lora_B["default"].weight),
+        ]
     assert_same_outputs_and_gradients(ours, theirs, pairs)
 
 
 def test_peer_vera_matches_peft_projections_init_and_gradients() -> None:
     # PEFT draws one pair for the largest shape and slices it; with layers of one shape both agree exactly.
     ours = replace_linear_with_vera(tiny(), 4, include=["q", "v"], seed=7)
-    theirs = get_peft_model(tiny(), VeraConfig(r=4, target_modules=["q", "v"], projection_prng_key=7))
+    theirs = get_peft_model(
+        tiny(), VeraConfig(r=4, target_modules=["q", "v"], projection_prng_key=7)
+    )
     pairs = []
     for name, layer in lora.adapter_layers(ours).items():
         peer = peft_layer(theirs, name)
         assert torch.equal(layer.projections.A, peer.vera_A["default"].T)
         assert torch.equal(layer.projections.B, peer.vera_B["default"].T)
-        assert torch.equal(layer.b, peer.vera_lambda_b["default"]) and torch.equal(layer.d, peer.vera_lambda_d["default"])
+        assert torch.equal(layer.b, peer.vera_lambda_b["default"]) and torch.equal(
+            layer.d, peer.vera_lambda_d["default"]
+        )
         randomize_(layer)
         with torch.no_grad():
             peer.vera_lambda_b["default"].copy_(layer.b)
             peer.vera_lambda_d["default"].copy_(layer.d)
-        pairs += [(layer.d, peer.vera_lambda_d["default"]), (layer.b, peer.vera_lambda_b["default"])]
+        pairs += [
+            (layer.d, peer.vera_lambda_d["default"]),
+            (layer.b, peer.vera_lambda_b["default"]),
+        ]
     assert_same_outputs_and_gradients(ours, theirs, pairs)
 
 
@@ -416,11 +464,17 @@ def test_peer_loraplus_matches_peft_groups_and_one_step() -> None:
         return name.removeprefix("base_model.model.")
 
     def lrs(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:
-        by_id = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        by_id = {
+            id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]
+        }
         return {role(n): by_id[id(p)] for n, p in model.named_parameters() if p.requires_grad}
 
-    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, lr_ratio=16, weight_decay=0.01)
-    peer = peft_loraplus(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.01)
+    mine = create_loraplus_optimizer(
+        ours, torch.optim.AdamW, lr=1e-3, lr_ratio=16, weight_decay=0.01
+    )
+    peer = peft_loraplus(
+        theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.01
+    )
     assert lrs(ours, mine) == lrs(theirs, peer)
     assert lrs(ours, mine)["q.B"] == (16e-3, 0.01) and lrs(ours, mine)["q.A"] == (1e-3, 0.01)
     for model, optimizer in ((ours, mine), (theirs, peer)):
@@ -428,8 +482,12 @@ def test_peer_loraplus_matches_peft_groups_and_one_step() -> None:
         optimizer.step()
     for name, layer in lora.adapter_layers(ours).items():
         peer_layer = peft_layer(theirs, name)
-        torch.testing.assert_close(layer.lora.B, peer_layer.lora_B["default"].weight.T, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(layer.lora.A, peer_layer.lora_A["default"].weight.T, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            layer.lora.B, peer_layer.lora_B["default"].weight.T, atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            layer.lora.A, peer_layer.lora_A["default"].weight.T, atol=1e-6, rtol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------- the rsLoRA experiment

@@ -44,7 +44,9 @@ def _copy(app: Sphinx, exception: Exception | None) -> None:
 
 def _drop_thebe(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
     def is_thebe(asset) -> bool:
-        return "thebe" in str(asset.filename or "") or "THEBE_JS_URL" in asset.attributes.get("body", "")
+        return "thebe" in str(asset.filename or "") or "THEBE_JS_URL" in asset.attributes.get(
+            "body", ""
+        )
 
     for key in ("script_files", "css_files"):
         if key in context:

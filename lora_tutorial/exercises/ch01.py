@@ -20,11 +20,17 @@ def _matrices() -> list[tuple[torch.Tensor, int]]:
 
 def _diagnose(W: torch.Tensor, r: int, out: torch.Tensor) -> str:
     """Name the slip behind a wrong rank-r approximation, when it is one of the common ones."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # W's own dtype: the signs a learner's svd gives
+    U, S, Vh = torch.linalg.svd(
+        W, full_matrices=False
+    )  # W's own dtype: the signs a learner's svd gives
     slips = {
         "multiply by the singular values: U[:, :r] @ diag(S[:r]) @ Vh[:r, :]": U[:, :r] @ Vh[:r, :],
-        "take the first r ROWS of Vh (Vh[:r, :]), not its first r columns": U[:, :r] @ torch.diag(S[:r]) @ Vh[:, :r].T,
-        "keep the r LARGEST singular values; svd sorts them largest first": U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:, :],
+        "take the first r ROWS of Vh (Vh[:r, :]), not its first r columns": U[:, :r]
+        @ torch.diag(S[:r])
+        @ Vh[:, :r].T,
+        "keep the r LARGEST singular values; svd sorts them largest first": U[:, -r:]
+        @ torch.diag(S[-r:])
+        @ Vh[-r:, :],
     }
     for hint, wrong in slips.items():
         if wrong.shape == out.shape and torch.allclose(out, wrong.to(out.dtype), atol=1e-4):
@@ -42,7 +48,9 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
             problems.append(f"{where} your function raised {err}")
             break
         if not isinstance(out, torch.Tensor):
-            problems.append(f"{where} your function returned {type(out).__name__}, not a torch.Tensor")
+            problems.append(
+                f"{where} your function returned {type(out).__name__}, not a torch.Tensor"
+            )
             break
         if tuple(out.shape) != tuple(W.shape):
             problems.append(
@@ -53,12 +61,16 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
         out = out.detach().to(torch.float64)
         rank = lowrank.numerical_rank(out, rtol=1e-5)
         if rank > r:
-            problems.append(f"{where} the result has rank {rank}, more than r={r}: keep only r singular values")
+            problems.append(
+                f"{where} the result has rank {rank}, more than r={r}: keep only r singular values"
+            )
             break
         error = torch.linalg.matrix_norm(W.double() - out).item()
         best = lowrank.rank_r_error(W.double(), r)
         if error > best * (1 + 1e-4) + 1e-5:
-            problems.append(f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: {_diagnose(W, r, out)}")
+            problems.append(
+                f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: {_diagnose(W, r, out)}"
+            )
             break
     return report(problems, "Your function gives the best rank-r approximation (Eckart-Young).")
 
@@ -83,14 +95,21 @@ def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
             if r < 4 and abs(value - float(s[r:].square().sum())) < 1e-4:
                 hint = " (that is the squared error: take the square root)"
             elif r < 3 and abs(value - float(s[r + 1 :].square().sum().sqrt())) < 1e-4:
-                hint = " (off by one: the first dropped singular value is s[r], Python counts from 0)"
+                hint = (
+                    " (off by one: the first dropped singular value is s[r], Python counts from 0)"
+                )
             elif r < 4 and abs(value - float(s[r])) < 1e-4:
                 hint = " (that is the spectral-norm error; the Frobenius error adds up all dropped values)"
             elif abs(value - float(s[:r].square().sum().sqrt())) < 1e-4:
                 hint = " (those are the kept values; the error comes from the dropped ones)"
-            problems.append(f"for s={s.tolist()} and r={r} you returned {value:.4f}, expected {expected:.4f}{hint}")
+            problems.append(
+                f"for s={s.tolist()} and r={r} you returned {value:.4f}, expected {expected:.4f}{hint}"
+            )
             break
-    return report(problems, "The error of the best rank-r approximation is the root of the sum of the dropped s_i^2.")
+    return report(
+        problems,
+        "The error of the best rank-r approximation is the root of the sum of the dropped s_i^2.",
+    )
 
 
 __all__ = ["check_rank_r_approx", "check_tail_error"]

@@ -10,13 +10,23 @@ from ._feedback import call, report
 # GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
 _CONFIGS = [
     gpt.GPT_CONFIGS["gpt2-small"],
-    {"vocab_size": 1000, "context_length": 64, "emb_dim": 96, "n_heads": 4, "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False},
+    {
+        "vocab_size": 1000,
+        "context_length": 64,
+        "emb_dim": 96,
+        "n_heads": 4,
+        "n_layers": 3,
+        "drop_rate": 0.0,
+        "qkv_bias": False,
+    },
 ]
 
 
 def _qv_params(cfg: dict, rank: int) -> int:
     shapes = lowrank.gpt_linear_shapes(cfg)
-    return lowrank.lora_params_for(shapes, rank, select=lambda name: name.endswith(("W_query", "W_value")))
+    return lowrank.lora_params_for(
+        shapes, rank, select=lambda name: name.endswith(("W_query", "W_value"))
+    )
 
 
 def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
@@ -34,14 +44,24 @@ def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
             if got == expected:
                 continue
             hints = {
-                expected // 2: "half the answer: there are two adapted matrices per block (query and value), "
+                expected
+                // 2: "half the answer: there are two adapted matrices per block (query and value), "
                 "and each adapter has A (d_in x r) and B (r x d_out), r*(d_in + d_out) numbers",
                 expected // layers: "that is one block; multiply by n_layers",
-                2 * layers * d * d: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
+                2
+                * layers
+                * d
+                * d: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
             }
-            problems.append(f"{where} you returned {got!r}, expected {expected:,}" + (f" ({hints[got]})" if got in hints else ""))
+            problems.append(
+                f"{where} you returned {got!r}, expected {expected:,}"
+                + (f" ({hints[got]})" if got in hints else "")
+            )
             return report(problems, "")
-    return report(problems, "That is 2 * n_layers * rank * (emb_dim + emb_dim), the count of the LoRA paper's setup.")
+    return report(
+        problems,
+        "That is 2 * n_layers * rank * (emb_dim + emb_dim), the count of the LoRA paper's setup.",
+    )
 
 
 def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
@@ -53,20 +73,31 @@ def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
         if err:
             problems.append(f"{where} your function raised {err}")
             break
-        expected = lowrank.training_state_bytes(n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]).total
+        expected = lowrank.training_state_bytes(
+            n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]
+        ).total
         if got == expected:
             continue
         hints = {
             (n_total + n_trainable) * size: "AdamW's two moments per trained number are missing",
-            (n_total + 3 * n_trainable) * size: "gradients are missing: every trained number has one",
-            (n_total + 2 * n_trainable) * size: "one of: gradients, or AdamW's second moment, is missing",
-            4 * n_total * size: "gradients and AdamW state exist only for trained numbers, not frozen ones",
+            (n_total + 3 * n_trainable)
+            * size: "gradients are missing: every trained number has one",
+            (n_total + 2 * n_trainable)
+            * size: "one of: gradients, or AdamW's second moment, is missing",
+            4
+            * n_total
+            * size: "gradients and AdamW state exist only for trained numbers, not frozen ones",
             n_total + 3 * n_trainable: "that counts numbers; multiply by bytes_per_number",
             n_total + 4 * n_trainable: "that counts numbers; multiply by bytes_per_number",
         }
-        problems.append(f"{where} you returned {got!r}, expected {expected:,}" + (f" ({hints[got]})" if got in hints else ""))
+        problems.append(
+            f"{where} you returned {got!r}, expected {expected:,}"
+            + (f" ({hints[got]})" if got in hints else "")
+        )
         break
-    return report(problems, "Weights for every number; a gradient and two AdamW moments for each trained one.")
+    return report(
+        problems, "Weights for every number; a gradient and two AdamW moments for each trained one."
+    )
 
 
 __all__ = ["check_qv_lora_params", "check_training_bytes"]

@@ -11,7 +11,9 @@ from .. import lora
 from ._feedback import call, report
 
 
-def check_merge(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> bool:
+def check_merge(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
+) -> bool:
     """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``, a new tensor.
 
     ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A`` is ``(in, rank)`` and ``B`` ``(rank, out)``
@@ -25,14 +27,24 @@ def check_merge(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], 
     original = weight.clone()
     merged, err = call(fn, weight, A, B, scaling)
     if err:
-        hint = " (A @ B is (in, out); nn.Linear's weight is (out, in): transpose it)" if "size" in err else ""
+        hint = (
+            " (A @ B is (in, out); nn.Linear's weight is (out, in): transpose it)"
+            if "size" in err
+            else ""
+        )
         return report([f"your function raised {err}{hint}"], "")
     expected = original + scaling * (A @ B).T
     if not isinstance(merged, torch.Tensor):
         problems.append(f"your function returned {type(merged).__name__}, not a tensor")
     elif tuple(merged.shape) != (d_out, d_in):
-        hint = " (A @ B is (in, out); transpose it to (out, in))" if tuple(merged.shape) == (d_in, d_out) else ""
-        problems.append(f"the merged weight has shape {tuple(merged.shape)}, expected {(d_out, d_in)}{hint}")
+        hint = (
+            " (A @ B is (in, out); transpose it to (out, in))"
+            if tuple(merged.shape) == (d_in, d_out)
+            else ""
+        )
+        problems.append(
+            f"the merged weight has shape {tuple(merged.shape)}, expected {(d_out, d_in)}{hint}"
+        )
     elif not torch.allclose(merged, expected, atol=1e-5):
         if torch.allclose(merged, original + (A @ B).T, atol=1e-5):
             problems.append("the scaling is missing: the adapter adds scaling * (x @ A @ B)")
@@ -41,13 +53,18 @@ def check_merge(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], 
         else:
             problems.append("the merged weight is not weight + scaling * (A @ B).T")
     if not torch.equal(weight, original):
-        problems.append("your function changed the weight it was given; return a new tensor (the base must stay intact to unmerge)")
+        problems.append(
+            "your function changed the weight it was given; return a new tensor (the base must stay intact to unmerge)"
+        )
     if not problems:
         x = torch.randn(3, d_in, generator=g)
         layer_out = x @ original.T + scaling * (x @ A @ B)
         if not torch.allclose(x @ merged.T, layer_out, atol=1e-5):
             problems.append("x @ merged.T does not reproduce linear(x) + lora(x)")
-    return report(problems, "The merged layer computes in one matrix product what the wrapped layer computed in three.")
+    return report(
+        problems,
+        "The merged layer computes in one matrix product what the wrapped layer computed in three.",
+    )
 
 
 class _Toy(nn.Module):
@@ -57,7 +74,11 @@ class _Toy(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.norm = nn.LayerNorm(8)
-        self.body = nn.Sequential(lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4), nn.ReLU(), lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4))
+        self.body = nn.Sequential(
+            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
+            nn.ReLU(),
+            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
+        )
         self.head = nn.Linear(8, 2)
 
 
@@ -69,14 +90,18 @@ def check_freeze(fn: Callable[[nn.Module], object]) -> bool:
         return report([f"your function raised {err}"], "")
     problems: list[str] = []
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    expected = sorted(name for name, _ in model.named_parameters() if name.endswith(("lora.A", "lora.B")))
+    expected = sorted(
+        name for name, _ in model.named_parameters() if name.endswith(("lora.A", "lora.B"))
+    )
     missing = [n for n in expected if n not in trainable]
     extra = [n for n in trainable if n not in expected]
     if missing:
         problems.append(f"these adapter matrices are frozen but must train: {missing}")
     if extra:
         problems.append(f"these parameters still train but should be frozen: {extra}")
-    return report(problems, f"Only the {len(expected)} adapter matrices train; everything else is frozen.")
+    return report(
+        problems, f"Only the {len(expected)} adapter matrices train; everything else is frozen."
+    )
 
 
 __all__ = ["check_freeze", "check_merge"]

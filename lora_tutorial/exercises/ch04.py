@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -24,21 +24,33 @@ def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     try:
         got = pool_fn(hidden.clone(), lengths.clone())
     except Exception as exc:  # a learner's bug: say it in words instead of a traceback
-        hint = " (an index equal to the length is one past the last real token)" if isinstance(exc, IndexError) else ""
+        hint = (
+            " (an index equal to the length is one past the last real token)"
+            if isinstance(exc, IndexError)
+            else ""
+        )
         return report([f"your function raised {type(exc).__name__}: {exc}{hint}"], "")
     problems: list[str] = []
     if not isinstance(got, torch.Tensor):
         problems.append(f"return a tensor, not {type(got).__name__}")
     elif tuple(got.shape) != (batch, emb):
-        problems.append(f"the result should have shape [batch, emb] = {[batch, emb]}, not {list(got.shape)}")
+        problems.append(
+            f"the result should have shape [batch, emb] = {[batch, emb]}, not {list(got.shape)}"
+        )
     elif not torch.allclose(got, want):
         rows = [i for i in range(batch) if not torch.allclose(got[i], want[i])]
         if torch.allclose(got, hidden[:, -1]):
-            problems.append("you read position -1: for every message shorter than the batch that is a padding token")
+            problems.append(
+                "you read position -1: for every message shorter than the batch that is a padding token"
+            )
         elif all(lengths[i] < time and torch.allclose(got[i], hidden[i, lengths[i]]) for i in rows):
-            problems.append("off by one: position `length` is the first padding token; the last real one is `length - 1`")
+            problems.append(
+                "off by one: position `length` is the first padding token; the last real one is `length - 1`"
+            )
         else:
-            problems.append(f"rows {rows} are not the hidden state at position length - 1 of their message")
+            problems.append(
+                f"rows {rows} are not the hidden state at position length - 1 of their message"
+            )
     return report(problems, "each message is read at its own last real token.")
 
 
@@ -58,7 +70,11 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
     except Exception as exc:
         return report([f"your function raised {type(exc).__name__}: {exc}"], "")
     problems: list[str] = []
-    not_frames = [type(result).__name__ for result in (out, again, other) if not isinstance(result, pd.DataFrame)]
+    not_frames = [
+        type(result).__name__
+        for result in (out, again, other)
+        if not isinstance(result, pd.DataFrame)
+    ]
     if not_frames:
         return report([f"return a pandas DataFrame, not {not_frames[0]}"], "")
     if not df.equals(before):
@@ -70,13 +86,19 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
     if kept_spam != n_spam:
         problems.append(f"keep all {n_spam} spam messages (the rare class); you kept {kept_spam}")
     if kept_ham != n_spam:
-        problems.append(f"draw as many ham messages as there are spam ({n_spam}); you kept {kept_ham}")
-    if out["Text"].duplicated().any() or ("Text" in other.columns and other["Text"].duplicated().any()):
+        problems.append(
+            f"draw as many ham messages as there are spam ({n_spam}); you kept {kept_ham}"
+        )
+    if out["Text"].duplicated().any() or (
+        "Text" in other.columns and other["Text"].duplicated().any()
+    ):
         problems.append("some messages appear twice: sample without replacement")
     if not set(out["Text"]) <= set(before["Text"]):
         problems.append("the result holds messages that were not in the input")
     if not out.reset_index(drop=True).equals(again.reset_index(drop=True)):
-        problems.append("the same seed should give the same rows: pass it to the sampler (random_state=seed)")
+        problems.append(
+            "the same seed should give the same rows: pass it to the sampler (random_state=seed)"
+        )
     return report(problems, "both classes now have the size of the smaller one.")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -67,8 +67,16 @@ def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
     problems: list[str] = []
     last = len(model.gpt.trf_blocks) - 1
     wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
-    wrong_frozen = [n for n, p in model.named_parameters() if n.startswith(wanted_prefixes) and not p.requires_grad]
-    wrong_trainable = [n for n, p in model.named_parameters() if not n.startswith(wanted_prefixes) and p.requires_grad]
+    wrong_frozen = [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith(wanted_prefixes) and not p.requires_grad
+    ]
+    wrong_trainable = [
+        n
+        for n, p in model.named_parameters()
+        if not n.startswith(wanted_prefixes) and p.requires_grad
+    ]
     if wrong_frozen:
         problems.append(f"these should be trainable but are frozen: {_few(wrong_frozen)}")
     if wrong_trainable:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,7 +21,9 @@ def _tiny_lora_classifier(seed: int = 0) -> nn.Module:
     return prepare_model(GPTClassifier(GPTModel("tiny")), "lora", rank=2, alpha=4)
 
 
-def _random_adapter(model: nn.Module, keep: Callable[[str], bool], seed: int) -> dict[str, torch.Tensor]:
+def _random_adapter(
+    model: nn.Module, keep: Callable[[str], bool], seed: int
+) -> dict[str, torch.Tensor]:
     """Random values for the trainable tensors whose names pass ``keep`` (an adapter as ``read_adapter`` returns it)."""
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -48,7 +50,9 @@ def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]]
     base = _tiny_lora_classifier()
     old = _random_adapter(base, lambda name: True, seed=1)
     # The new adapter covers only the attention's query and value layers (and the head).
-    new = _random_adapter(base, lambda name: "W_query" in name or "W_value" in name or "out_head" in name, seed=2)
+    new = _random_adapter(
+        base, lambda name: "W_query" in name or "W_value" in name or "out_head" in name, seed=2
+    )
     tokens = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(3))
 
     want_model = copy.deepcopy(base)
@@ -65,7 +69,9 @@ def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]]
             use_adapter(model, {k: v.clone() for k, v in new.items()})
             got = _logits(model, tokens)
         except Exception as exc:  # a learner's bug: say it in words instead of a traceback
-            problems.append(f"with a{' merged' if merged else 'n unmerged'} model your function raised {type(exc).__name__}: {exc}")
+            problems.append(
+                f"with a{' merged' if merged else 'n unmerged'} model your function raised {type(exc).__name__}: {exc}"
+            )
             break
         if not torch.allclose(got, want, atol=1e-5):
             if merged:
@@ -78,7 +84,10 @@ def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]]
                     "reset every LoRA layer (B to zero) before copying the new tensors"
                 )
             break
-    return report(problems, "the model now computes the base plus the new adapter, and nothing of the old one.")
+    return report(
+        problems,
+        "the model now computes the base plus the new adapter, and nothing of the old one.",
+    )
 
 
 def check_adapter_bytes(adapter_bytes: Callable[[nn.Module], int]) -> bool:

@@ -32,7 +32,9 @@ def _tensor_answer_problem(
 # ----------------------------------------------------------------------------- DoRA
 
 
-def _dora_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def _dora_case(
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """W0 (out=5, in=7), A (7, 2), B (2, 5), m (5,) and a scaling: not square, so transposes show."""
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(5, 7, generator=g)
@@ -41,7 +43,9 @@ def _dora_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return W0, A, B, m, 2.0
 
 
-def dora_reference(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> torch.Tensor:
+def dora_reference(
+    W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """The merged DoRA weight, computed by the package's :class:`LinearWithDoRA`."""
     linear = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
     layer = LinearWithDoRA(linear, A.shape[1], scaling * A.shape[1])
@@ -67,15 +71,27 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
     elif not _close(out, expected):
         out = out.detach()
         if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
-            problems.append("you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A @ B).T itself")
-        elif _close(out, m[:, None] * (W0 + (A @ B).T) / (W0 + (A @ B).T).norm(dim=1, keepdim=True)):
-            problems.append("the LoRA update must be multiplied by `scaling` before it is added to W0")
-        elif _close(out, m[:, None] * V / V.norm(dim=0, keepdim=True)) or _close(out, m[:, None] * V / V.norm()):
-            problems.append("take one norm per output unit: the norm of each row of V (dim=1), not of columns or of all of V")
+            problems.append(
+                "you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A @ B).T itself"
+            )
+        elif _close(
+            out, m[:, None] * (W0 + (A @ B).T) / (W0 + (A @ B).T).norm(dim=1, keepdim=True)
+        ):
+            problems.append(
+                "the LoRA update must be multiplied by `scaling` before it is added to W0"
+            )
+        elif _close(out, m[:, None] * V / V.norm(dim=0, keepdim=True)) or _close(
+            out, m[:, None] * V / V.norm()
+        ):
+            problems.append(
+                "take one norm per output unit: the norm of each row of V (dim=1), not of columns or of all of V"
+            )
         elif _close(out.norm(dim=1), m):
             problems.append("each row has length m, but its direction is not that of V's row")
         else:
-            problems.append("the rows of your weight should have length m[i] and point like the rows of V")
+            problems.append(
+                "the rows of your weight should have length m[i] and point like the rows of V"
+            )
     return report(problems, "Each row of V is rescaled to length m: that is DoRA's merged weight.")
 
 
@@ -97,7 +113,10 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     out, err = call(fn, w.clone(), blocksize)
     expected = quantize_blockwise(w, blocksize=blocksize).dequantize()
     first = _tensor_answer_problem(
-        out, err, w.shape, err_hint=" (hint: pad the flattened values to a multiple of blocksize)",
+        out,
+        err,
+        w.shape,
+        err_hint=" (hint: pad the flattened values to a multiple of blocksize)",
         shape_hint=": give back the input's shape",
     )
     if first:
@@ -107,11 +126,15 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
         whole = quantize_blockwise(w, blocksize=w.numel()).dequantize()
         uniform = quantize_blockwise(w, torch.linspace(-1, 1, 16), blocksize=blocksize).dequantize()
         if _close(out, whole, 1e-6):
-            problems.append("you scaled by the absmax of the whole tensor; use one absmax per block of `blocksize` values")
+            problems.append(
+                "you scaled by the absmax of the whole tensor; use one absmax per block of `blocksize` values"
+            )
         elif _close(out, uniform, 1e-6):
             problems.append("those are 16 evenly spaced levels; use the NF4 levels (nf4_levels())")
         elif torch.unique(out).numel() > 16 * ((w.numel() + blocksize - 1) // blocksize):
-            problems.append("there are more distinct values than 16 per block: did you round every value to a level?")
+            problems.append(
+                "there are more distinct values than 16 per block: did you round every value to a level?"
+            )
         else:
             bad = int((out - expected).abs().argmax())
             problems.append(
@@ -124,7 +147,9 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
 # ----------------------------------------------------------------------------- PiSSA
 
 
-def check_pissa_init(fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
+def check_pissa_init(
+    fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> bool:
     """Check ``fn(W, rank, scaling) -> (A, B, residual)``: PiSSA's A ``(in, r)``, B ``(r, out)`` and frozen residual."""
     problems: list[str] = []
     g = torch.Generator().manual_seed(4)
@@ -132,26 +157,48 @@ def check_pissa_init(fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor
     out, err = call(fn, W.clone(), rank, scaling)
     if err:
         return report([f"your function raised {err}"], "")
-    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+    if not (
+        isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
+    ):
         return report(["return three tensors: (A, B, residual)"], "")
     A, B, residual = (t.detach() for t in out)
-    shapes = {"A": (tuple(A.shape), (9, rank)), "B": (tuple(B.shape), (rank, 6)), "residual": (tuple(residual.shape), (6, 9))}
-    wrong = [f"{name} has shape {got}, expected {want}" for name, (got, want) in shapes.items() if got != want]
+    shapes = {
+        "A": (tuple(A.shape), (9, rank)),
+        "B": (tuple(B.shape), (rank, 6)),
+        "residual": (tuple(residual.shape), (6, 9)),
+    }
+    wrong = [
+        f"{name} has shape {got}, expected {want}"
+        for name, (got, want) in shapes.items()
+        if got != want
+    ]
     if wrong:
-        return report(wrong + ["A is (in, rank), B is (rank, out), the residual is (out, in) like W"], "")
+        return report(
+            wrong + ["A is (in, rank), B is (rank, out), the residual is (out, in) like W"], ""
+        )
     reference = LinearWithPiSSA(_linear(W), rank, scaling * rank)
     principal = reference.delta_weight().detach()
     update = scaling * (A @ B).T
     if not _close(residual + update, W):
         if _close(residual + (A @ B).T, W):
-            problems.append("residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: divide S by scaling")
+            problems.append(
+                "residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: divide S by scaling"
+            )
         else:
-            problems.append("residual + scaling * (A @ B).T must give W back exactly: the model must not change at initialisation")
+            problems.append(
+                "residual + scaling * (A @ B).T must give W back exactly: the model must not change at initialisation"
+            )
     elif not _close(update, principal):
-        problems.append("scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: use the largest singular values")
+        problems.append(
+            "scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: use the largest singular values"
+        )
     elif not _close(A.norm(dim=0), B.norm(dim=1)):
-        problems.append("split sqrt(S) between A and B (column i of A and row i of B equally long), as PiSSA does")
-    return report(problems, "A and B hold the principal part of W and the residual the rest: PiSSA's start.")
+        problems.append(
+            "split sqrt(S) between A and B (column i of A and row i of B equally long), as PiSSA does"
+        )
+    return report(
+        problems, "A and B hold the principal part of W and the residual the rest: PiSSA's start."
+    )
 
 
 def _linear(W: torch.Tensor) -> nn.Linear:

@@ -1,0 +1,167 @@
+"""Measuring memory and time: the peak memory of a block of code and one training step, measured.
+
+- :class:`PeakMemory`: the peak memory of the code inside a ``with`` block (GPU tensors on CUDA,
+  the process's resident memory elsewhere).
+- :func:`measure_training_step`: time, training-state bytes and activation bytes of a training step,
+  to set beside chapter 2's predictions in :mod:`lora_tutorial.lowrank`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_tutorial.lowrank import TrainingStateBytes
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux), or its high-water mark elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of the code inside it; read ``.peak_bytes``.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, weights included). Elsewhere:
+    the process's resident memory (RSS), sampled every 5 ms by a thread; it includes Python,
+    the libraries and memory the allocator kept from earlier work, so compare methods in
+    fresh processes. ``.measure`` says which of the two was used.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.measure = (
+            "torch.cuda.max_memory_allocated (tensor memory on the GPU)"
+            if device.type == "cuda"
+            else "process resident memory (RSS), sampled every 5 ms"
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_bytes = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingStateBytes:
+    """Bytes actually held right now by the model's parameters, their gradients and the optimizer state."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor) and v.ndim > 0  # AdamW's step counter is a 0-d tensor
+    )
+    return TrainingStateBytes(weights, grads, state)
+
+
+@contextmanager
+def count_saved_activations(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd saves for the backward pass (the activations) inside the block.
+
+    Tensors that share storage are counted once, and the model's own parameters are not counted.
+    The result is in ``counter["bytes"]`` when the block ends.
+    """
+    param_keys = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[tuple[int, int]] = set()
+    counter = {"bytes": 0}
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key[0] not in param_keys and key not in seen:
+            seen.add(key)
+            counter["bytes"] += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield counter
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """One measured training step: time, bytes of training state and activations, device peak if known."""
+
+    seconds: float
+    state: TrainingStateBytes
+    activation_bytes: int
+    device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, None elsewhere
+
+
+def measure_training_step(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module], Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    repeats: int = 3,
+) -> StepMeasurement:
+    """Run ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``) and measure them.
+
+    The first step is a warm-up (it creates the optimizer state); the time is the median of the
+    others. On CUDA the peak of allocated memory during the steps is recorded too.
+    """
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 (one warm-up step, one timed), got {repeats}")
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    times, activations = [], 0
+    for i in range(repeats):
+        optimizer.zero_grad(set_to_none=True)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with count_saved_activations(model) as saved:
+            loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+        activations = saved["bytes"]
+    peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
+    return StepMeasurement(
+        seconds=sorted(times)[len(times) // 2],
+        state=measured_state_bytes(model, optimizer),
+        activation_bytes=activations,
+        device_peak_bytes=peak,
+    )
