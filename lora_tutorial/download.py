@@ -1,17 +1,21 @@
 """Verified, atomic, cached downloads of the few files the book needs.
 
-Every file the package may download is listed in :data:`KNOWN_FILES` with its https
-address, expected size in bytes and SHA-256 digest. :func:`fetch` writes to a temporary
-file next to its final place, checks size and digest, and only then renames it, so an
-interrupted, truncated or corrupted download never looks like a finished one.
+Every file the package may download is listed in :data:`KNOWN_FILES` with its https address and,
+where published, its size and SHA-256 digest. Every download is checked by sha256: the pinned one,
+or else the one the server publishes for the file (Hugging Face sends a Git LFS file's sha256 as
+``X-Linked-Etag`` / ``ETag``); a file with neither is refused. :func:`fetch` streams to a temporary
+file, stops as soon as the body is longer than expected or the transfer outlives its deadline,
+verifies, and only then renames the file into place: an interrupted, oversized or corrupted
+download never looks like a finished one.
 
-Files are kept in :func:`lora_tutorial.config.cache_dir` (``$LORA_TUTORIAL_CACHE``, by
-default ``~/.cache/lora_tutorial``). Without internet, place a file there by hand under
-its ``filename``; :func:`fetch` then uses it after checking its size.
+Files are kept in :func:`lora_tutorial.config.cache_dir` (``$LORA_TUTORIAL_CACHE``). A cached file
+is checked by sha256 before its first use, and the result is kept beside it (``NAME.verified.json``:
+size, mtime, sha256), so it is hashed again only when its size or modification time change. Offline,
+place a file in the cache under its ``filename``: it is used if its sha256 matches the pinned one.
 
-``LORA_TUTORIAL_MIRROR=https://host/path`` makes :func:`fetch` get ``{mirror}/{filename}``
-instead of the known address (plain ``http`` is accepted only for a loopback host,
-which is how the tests serve files).
+``LORA_TUTORIAL_MIRROR=https://host/path`` makes :func:`fetch` get ``{mirror}/{filename}`` instead
+(plain ``http`` only for a loopback host, which is how the tests serve files);
+``LORA_TUTORIAL_DOWNLOAD_DEADLINE`` limits one transfer, in seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from __future__ import annotations
 import hashlib
 import http.client
 import ipaddress
+import json
 import os
+import re
 import shutil
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,8 +42,12 @@ from lora_tutorial import config
 from lora_tutorial.files import atomic_write
 
 MIRROR_ENV = "LORA_TUTORIAL_MIRROR"
+DEADLINE_ENV = "LORA_TUTORIAL_DOWNLOAD_DEADLINE"
+DEFAULT_DEADLINE_S = 2 * 3600.0  # gpt2-xl (6.4 GB) needs about 1 MB/s to arrive in time
 _CHUNK = 1 << 20  # 1 MiB per read keeps memory flat for multi-GB files
-_TIMEOUT_S = 60.0
+_TIMEOUT_S = 60.0  # per connection attempt and per read
+_RECORD = ".verified.json"  # the cache record beside a file: size, mtime and verified sha256
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DownloadError(RuntimeError):
@@ -44,11 +56,9 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One downloadable file: where it lives, what to call it locally, and how to verify it.
+    """One downloadable file: its address, local name, size (bytes) and sha256 (lower-case hex).
 
-    ``size`` (bytes) and ``sha256`` (lower-case hex) may be None where no published value
-    is known; :func:`fetch` then checks what it can (see its docstring).
-    """
+    Where ``size`` or ``sha256`` is None, :func:`fetch` takes what the server announces."""
 
     url: str
     filename: str
@@ -61,10 +71,8 @@ def _hf_gpt2(repo: str, filename: str, size: int | None, sha256: str | None) -> 
     return RemoteFile(url=url, filename=filename, size=size, sha256=sha256)
 
 
-# Sizes and digests of the files as published (Hugging Face lists them for each Git LFS
-# object). For gpt2-medium, gpt2-large and gpt2-xl no published value could be confirmed
-# while writing this, so both are None: fetch() then checks only that it received the
-# length the server announced. Fill them in from the model pages to verify those too.
+# Sizes and digests as published (Hugging Face lists them for each Git LFS object). None where
+# no value could be confirmed: fetch() then checks the sha256 the hub sends with the file.
 KNOWN_FILES: dict[str, RemoteFile] = {
     "gpt2-small": _hf_gpt2(
         "gpt2",
@@ -85,26 +93,76 @@ KNOWN_FILES: dict[str, RemoteFile] = {
 
 
 def fetch(
-    name_or_file: str | RemoteFile, *, cache_dir: Path | None = None, progress: bool = True
+    name_or_file: str | RemoteFile,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    deadline_s: float | None = None,
 ) -> Path:
     """Return the local path of a known file, downloading and verifying it on first use.
 
     ``name_or_file`` is a key of :data:`KNOWN_FILES` or one of its values. ``cache_dir``
-    overrides :func:`config.cache_dir`. A file already in the cache is used when its size
-    matches (a cheap check); a fresh download must match both the expected size and the
-    SHA-256 digest where these are known, and, where both are unknown, at least the
-    length the server announced. Raises :class:`DownloadError` on any failure, leaving
-    no partial file behind.
+    overrides :func:`config.cache_dir`. ``deadline_s`` limits the whole transfer (default
+    ``$LORA_TUTORIAL_DOWNLOAD_DEADLINE`` or two hours); each read also times out after a minute.
+
+    A cached file is used once its sha256 matches (the pinned one, or where none is pinned the
+    one the server publishes). One that fails is downloaded again and replaced once the new copy
+    passes; if that fails too, the error names the cached file to delete or replace. Raises
+    :class:`DownloadError` on any failure, leaving no partial file behind.
     """
     remote = _resolve(name_or_file)
+    if deadline_s is None:
+        value = os.environ.get(DEADLINE_ENV, "").strip() or str(DEFAULT_DEADLINE_S)
+        deadline_s = float(value) if re.fullmatch(r"\d+(\.\d*)?", value) else 0.0
+    if not deadline_s > 0:
+        raise ValueError(f"deadline_s and {DEADLINE_ENV} must be a positive number of seconds")
+    deadline = time.monotonic() + deadline_s
     folder = Path(cache_dir) if cache_dir is not None else config.cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / remote.filename
-    if dest.is_file() and (remote.size is None or dest.stat().st_size == remote.size):
-        return dest
-    url = _source_url(remote)
-    _download(url, remote, dest, progress=progress)
+    recorded = _recorded_sha256(dest)
+    if recorded is not None and remote.sha256 in (None, recorded):
+        return dest  # checked before, and unchanged since
+    cached = _file_sha256(dest) if dest.is_file() else None
+    if cached is None or cached != remote.sha256:
+        try:
+            cached = _download(_source_url(remote), remote, dest, cached, deadline, progress)
+        except DownloadError as err:
+            if cached is None:
+                raise
+            raise DownloadError(
+                f"The cached file {dest} failed its sha256 check (it is corrupt or not the known "
+                f"file) and no good copy could be downloaded: {err} Delete or replace {dest}."
+            ) from None
+    _record_sha256(dest, cached)
     return dest
+
+
+def _recorded_sha256(dest: Path) -> str | None:
+    """The sha256 checked for ``dest`` earlier, if its record still matches its size and mtime."""
+    try:
+        stat = dest.stat()
+        record = json.loads(dest.with_name(dest.name + _RECORD).read_text())
+        if record["size"] == stat.st_size and record["mtime_ns"] == stat.st_mtime_ns:
+            return str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no file, no record, or a damaged record: hash the file again
+    return None
+
+
+def _record_sha256(dest: Path, sha256: str) -> None:
+    stat = dest.stat()
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    with atomic_write(dest.with_name(dest.name + _RECORD)) as tmp:
+        tmp.write_text(json.dumps(record))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
@@ -117,8 +175,8 @@ def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
     elif isinstance(name_or_file, RemoteFile):
         if name_or_file not in KNOWN_FILES.values():
             raise ValueError(
-                f"{name_or_file.url!r} is not in download.KNOWN_FILES; only listed files are fetched "
-                "(add an entry with its size and sha256 to fetch another file)"
+                f"{name_or_file.url!r} is not in download.KNOWN_FILES; only listed files are "
+                "fetched (add an entry with its size and sha256 to fetch another file)"
             )
         remote = name_or_file
     else:
@@ -151,9 +209,13 @@ def _source_url(remote: RemoteFile) -> str:
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects (Hugging Face sends downloads to its CDN), but never to plain http."""
+    """Follow redirects (the hub sends downloads to its CDN), never to plain http; keep headers."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[Message] = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         parts = urllib.parse.urlsplit(newurl)
         if parts.scheme != "https" and not (
             parts.scheme == "http" and _is_loopback(parts.hostname)
@@ -161,31 +223,39 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
             raise DownloadError(
                 f"{req.full_url} redirected to {newurl!r}, which is not https; refusing to follow."
             )
+        self.headers.append(headers)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _published_sha256(headers: list[Message]) -> str | None:
+    """``X-Linked-Etag`` or ``ETag`` (quotes and ``W/`` removed) if it is a sha256, else None."""
+    for field in ("X-Linked-Etag", "ETag"):
+        for header in headers:
+            value = (header.get(field) or "").strip().removeprefix("W/").strip('"').lower()
+            if _SHA256.fullmatch(value):
+                return value
+    return None
+
+
 def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
 
 
 def _how_to_supply(remote: RemoteFile, dest: Path) -> str:
-    checks = []
-    if remote.size is not None:
-        checks.append(f"{remote.size:,} bytes")
-    if remote.sha256 is not None:
-        checks.append(f"sha256 {remote.sha256}")
-    expected = f" ({', '.join(checks)})" if checks else ""
+    if remote.sha256 is None:
+        return (
+            f"Its sha256 is not pinned in download.KNOWN_FILES: add it there (from the file page) "
+            f"to use a copy saved by hand as {dest}, or point {MIRROR_ENV} at a server that "
+            "publishes it."
+        )
+    size = f"{remote.size:,} bytes, " if remote.size is not None else ""
     return (
-        f"To supply it by hand, download {remote.url}{expected} on a machine with internet and save it as "
-        f"{dest} (or point {config.CACHE_ENV} at a folder that holds {remote.filename!r}, "
-        f"or {MIRROR_ENV} at a server that serves it)."
+        f"To supply it by hand, download {remote.url} ({size}sha256 {remote.sha256}) on a "
+        f"machine with internet and save it as {dest} (or point {config.CACHE_ENV} at a folder "
+        f"that holds {remote.filename!r}, or {MIRROR_ENV} at a server that serves it)."
     )
 
 
@@ -204,32 +274,43 @@ def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
     or None (changing nothing) when there are no local files; tiktoken then downloads.
     """
     sources = {name: config.shared_file("gpt2-bpe", name) for name in TIKTOKEN_GPT2_FILES}
-    if any(src is None for src in sources.values()):
+    found = {name: src for name, src in sources.items() if src is not None}
+    if len(found) < len(sources):
         return None
     target = cache if cache is not None else config.cache_dir() / "tiktoken"
     for name, url in TIKTOKEN_GPT2_FILES.items():
         dest = target / hashlib.sha1(url.encode()).hexdigest()
         if not dest.exists():
             with atomic_write(dest) as tmp:
-                shutil.copyfile(sources[name], tmp)
+                shutil.copyfile(found[name], tmp)
     os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
     return target
 
 
-def _download(url: str, remote: RemoteFile, dest: Path, *, progress: bool) -> None:
-    """Stream ``url`` into a temporary file beside ``dest``; verify, then rename into place."""
+def _download(
+    url: str, remote: RemoteFile, dest: Path, cached: str | None, deadline: float, progress: bool
+) -> str:
+    """Stream ``url`` beside ``dest``, verify, rename; return the sha256 (keep a good ``dest``)."""
     try:
-        with atomic_write(dest) as tmp, open(tmp, "wb") as out:
-            _stream(url, remote, out, progress=progress)
+        response, expected_sha = _open(url, remote, deadline)
+        with response:
+            if cached is not None and cached == expected_sha:
+                return cached
+            with atomic_write(dest) as tmp, open(tmp, "wb") as out:
+                _stream(response, remote, out, expected_sha, deadline, progress=progress)
+        return expected_sha
     except DownloadError as err:
         raise DownloadError(f"{err} {_how_to_supply(remote, dest)}") from None
 
 
-def _stream(url: str, remote: RemoteFile, out: BinaryIO, *, progress: bool) -> None:
+def _open(url: str, remote: RemoteFile, deadline: float) -> tuple[http.client.HTTPResponse, str]:
+    """The server's response (headers read) and the sha256 its body must have."""
     host = urllib.parse.urlsplit(url).netloc
     request = urllib.request.Request(url, headers={"User-Agent": "lora-tutorial"})
+    redirects = _SafeRedirects()
+    timeout = max(0.001, min(_TIMEOUT_S, deadline - time.monotonic()))
     try:
-        response = urllib.request.build_opener(_SafeRedirects).open(request, timeout=_TIMEOUT_S)
+        response = urllib.request.build_opener(redirects).open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         raise DownloadError(
             f"Downloading {remote.filename} failed: {url} answered HTTP {err.code} {err.reason}."
@@ -240,51 +321,80 @@ def _stream(url: str, remote: RemoteFile, out: BinaryIO, *, progress: bool) -> N
             f"Could not download {remote.filename}: cannot reach {host} ({reason}). "
             "This machine appears to be offline, or the server is unreachable."
         ) from None
-
-    with response:
-        announced = response.headers.get("Content-Length")
-        announced = int(announced) if announced and announced.isdigit() else None
-        if remote.size is not None and announced is not None and announced != remote.size:
-            raise DownloadError(
-                f"Downloading {remote.filename} failed: the server offers {announced:,} bytes "
-                f"but {remote.size:,} are expected (the file at {url} is truncated or differs from the known one)."
-            )
-        expected = remote.size if remote.size is not None else announced
-        digest = hashlib.sha256()
-        received = 0
-        bar = tqdm(
-            total=expected,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=remote.filename,
-            disable=not progress,
-        )
-        with bar:
-            while chunk := _read_chunk(response, remote, received):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-
-    if expected is not None and received != expected:
-        what = "was truncated" if received < expected else "is longer than expected"
+    expected = remote.sha256 or _published_sha256([*redirects.headers, response.headers])
+    if expected is None:
+        response.close()
         raise DownloadError(
-            f"Downloading {remote.filename} {what}: received {received:,} of {expected:,} bytes."
+            f"Downloading {remote.filename} refused: no sha256 is pinned for it in KNOWN_FILES "
+            f"and {host} published none (no sha256 ETag), so the file could not be verified."
         )
-    if remote.sha256 is not None and digest.hexdigest() != remote.sha256.lower():
+    return response, expected.lower()
+
+
+def _stream(
+    response: http.client.HTTPResponse,
+    remote: RemoteFile,
+    out: BinaryIO,
+    expected_sha: str,
+    deadline: float,
+    *,
+    progress: bool,
+) -> None:
+    """Copy the body to ``out``, stopping once it is too long or too late; check size and sha256."""
+    length = response.headers.get("Content-Length", "")
+    announced = int(length) if length.isdigit() else None
+    if remote.size is not None and announced is not None and announced != remote.size:
+        raise DownloadError(
+            f"Downloading {remote.filename} failed: the server offers {announced:,} bytes but "
+            f"{remote.size:,} are expected (the file is truncated or differs from the known one)."
+        )
+    expected = remote.size if remote.size is not None else announced
+    if expected is None:
+        raise DownloadError(
+            f"Downloading {remote.filename} refused: the server announced no length and none is "
+            "known, so the transfer could not be bounded."
+        )
+    digest = hashlib.sha256()
+    received = 0
+    bar = tqdm(
+        total=expected, unit="B", unit_scale=True, desc=remote.filename, disable=not progress
+    )
+    with bar:
+        while chunk := _read_chunk(response, remote, received):
+            if received + len(chunk) > expected:
+                raise DownloadError(
+                    f"Downloading {remote.filename} stopped: the server sent more than the "
+                    f"{expected:,} bytes expected."
+                )
+            if time.monotonic() > deadline:
+                raise DownloadError(
+                    f"Downloading {remote.filename} stopped: the transfer outlived its deadline "
+                    f"after {received:,} of {expected:,} bytes (a very slow connection or server; "
+                    f"allow longer with fetch(..., deadline_s=...) or {DEADLINE_ENV})."
+                )
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+
+    if received != expected:
+        raise DownloadError(
+            f"Downloading {remote.filename} was truncated: received {received:,} of "
+            f"{expected:,} bytes."
+        )
+    if digest.hexdigest() != expected_sha:
         raise DownloadError(
             f"Downloading {remote.filename} gave a file whose sha256 is {digest.hexdigest()}, "
-            f"not the expected {remote.sha256}: it is corrupt or not the known file."
+            f"not the expected {expected_sha}: it is corrupt or not the known file."
         )
 
 
 def _read_chunk(response: http.client.HTTPResponse, remote: RemoteFile, received: int) -> bytes:
-    """The next piece of the body; a dropped connection becomes a short DownloadError."""
+    """The next piece of the body as soon as it arrives; a dropped connection: DownloadError."""
     try:
-        return response.read(_CHUNK)
+        return response.read1(_CHUNK)
     except (http.client.HTTPException, OSError) as err:
         raise DownloadError(
-            f"Downloading {remote.filename} was cut off after {received:,} bytes ({type(err).__name__}); "
-            "the connection dropped or the machine went offline."
+            f"Downloading {remote.filename} was cut off after {received:,} bytes "
+            f"({type(err).__name__}); the connection dropped or the machine went offline."
         ) from None

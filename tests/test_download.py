@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,7 +67,8 @@ def test_fetch_downloads_verifies_and_then_uses_cache(http_server, monkeypatch, 
     path = fetch("blob.bin", cache_dir=cache, progress=False)
     assert path == cache / "blob.bin"
     assert path.read_bytes() == PAYLOAD
-    assert sorted(p.name for p in cache.iterdir()) == ["blob.bin"]  # no temporary file left
+    # no temporary file left; the record beside the file says it was checked
+    assert sorted(p.name for p in cache.iterdir()) == ["blob.bin", "blob.bin.verified.json"]
 
     (http_server.root / "blob.bin").unlink()  # a second request would now get 404
     assert fetch(download.KNOWN_FILES["blob.bin"], cache_dir=cache, progress=False) == path
@@ -105,7 +108,7 @@ def test_truncated_file_is_rejected(http_server, monkeypatch, cache) -> None:
 def _mirror(
     monkeypatch: pytest.MonkeyPatch, handler: type[http.server.BaseHTTPRequestHandler]
 ) -> Iterator[None]:
-    """A loopback server answering with ``handler``, set as the download mirror while the block runs."""
+    """A loopback server answering with ``handler``, the download mirror while the block runs."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
@@ -122,11 +125,12 @@ class _QuietHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _ShortBodyHandler(_QuietHandler):
-    """Announces more bytes than it sends, then closes the connection."""
+    """Announces more bytes than it sends (and PAYLOAD's sha256), then closes the connection."""
 
     def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.send_header("ETag", f'"{hashlib.sha256(PAYLOAD).hexdigest()}"')
         self.end_headers()
         self.wfile.write(PAYLOAD[:1000])
         self.wfile.flush()
@@ -198,7 +202,7 @@ def test_only_known_https_files_are_fetched(monkeypatch, cache) -> None:
     with pytest.raises(ValueError, match="unknown file 'nope'"):
         fetch("nope", cache_dir=cache)
     stranger = RemoteFile("https://example.org/x.bin", "x.bin", 1, None)
-    with pytest.raises(ValueError, match="not in download.KNOWN_FILES"):
+    with pytest.raises(ValueError, match=r"not in download\.KNOWN_FILES"):
         fetch(stranger, cache_dir=cache)
     plain = _register(monkeypatch, "plain.bin", PAYLOAD, url="http://example.org/plain.bin")
     with pytest.raises(ValueError, match="only https"):
@@ -224,3 +228,205 @@ def test_atomic_write_replaces_the_file_only_when_the_block_succeeds(tmp_path: P
         raise RuntimeError("writer failed")
     assert target.read_text() == "first"
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- verified by content
+
+
+class _ETagHandler(_QuietHandler):
+    """Serves BODY with the given ETag header (or none)."""
+
+    body = PAYLOAD
+    etag: str | None = None
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        if self.etag is not None:
+            self.send_header("ETag", self.etag)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def _etag_handler(etag: str | None, body: bytes = PAYLOAD) -> type[_ETagHandler]:
+    return type("Handler", (_ETagHandler,), {"etag": etag, "body": body})
+
+
+@pytest.mark.parametrize("quoting", ['"{}"', 'W/"{}"', "{}"])
+def test_unpinned_file_is_checked_against_the_published_sha256(monkeypatch, cache, quoting) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
+    etag = quoting.format(hashlib.sha256(PAYLOAD).hexdigest().upper())
+    with _mirror(monkeypatch, _etag_handler(etag)):
+        assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+    # The record made at download time lets the file be used offline afterwards.
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{_closed_port()}")
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+
+
+def test_unpinned_file_whose_body_differs_from_the_published_sha256_is_refused(
+    monkeypatch, cache
+) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
+    tampered = PAYLOAD[:-1] + b"x"
+    etag = f'"{hashlib.sha256(PAYLOAD).hexdigest()}"'
+    with _mirror(monkeypatch, _etag_handler(etag, tampered)), pytest.raises(DownloadError) as info:
+        fetch("blob.bin", cache_dir=cache, progress=False)
+    assert "sha256" in str(info.value) and hashlib.sha256(tampered).hexdigest() in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("etag", [None, '"5d41402abc4b2a76b9719d911017c592"', '"not-a-hash"'])
+def test_unpinned_file_without_a_published_sha256_is_refused(monkeypatch, cache, etag) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
+    with _mirror(monkeypatch, _etag_handler(etag)), pytest.raises(DownloadError) as info:
+        fetch("blob.bin", cache_dir=cache, progress=False)
+    assert "no sha256 is pinned" in str(info.value) and "published none" in str(info.value)
+    assert "KNOWN_FILES" in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_published_sha256_of_a_redirect_is_used(monkeypatch, cache) -> None:
+    """The hub sends X-Linked-Etag with its redirect to the CDN, whose answer has no sha256."""
+    _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
+
+    class Redirecting(_ETagHandler):
+        def do_GET(self) -> None:
+            if self.path.endswith("/cdn"):
+                return super().do_GET()
+            self.send_response(302)
+            self.send_header("Location", self.path + "/cdn")
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(PAYLOAD).hexdigest()}"')
+            self.end_headers()
+
+    with _mirror(monkeypatch, Redirecting):
+        assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+
+
+class _EndlessHandler(_QuietHandler):
+    """Sends up to 64 MiB without a Content-Length; counts the bytes it managed to send."""
+
+    sent = 0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        block = b"\0" * 65536
+        try:
+            for _ in range(1024):
+                self.wfile.write(block)
+                type(self).sent += len(block)
+        except OSError:
+            pass  # the client hung up: what we want
+
+
+def test_oversized_body_is_cut_off_early(monkeypatch, cache) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    handler = type("Endless", (_EndlessHandler,), {"sent": 0})
+    with _mirror(monkeypatch, handler), pytest.raises(DownloadError) as info:
+        fetch("blob.bin", cache_dir=cache, progress=False)
+    assert f"more than the {len(PAYLOAD):,} bytes expected" in str(info.value)
+    assert list(cache.iterdir()) == []
+    # Only what loopback buffers hold went out before the client hung up, not the whole 64 MiB.
+    assert handler.sent < 16 * 2**20
+
+
+class _TricklingHandler(_QuietHandler):
+    """Sends PAYLOAD one byte every 20 ms (it would take over five minutes)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        try:
+            for i in range(len(PAYLOAD)):
+                self.wfile.write(PAYLOAD[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_trickling_server_meets_the_deadline(monkeypatch, cache, how) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    kwargs = {"deadline_s": 0.5} if how == "argument" else {}
+    if how == "environment":
+        monkeypatch.setenv(download.DEADLINE_ENV, "0.5")
+    start = time.monotonic()
+    with _mirror(monkeypatch, _TricklingHandler), pytest.raises(DownloadError) as info:
+        fetch("blob.bin", cache_dir=cache, progress=False, **kwargs)
+    assert time.monotonic() - start < 5
+    assert "deadline" in str(info.value) and download.DEADLINE_ENV in str(info.value)
+    assert list(cache.iterdir()) == []
+
+
+def test_bad_deadline_is_refused(monkeypatch, cache) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        fetch("blob.bin", cache_dir=cache, deadline_s=0)
+    monkeypatch.setenv(download.DEADLINE_ENV, "soon")
+    with pytest.raises(ValueError, match=download.DEADLINE_ENV):
+        fetch("blob.bin", cache_dir=cache)
+
+
+def _tamper(path: Path) -> None:
+    """Change one byte of ``path``, keeping its size."""
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_cached_file_is_detected_and_fetched_again(http_server, monkeypatch, cache):
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    _served(http_server, monkeypatch, "blob.bin", PAYLOAD)
+    path = fetch("blob.bin", cache_dir=cache, progress=False)
+    _tamper(path)  # same size, other content, newer mtime
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+
+
+def test_cached_file_of_the_right_size_but_wrong_content_names_the_file_when_offline(
+    monkeypatch, cache
+) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    crafted = cache / "blob.bin"
+    crafted.write_bytes(b"x" * len(PAYLOAD))  # placed by hand, the right size
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(DownloadError) as info:
+        fetch("blob.bin", cache_dir=cache, progress=False)
+    assert f"cached file {crafted} failed its sha256 check" in str(info.value)
+    assert f"Delete or replace {crafted}" in str(info.value)
+    assert crafted.read_bytes() == b"x" * len(PAYLOAD)  # nothing was replaced by a failed fetch
+
+
+def test_file_placed_by_hand_is_used_once_its_sha256_matches(monkeypatch, cache) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    (cache / "blob.bin").write_bytes(PAYLOAD)
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{_closed_port()}")  # offline
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+    assert (cache / "blob.bin.verified.json").is_file()
+
+
+def test_record_spares_hashing_until_size_or_mtime_change(http_server, monkeypatch, cache):
+    """Evidence without clocks: a change that keeps size and mtime goes unseen (so no hashing
+    happened), while the same change with a new mtime is caught."""
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    _served(http_server, monkeypatch, "blob.bin", PAYLOAD)
+    path = fetch("blob.bin", cache_dir=cache, progress=False)
+    stat = path.stat()
+    _tamper(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as if untouched
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() != PAYLOAD
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+
+
+def test_damaged_record_means_hashing_again(http_server, monkeypatch, cache) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD)
+    _served(http_server, monkeypatch, "blob.bin", PAYLOAD)
+    path = fetch("blob.bin", cache_dir=cache, progress=False)
+    stat = path.stat()
+    _tamper(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (cache / "blob.bin.verified.json").write_text("{not json")
+    assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
