@@ -1,14 +1,30 @@
 """Adapter files: the trained tensors of a model's adapter layers in one safetensors file.
 
-:func:`save_adapter` writes them with metadata (each layer's kind and config), :func:`read_adapter`
-reads a file back, and :func:`load_adapter` wraps a fresh base model's layers as recorded and copies
-the tensors in. Chapter 6 uses them to keep and swap small adapters on disk.
+:func:`save_adapter` writes them with metadata (each layer's kind, config and size),
+:func:`read_adapter` reads a file back, and :func:`load_adapter` wraps a fresh base model's layers
+as recorded and copies the tensors in. Chapter 6 uses them to keep and swap adapters on disk.
+
+A file carries its own integrity checks, so that a damaged, edited or misplaced adapter is refused
+rather than silently giving wrong answers:
+
+- ``sha256``: a checksum of the tensors and of the rest of the metadata (the configs, so an edited
+  ``alpha`` is caught too), checked by :func:`read_adapter`;
+- ``base_fingerprint``: a digest of the frozen base weights the adapter was trained on (see
+  :func:`base_fingerprint`), checked by :func:`load_adapter`, which refuses another base unless
+  told ``allow_other_base=True``;
+- every field is validated (kinds known, ranks positive integers, alphas positive and finite, extra
+  modules outside the adapter layers), and NaN or inf values are refused at save and at load.
+
+The kind of a layer is the key of its class in :data:`ADAPTER_KINDS`; register a new kind there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,81 +36,253 @@ from torch import Tensor, nn
 
 from lora_tutorial import __version__
 from lora_tutorial.files import atomic_write
-from lora_tutorial.lora import (
-    ADAPTER_KINDS,
-    AdapterLayer,
-    LoRALayer,
-    _get_submodule,
-    _require_adapters,
-    _set_submodule,
-)
+from lora_tutorial.lora import LinearWithLoRA, adapter_layers
+from lora_tutorial.quantize import LinearWithQLoRA
+from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
 
 ADAPTER_FORMAT = "lora_tutorial.adapter"
 
+# The adapter kinds a file may name, and the class that rebuilds each (matched by exact type).
+ADAPTER_KINDS: dict[str, type[nn.Module]] = {
+    "lora": LinearWithLoRA,
+    "dora": LinearWithDoRA,
+    "pissa": LinearWithPiSSA,
+    "vera": LinearWithVeRA,
+    "qlora": LinearWithQLoRA,
+}
+
+FINGERPRINT_SAMPLES = 4096  # values per base tensor that the fingerprint looks at
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_RECORD_FIELDS = {"kind", "config", "in_dim", "out_dim"}
+
 
 class AdapterFileError(ValueError):
-    """An adapter file that cannot be read: truncated, corrupt, or not written by ``save_adapter``."""
+    """An adapter file that cannot be used: truncated, corrupt, edited, or not an adapter."""
 
 
-def _summary(layers: dict[str, AdapterLayer]) -> dict[str, str]:
-    """kind, rank, alpha and scaling rule for the file's metadata; "mixed" where the layers differ."""
-    summary: dict[str, str] = {}
-    for layer in layers.values():
-        config = layer.config()
-        lora = getattr(layer, "lora", None)
-        fields = {
-            "kind": layer.kind,
-            "rank": str(config.get("rank")),
-            "alpha": str(config.get("alpha")),
-            "scaling": lora.scaling_rule if isinstance(lora, LoRALayer) else "n/a",
-        }
-        for key, value in fields.items():
-            summary[key] = value if summary.get(key, value) == value else "mixed"
-    return summary
+def base_fingerprint(model: nn.Module) -> str:
+    """A sha256 digest of the frozen base weights inside the model's adapter layers.
+
+    It hashes each layer's name, each base tensor's name and shape, and up to
+    :data:`FINGERPRINT_SAMPLES` evenly spaced values of it rounded to bfloat16: cheap for GPT-2
+    (no full pass over the weights), yet any other base (other pretrained weights, another random
+    seed) differs in almost every value. Rounding makes a float32 base and its bfloat16 copy, on
+    any device, give the same fingerprint.
+    """
+    return _fingerprint(adapter_layers(model))
+
+
+def _fingerprint(layers: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for name, layer in layers.items():
+        for key, tensor in layer.linear.state_dict().items():
+            digest.update(f"{name}.linear.{key}{tuple(tensor.shape)};".encode())
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, math.ceil(flat.numel() / FINGERPRINT_SAMPLES))]
+            digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of the metadata (but this checksum) and of each tensor's name, type, shape, bytes."""
+    fields = {key: value for key, value in metadata.items() if key != "sha256"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key};{tensor.dtype};{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _kind(layer: nn.Module) -> str | None:
+    """The key of the layer's class in ADAPTER_KINDS (exact type, not a subclass), or None."""
+    return next((kind for kind, cls in ADAPTER_KINDS.items() if type(layer) is cls), None)
+
+
+def _get_submodule(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        known = [n for n, _ in model.named_modules() if n][:8]
+        raise ValueError(
+            f"{what} {name!r} is not a module of this model; modules include {known}"
+        ) from None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def _check_extras_outside_layers(
+    model: nn.Module, extras: list[str], error: type[ValueError] = ValueError
+) -> None:
+    """Refuse extra modules that are, sit inside, or hold an adapter layer or its base weights."""
+    inside = {id(m): name for name, layer in adapter_layers(model).items() for m in layer.modules()}
+    for extra in extras:
+        for module in _get_submodule(model, extra, "extra module").modules():
+            if id(module) in inside:
+                raise error(
+                    f"extra module {extra!r} overlaps the adapter layer {inside[id(module)]!r}; "
+                    "extra_modules may name only modules outside adapter layers (a new head, say), "
+                    "never a frozen base layer or a module that holds one"
+                )
 
 
 def save_adapter(
     model: nn.Module, path: str | os.PathLike, extra_modules: str | Iterable[str] = ()
 ) -> Path:
-    """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file; return its path.
+    """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file.
 
-    Tensor names are the model's own state-dict keys. The metadata records each layer's kind and
-    config, the extra module names, and rank / alpha / scaling rule. The file is written to a
-    temporary name and renamed, so a failed save leaves no partial file behind; it gets the
-    permissions of any new file (0o644 under the usual umask 022).
+    Tensor names are the model's own state-dict keys. The metadata records each layer's kind,
+    config and size, the extra module names, a summary (rank / alpha / scaling rule), a
+    fingerprint of the base, and a checksum. Refuses merged layers, unregistered kinds, extra
+    modules inside adapter layers and NaN/inf values. The file is written to a temporary name and
+    renamed (no partial file on failure) and gets the permissions of any new file. Returns its path.
     """
-    layers = _require_adapters(model, "save_adapter")
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(
+            "save_adapter: the model has no adapter layers; "
+            "call replace_linear_with_lora(model, ...) first"
+        )
     extras = [extra_modules] if isinstance(extra_modules, str) else list(extra_modules)
-    for layer in layers.values():
-        if ADAPTER_KINDS.get(layer.kind) is not type(layer):
-            raise TypeError(
-                f"{type(layer).__name__} has kind {layer.kind!r}, which is registered to "
-                f"{getattr(ADAPTER_KINDS.get(layer.kind), '__name__', None)}; give the class its own `kind`"
-            )
+    if not all(isinstance(name, str) and name for name in extras):
+        raise TypeError(f"extra_modules must be module names, got {extra_modules!r}")
+    _check_extras_outside_layers(model, extras)
+    records: dict[str, dict[str, Any]] = {}
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(
+                f"layer {name!r} is merged, so its base weight holds the update and the file could "
+                "not record the base it was trained on; call unmerge_lora(model) before saving"
+            )
+        kind = _kind(layer)
+        if kind is None:
+            cls = type(layer).__name__
+            raise TypeError(
+                f"layer {name!r} is a {cls}, which is not in adapters.ADAPTER_KINDS, so a file "
+                f"could not say how to rebuild it; register it: ADAPTER_KINDS['my-kind'] = {cls}"
+            )
+        linear = layer.linear
+        records[name] = {"kind": kind, "config": layer.config()}
+        records[name].update(in_dim=linear.in_features, out_dim=linear.out_features)
         tensors.update({f"{name}.{key}": t for key, t in layer.adapter_state().items()})
     for name in extras:
-        state = _get_submodule(model, name, "extra module").state_dict()
+        state = model.get_submodule(name).state_dict()
         tensors.update({f"{name}.{key}": t for key, t in state.items()})
     tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"save_adapter: tensor {key!r} holds NaN or inf values, so the training run "
+                "diverged; nothing was written. Train again, e.g. with a lower learning rate"
+            )
     metadata = {
         "format": ADAPTER_FORMAT,
         "lora_tutorial_version": __version__,
-        "layers": json.dumps(
-            {name: {"kind": layer.kind, "config": layer.config()} for name, layer in layers.items()}
-        ),
+        "layers": json.dumps(records),
         "extra_modules": json.dumps(extras),
-        **_summary(layers),
+        "base_fingerprint": _fingerprint(layers),
+        **_summary(records),
     }
+    metadata["sha256"] = _checksum(tensors, metadata)
     path = Path(path)
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
 
 
+def _summary(records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """kind, rank, alpha and scaling rule for the metadata; "mixed" where the layers differ."""
+    summary: dict[str, str] = {}
+    for record in records.values():
+        config = record["config"]
+        rslora = config.get("use_rslora")
+        fields = {
+            "kind": record["kind"],
+            "rank": str(config.get("rank")),
+            "alpha": str(config.get("alpha")),
+            "scaling": "n/a" if rslora is None else "alpha/sqrt(rank)" if rslora else "alpha/rank",
+        }
+        for key, value in fields.items():
+            summary[key] = value if summary.get(key, value) == value else "mixed"
+    return summary
+
+
+def _field_error(path: Path, field: str, problem: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"adapter file {path}: metadata field {field!r} {problem}. The file was damaged or edited "
+        "after it was saved (or written by an older version); save the adapter again"
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The decoded ``layers`` and ``extra_modules``; AdapterFileError naming any bad field."""
+    decoded = {}
+    for field in ("layers", "extra_modules", "base_fingerprint", "sha256"):
+        if field not in metadata:
+            raise _field_error(path, field, "is missing")
+    for field in ("base_fingerprint", "sha256"):
+        if not _HEX64.fullmatch(metadata[field]):
+            raise _field_error(path, field, "is not a sha256 digest (64 hex digits)")
+    for field in ("layers", "extra_modules"):
+        try:
+            decoded[field] = json.loads(metadata[field])
+        except json.JSONDecodeError as err:
+            raise _field_error(path, field, f"is not valid JSON ({err})") from None
+    layers, extras = decoded["layers"], decoded["extra_modules"]
+    if not isinstance(layers, dict) or not layers:
+        raise _field_error(path, "layers", "must be a JSON object: layer name -> record")
+    for name, record in layers.items():
+        field = f"layers.{name}"
+        if not isinstance(record, dict) or set(record) != _RECORD_FIELDS:
+            raise _field_error(path, field, f"must hold exactly {sorted(_RECORD_FIELDS)}")
+        kind, config = record["kind"], record["config"]
+        if not isinstance(kind, str) or kind not in ADAPTER_KINDS:
+            raise _field_error(
+                path, f"{field}.kind", f"is {kind!r}, not one of {sorted(ADAPTER_KINDS)}"
+            )
+        if not _is_count(record["in_dim"]) or not _is_count(record["out_dim"]):
+            raise _field_error(path, f"{field}.in_dim/out_dim", "must be positive integers")
+        if not isinstance(config, dict):
+            raise _field_error(path, f"{field}.config", "must be a JSON object")
+        if "rank" in config and not _is_count(config["rank"]):
+            raise _field_error(
+                path, f"{field}.config.rank", f"is {config['rank']!r}, not a positive integer"
+            )
+        alpha = config.get("alpha", 1.0)
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 < alpha < math.inf
+        ):
+            raise _field_error(
+                path, f"{field}.config.alpha", f"is {alpha!r}, not a positive finite number"
+            )
+    if not isinstance(extras, list) or not all(isinstance(e, str) and e for e in extras):
+        raise _field_error(path, "extra_modules", "must be a JSON list of module names")
+    for extra in extras:
+        for name in layers:
+            if extra == name or extra.startswith(name + ".") or name.startswith(extra + "."):
+                raise _field_error(
+                    path, "extra_modules", f"names {extra!r}, which overlaps adapter layer {name!r}"
+                )
+    return layers, extras
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and the decoded metadata of an adapter file; AdapterFileError if it is unreadable."""
+    """The tensors and the decoded metadata of an adapter file, after checking all of it.
+
+    Raises AdapterFileError when the file is unreadable, a metadata field is missing or invalid
+    (the message names it), a tensor belongs to no recorded layer or holds NaN/inf, or the
+    checksum does not match (the tensors or the metadata changed after saving).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -103,98 +291,138 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error type for truncated or garbled files
         raise AdapterFileError(
-            f"cannot read adapter file {path}: {err}. It is truncated or corrupt; save the adapter again"
+            f"cannot read adapter file {path}: {err}. It is truncated or corrupt; save it again"
         ) from err
     if metadata.get("format") != ADAPTER_FORMAT:
         raise AdapterFileError(
             f"{path} is a safetensors file but not a lora_tutorial adapter (its metadata lacks "
             f"format={ADAPTER_FORMAT!r}); write adapters with save_adapter"
         )
-    try:
-        layers, extras = json.loads(metadata["layers"]), json.loads(metadata["extra_modules"])
-    except (KeyError, json.JSONDecodeError) as err:
+    layers, extras = _check_metadata(path, metadata)
+    owners = [*layers, *extras]
+    for key, tensor in tensors.items():
+        if not any(key.startswith(owner + ".") for owner in owners):
+            raise AdapterFileError(
+                f"adapter file {path}: tensor {key!r} belongs to no layer or extra module named in "
+                "its metadata; save the adapter again"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(
+                f"adapter file {path}: tensor {key!r} holds NaN or inf values; it comes from a "
+                "run that diverged or was damaged. Train and save the adapter again"
+            )
+    checksum = _checksum(tensors, metadata)
+    if checksum != metadata["sha256"]:
         raise AdapterFileError(
-            f"adapter file {path} has damaged metadata ({err!r}); save the adapter again"
-        ) from err
+            f"adapter file {path} fails its checksum: its tensors and metadata hash to sha256 "
+            f"{checksum}, not the recorded {metadata['sha256']}. It was damaged or edited after "
+            "saving; save the adapter again"
+        )
     return tensors, {**metadata, "layers": layers, "extra_modules": extras}
 
 
 def _build_layer(
-    model: nn.Module, name: str, kind: str, config: dict[str, Any]
-) -> AdapterLayer | None:
-    """A new adapter layer for the plain nn.Linear at ``name``; None if a matching one is already there."""
-    current = _get_submodule(model, name, "adapted layer")
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(
-            f"layer {name!r} uses adapter kind {kind!r}, which is not registered (known: {sorted(ADAPTER_KINDS)}); "
-            "import the module that defines it, e.g. lora_tutorial.variants"
-        )
-    if isinstance(current, AdapterLayer):
-        if current.kind != kind or current.config() != config:
+    model: nn.Module, name: str, record: dict[str, Any], existing: dict[str, Any]
+) -> nn.Module | None:
+    """A new adapter layer for the plain nn.Linear at ``name``; None if a matching one is there."""
+    current: Any = _get_submodule(model, name, "adapted layer")  # an adapter layer or nn.Linear
+    kind, config = record["kind"], record["config"]
+    if name in existing:
+        if current.config() != config or type(current) is not ADAPTER_KINDS[kind]:
             raise ValueError(
-                f"layer {name!r} is already a {current.kind} adapter with {current.config()}, "
+                f"layer {name!r} is already a {_kind(current)} adapter with {current.config()}, "
                 f"but the file holds a {kind} adapter with {config}; load into a fresh base model"
             )
         if current.merged:
             raise ValueError(
-                f"layer {name!r} is merged; call unmerge_lora(model) before loading new adapter weights"
+                f"layer {name!r} is merged; call unmerge_lora(model) before loading new weights"
             )
         return None
     if not isinstance(current, nn.Linear):
         raise TypeError(
-            f"layer {name!r} is a {type(current).__name__}; the adapter file expects an nn.Linear there"
+            f"layer {name!r} is a {type(current).__name__}; the adapter file expects an nn.Linear"
         )
-    return ADAPTER_KINDS[kind](current, **config)
+    try:
+        return ADAPTER_KINDS[kind](current, **config)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(
+            f"metadata field 'layers.{name}.config' ({config}) cannot build a {kind} layer: {err}"
+        ) from None
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, *, allow_other_base: bool = False
+) -> nn.Module:
     """Load an adapter file into ``model`` in place and return it.
 
     Plain ``nn.Linear`` layers named in the file are wrapped as recorded; layers that are already
-    adapters must have the same kind and config. Shapes are checked before anything is copied: the
-    first mismatching layer is named with both shapes, and on any error the model is left unchanged.
+    adapters must have the same kind and config. Everything is checked before anything is
+    copied (names, shapes, and the fingerprint of the base the adapter was trained on, which
+    ``allow_other_base=True`` skips); on any error the model is left unchanged.
     """
     tensors, info = read_adapter(path)
-    owners = [*info["layers"], *info["extra_modules"]]
+    records, extras = info["layers"], info["extra_modules"]
     replaced: list[tuple[str, nn.Module]] = []
+    existing = adapter_layers(model)
     try:
-        for name, record in info["layers"].items():
-            layer = _build_layer(model, name, record["kind"], record["config"])
+        for name, record in records.items():
+            layer = _build_layer(model, name, record, existing)
             if layer is not None:
-                replaced.append((name, layer.linear))
+                replaced.append((name, model.get_submodule(name)))
                 _set_submodule(model, name, layer)
+        _check_extras_outside_layers(model, extras, AdapterFileError)
+        layers: dict[str, Any] = {name: model.get_submodule(name) for name in records}
         state = model.state_dict(keep_vars=True)
-        expected = [
-            f"{name}.{key}"
-            for name in info["layers"]
-            for key in model.get_submodule(name).adapter_state()
-        ]
-        for name in info["extra_modules"]:
-            expected += [
-                f"{name}.{key}" for key in _get_submodule(model, name, "extra module").state_dict()
-            ]
-        for key in dict.fromkeys(
-            [*expected, *tensors]
-        ):  # model order first, then anything else in the file
-            owner = max((n for n in owners if key.startswith(n + ".")), key=len, default="?")
-            if key not in tensors or key not in state:
-                where = "the adapter file" if key not in tensors else "the model"
+        expected = {f"{n}.{key}": n for n, layer in layers.items() for key in layer.adapter_state()}
+        for name in extras:
+            expected.update(
+                {f"{name}.{key}": name for key in model.get_submodule(name).state_dict()}
+            )
+        for key, owner in expected.items():
+            if key not in tensors:
                 raise ValueError(
-                    f"layer {owner!r}: {where} has no tensor {key!r}; it comes from another model"
+                    f"layer {owner!r}: the adapter file has no tensor {key!r}; "
+                    "it comes from another model"
                 )
-            if tensors[key].shape != state[key].shape:
+            in_file, in_model = tuple(tensors[key].shape), tuple(state[key].shape)
+            record, linear = records.get(owner, {}), getattr(layers.get(owner), "linear", None)
+            if (
+                in_file != in_model
+                and linear is not None
+                and record["in_dim"] == linear.in_features
+                and record["out_dim"] == linear.out_features
+            ):
+                raise AdapterFileError(
+                    f"adapter file {path}: metadata field 'layers.{owner}.config' "
+                    f"{record['config']} does not fit its tensors: {key!r} has shape {in_file}, "
+                    f"a layer built with that config {in_model}; save the adapter again"
+                )
+            if in_file != in_model:
                 raise ValueError(
-                    f"layer {owner!r}: {key!r} has shape {tuple(tensors[key].shape)} in the adapter file "
-                    f"but {tuple(state[key].shape)} in the model; the adapter was made for other shapes or another rank"
+                    f"layer {owner!r}: {key!r} has shape {in_file} in the adapter file but "
+                    f"{in_model} in the model; the adapter was made for other shapes or rank"
                 )
+        unexpected = sorted(tensors.keys() - expected.keys())
+        if unexpected:
+            raise AdapterFileError(
+                f"adapter file {path}: tensor {unexpected[0]!r} is not an adapter tensor of this "
+                "model (loading it would overwrite other weights); save the adapter again"
+            )
+        if not allow_other_base and _fingerprint(layers) != info["base_fingerprint"]:
+            raise ValueError(
+                f"the adapter in {path} was trained on another base model: the base weights of "
+                "its layers here differ from those it was saved with (its base_fingerprint). Load "
+                "it into the base it was trained on (the same pretrained weights or random seed), "
+                "or pass allow_other_base=True to load it anyway"
+            )
         with torch.no_grad():
             for key, tensor in tensors.items():
                 state[key].copy_(tensor)
     except BaseException:
-        for name, linear in reversed(replaced):
-            _set_submodule(model, name, linear)
+        for name, original in reversed(replaced):
+            _set_submodule(model, name, original)
         raise
     return model
