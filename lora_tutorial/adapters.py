@@ -4,18 +4,11 @@
 :func:`read_adapter` reads a file back, and :func:`load_adapter` wraps a fresh base model's layers
 as recorded and copies the tensors in. Chapter 6 uses them to keep and swap adapters on disk.
 
-A file carries its own integrity checks, so that a damaged, edited or misplaced adapter is refused
-rather than silently giving wrong answers:
-
-- ``sha256``: a checksum of the tensors and of the rest of the metadata (the configs, so an edited
-  ``alpha`` is caught too), checked by :func:`read_adapter`;
-- ``base_fingerprint``: a digest of the frozen base weights the adapter was trained on (see
-  :func:`base_fingerprint`), checked by :func:`load_adapter`, which refuses another base unless
-  told ``allow_other_base=True``;
-- every field is validated (kinds known, ranks positive integers, alphas positive and finite, extra
-  modules outside the adapter layers), and NaN or inf values are refused at save and at load.
-
-The kind of a layer is the key of its class in :data:`ADAPTER_KINDS`; register a new kind there.
+A damaged, edited or misplaced adapter is refused, not silently applied: ``sha256`` checks the
+tensors and the rest of the metadata (an edited ``alpha`` too), :func:`load_adapter` compares
+``base_fingerprint`` with the model's base unless ``allow_other_base=True``, every field is
+validated, extra modules must lie outside adapter layers, and NaN/inf values are refused. A layer's
+kind is the key of its class in :data:`ADAPTER_KINDS`; register a new kind there.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +53,14 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be used: truncated, corrupt, edited, or not an adapter."""
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A sha256 digest of the frozen base weights inside the model's adapter layers.
+def base_fingerprint(model: nn.Module, names: Collection[str] | None = None) -> str:
+    """A sha256 digest of the frozen base weights in the model's adapter layers (or ``names``).
 
-    It hashes each layer's name, each base tensor's name and shape, and up to
-    :data:`FINGERPRINT_SAMPLES` evenly spaced values of it rounded to bfloat16: cheap for GPT-2
-    (no full pass over the weights), yet any other base (other pretrained weights, another random
-    seed) differs in almost every value. Rounding makes a float32 base and its bfloat16 copy, on
-    any device, give the same fingerprint.
+    Cheap: it hashes each base tensor's name, shape and :data:`FINGERPRINT_SAMPLES` evenly spaced
+    values rounded to bfloat16, in which another base (other weights or seed) differs almost
+    everywhere while a float32 base and its bfloat16 copy agree (PiSSA's SVD may vary by device).
     """
-    return _fingerprint(adapter_layers(model))
-
-
-def _fingerprint(layers: dict[str, Any]) -> str:
+    layers = {n: m for n, m in adapter_layers(model).items() if names is None or n in names}
     digest = hashlib.sha256()
     for name, layer in layers.items():
         for key, tensor in layer.linear.state_dict().items():
@@ -94,8 +82,7 @@ def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _kind(layer: nn.Module) -> str | None:
-    """The key of the layer's class in ADAPTER_KINDS (exact type, not a subclass), or None."""
+def _kind(layer: nn.Module) -> str | None:  # the key of its exact class in ADAPTER_KINDS
     return next((kind for kind, cls in ADAPTER_KINDS.items() if type(layer) is cls), None)
 
 
@@ -124,8 +111,7 @@ def _check_extras_outside_layers(
             if id(module) in inside:
                 raise error(
                     f"extra module {extra!r} overlaps the adapter layer {inside[id(module)]!r}; "
-                    "extra_modules may name only modules outside adapter layers (a new head, say), "
-                    "never a frozen base layer or a module that holds one"
+                    "extra_modules may name only modules outside adapter layers (a new head, say)"
                 )
 
 
@@ -134,11 +120,10 @@ def save_adapter(
 ) -> Path:
     """Write the adapter tensors (and the full state of ``extra_modules``) to a safetensors file.
 
-    Tensor names are the model's own state-dict keys. The metadata records each layer's kind,
-    config and size, the extra module names, a summary (rank / alpha / scaling rule), a
-    fingerprint of the base, and a checksum. Refuses merged layers, unregistered kinds, extra
-    modules inside adapter layers and NaN/inf values. The file is written to a temporary name and
-    renamed (no partial file on failure) and gets the permissions of any new file. Returns its path.
+    Tensor names are the model's state-dict keys; the metadata holds each layer's kind, config and
+    size, the extra module names, rank / alpha / scaling, the base fingerprint and the checksum.
+    Refuses merged layers, unregistered kinds, extra modules inside adapter layers and NaN/inf.
+    Written atomically, with the permissions of any new file; returns the path.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -165,26 +150,23 @@ def save_adapter(
                 f"layer {name!r} is a {cls}, which is not in adapters.ADAPTER_KINDS, so a file "
                 f"could not say how to rebuild it; register it: ADAPTER_KINDS['my-kind'] = {cls}"
             )
-        linear = layer.linear
-        records[name] = {"kind": kind, "config": layer.config()}
-        records[name].update(in_dim=linear.in_features, out_dim=linear.out_features)
+        size = {"in_dim": layer.linear.in_features, "out_dim": layer.linear.out_features}
+        records[name] = {"kind": kind, "config": layer.config(), **size}
         tensors.update({f"{name}.{key}": t for key, t in layer.adapter_state().items()})
     for name in extras:
-        state = model.get_submodule(name).state_dict()
-        tensors.update({f"{name}.{key}": t for key, t in state.items()})
+        tensors.update(model.get_submodule(name).state_dict(prefix=name + "."))
     tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(
-                f"save_adapter: tensor {key!r} holds NaN or inf values, so the training run "
-                "diverged; nothing was written. Train again, e.g. with a lower learning rate"
-            )
+    for key in _not_finite(tensors):
+        raise ValueError(
+            f"save_adapter: tensor {key!r} holds NaN or inf values, so the training run diverged; "
+            "nothing was written. Train again, e.g. with a lower learning rate"
+        )
     metadata = {
         "format": ADAPTER_FORMAT,
         "lora_tutorial_version": __version__,
         "layers": json.dumps(records),
         "extra_modules": json.dumps(extras),
-        "base_fingerprint": _fingerprint(layers),
+        "base_fingerprint": base_fingerprint(model),
         **_summary(records),
     }
     metadata["sha256"] = _checksum(tensors, metadata)
@@ -192,6 +174,10 @@ def save_adapter(
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
+
+
+def _not_finite(tensors: dict[str, Tensor]) -> list[str]:  # the tensors holding NaN or inf
+    return [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
 
 
 def _summary(records: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -212,14 +198,16 @@ def _summary(records: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def _field_error(path: Path, field: str, problem: str) -> AdapterFileError:
-    return AdapterFileError(
-        f"adapter file {path}: metadata field {field!r} {problem}. The file was damaged or edited "
-        "after it was saved (or written by an older version); save the adapter again"
-    )
+    why = "the file was damaged, edited or written by an older version; save the adapter again"
+    return AdapterFileError(f"adapter file {path}: metadata field {field!r} {problem}. {why}")
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _check_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
@@ -228,8 +216,7 @@ def _check_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any
     for field in ("layers", "extra_modules", "base_fingerprint", "sha256"):
         if field not in metadata:
             raise _field_error(path, field, "is missing")
-    for field in ("base_fingerprint", "sha256"):
-        if not _HEX64.fullmatch(metadata[field]):
+        if field in ("base_fingerprint", "sha256") and not _HEX64.fullmatch(metadata[field]):
             raise _field_error(path, field, "is not a sha256 digest (64 hex digits)")
     for field in ("layers", "extra_modules"):
         try:
@@ -240,31 +227,22 @@ def _check_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any
     if not isinstance(layers, dict) or not layers:
         raise _field_error(path, "layers", "must be a JSON object: layer name -> record")
     for name, record in layers.items():
-        field = f"layers.{name}"
         if not isinstance(record, dict) or set(record) != _RECORD_FIELDS:
-            raise _field_error(path, field, f"must hold exactly {sorted(_RECORD_FIELDS)}")
+            raise _field_error(path, f"layers.{name}", f"must hold {sorted(_RECORD_FIELDS)}")
         kind, config = record["kind"], record["config"]
-        if not isinstance(kind, str) or kind not in ADAPTER_KINDS:
-            raise _field_error(
-                path, f"{field}.kind", f"is {kind!r}, not one of {sorted(ADAPTER_KINDS)}"
-            )
-        if not _is_count(record["in_dim"]) or not _is_count(record["out_dim"]):
-            raise _field_error(path, f"{field}.in_dim/out_dim", "must be positive integers")
-        if not isinstance(config, dict):
-            raise _field_error(path, f"{field}.config", "must be a JSON object")
-        if "rank" in config and not _is_count(config["rank"]):
-            raise _field_error(
-                path, f"{field}.config.rank", f"is {config['rank']!r}, not a positive integer"
-            )
-        alpha = config.get("alpha", 1.0)
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0 < alpha < math.inf
-        ):
-            raise _field_error(
-                path, f"{field}.config.alpha", f"is {alpha!r}, not a positive finite number"
-            )
+        options = config if isinstance(config, dict) else {}
+        rank, alpha = options.get("rank", 1), options.get("alpha", 1.0)
+        checks = {  # field: (value, valid, what it must be)
+            "kind": (kind, str(kind) in ADAPTER_KINDS, f"one of {sorted(ADAPTER_KINDS)}"),
+            "in_dim": (record["in_dim"], _is_count(record["in_dim"]), "a positive integer"),
+            "out_dim": (record["out_dim"], _is_count(record["out_dim"]), "a positive integer"),
+            "config": (config, isinstance(config, dict), "a JSON object"),
+            "config.rank": (rank, _is_count(rank), "a positive integer"),
+            "config.alpha": (alpha, _is_positive(alpha), "a positive finite number"),
+        }
+        for field, (value, valid, wanted) in checks.items():
+            if not valid:
+                raise _field_error(path, f"layers.{name}.{field}", f"is {value!r}, not {wanted}")
     if not isinstance(extras, list) or not all(isinstance(e, str) and e for e in extras):
         raise _field_error(path, "extra_modules", "must be a JSON list of module names")
     for extra in extras:
@@ -279,9 +257,8 @@ def _check_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and the decoded metadata of an adapter file, after checking all of it.
 
-    Raises AdapterFileError when the file is unreadable, a metadata field is missing or invalid
-    (the message names it), a tensor belongs to no recorded layer or holds NaN/inf, or the
-    checksum does not match (the tensors or the metadata changed after saving).
+    AdapterFileError if the file is unreadable, a metadata field is invalid (named), a tensor holds
+    NaN/inf or belongs to no layer, or the checksum fails (the file changed after saving).
     """
     path = Path(path)
     if not path.is_file():
@@ -302,24 +279,22 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             f"format={ADAPTER_FORMAT!r}); write adapters with save_adapter"
         )
     layers, extras = _check_metadata(path, metadata)
-    owners = [*layers, *extras]
-    for key, tensor in tensors.items():
-        if not any(key.startswith(owner + ".") for owner in owners):
+    for key in tensors:
+        if not any(key.startswith(owner + ".") for owner in [*layers, *extras]):
             raise AdapterFileError(
                 f"adapter file {path}: tensor {key!r} belongs to no layer or extra module named in "
                 "its metadata; save the adapter again"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(
-                f"adapter file {path}: tensor {key!r} holds NaN or inf values; it comes from a "
-                "run that diverged or was damaged. Train and save the adapter again"
-            )
+    for key in _not_finite(tensors):
+        raise AdapterFileError(
+            f"adapter file {path}: tensor {key!r} holds NaN or inf values; it comes from a run "
+            "that diverged, or was damaged. Train and save the adapter again"
+        )
     checksum = _checksum(tensors, metadata)
     if checksum != metadata["sha256"]:
         raise AdapterFileError(
-            f"adapter file {path} fails its checksum: its tensors and metadata hash to sha256 "
-            f"{checksum}, not the recorded {metadata['sha256']}. It was damaged or edited after "
-            "saving; save the adapter again"
+            f"adapter file {path} fails its checksum: it hashes to sha256 {checksum}, not the "
+            f"recorded {metadata['sha256']}; it was damaged or edited. Save the adapter again"
         )
     return tensors, {**metadata, "layers": layers, "extra_modules": extras}
 
@@ -359,59 +334,24 @@ def load_adapter(
     """Load an adapter file into ``model`` in place and return it.
 
     Plain ``nn.Linear`` layers named in the file are wrapped as recorded; layers that are already
-    adapters must have the same kind and config. Everything is checked before anything is
-    copied (names, shapes, and the fingerprint of the base the adapter was trained on, which
-    ``allow_other_base=True`` skips); on any error the model is left unchanged.
+    adapters must have the same kind and config. Names, shapes and the fingerprint of the base the
+    adapter was trained on (unless ``allow_other_base=True``) are checked before anything is
+    copied; on any error the model is left unchanged.
     """
     tensors, info = read_adapter(path)
-    records, extras = info["layers"], info["extra_modules"]
-    replaced: list[tuple[str, nn.Module]] = []
     existing = adapter_layers(model)
+    replaced: list[tuple[str, nn.Module]] = []  # (name, original module), undone on any error
     try:
-        for name, record in records.items():
+        for name, record in info["layers"].items():
             layer = _build_layer(model, name, record, existing)
             if layer is not None:
                 replaced.append((name, model.get_submodule(name)))
                 _set_submodule(model, name, layer)
-        _check_extras_outside_layers(model, extras, AdapterFileError)
-        layers: dict[str, Any] = {name: model.get_submodule(name) for name in records}
+        layers = {name: model.get_submodule(name) for name in info["layers"]}
+        _check_extras_outside_layers(model, info["extra_modules"], AdapterFileError)
         state = model.state_dict(keep_vars=True)
-        expected = {f"{n}.{key}": n for n, layer in layers.items() for key in layer.adapter_state()}
-        for name in extras:
-            expected.update(
-                {f"{name}.{key}": name for key in model.get_submodule(name).state_dict()}
-            )
-        for key, owner in expected.items():
-            if key not in tensors:
-                raise ValueError(
-                    f"layer {owner!r}: the adapter file has no tensor {key!r}; "
-                    "it comes from another model"
-                )
-            in_file, in_model = tuple(tensors[key].shape), tuple(state[key].shape)
-            record, linear = records.get(owner, {}), getattr(layers.get(owner), "linear", None)
-            if (
-                in_file != in_model
-                and linear is not None
-                and record["in_dim"] == linear.in_features
-                and record["out_dim"] == linear.out_features
-            ):
-                raise AdapterFileError(
-                    f"adapter file {path}: metadata field 'layers.{owner}.config' "
-                    f"{record['config']} does not fit its tensors: {key!r} has shape {in_file}, "
-                    f"a layer built with that config {in_model}; save the adapter again"
-                )
-            if in_file != in_model:
-                raise ValueError(
-                    f"layer {owner!r}: {key!r} has shape {in_file} in the adapter file but "
-                    f"{in_model} in the model; the adapter was made for other shapes or rank"
-                )
-        unexpected = sorted(tensors.keys() - expected.keys())
-        if unexpected:
-            raise AdapterFileError(
-                f"adapter file {path}: tensor {unexpected[0]!r} is not an adapter tensor of this "
-                "model (loading it would overwrite other weights); save the adapter again"
-            )
-        if not allow_other_base and _fingerprint(layers) != info["base_fingerprint"]:
+        _check_tensors(path, tensors, info, layers, state)
+        if not allow_other_base and base_fingerprint(model, layers) != info["base_fingerprint"]:
             raise ValueError(
                 f"the adapter in {path} was trained on another base model: the base weights of "
                 "its layers here differ from those it was saved with (its base_fingerprint). Load "
@@ -426,3 +366,35 @@ def load_adapter(
             _set_submodule(model, name, original)
         raise
     return model
+
+
+def _check_tensors(path: Any, tensors: dict, info: dict, layers: dict, state: dict) -> None:
+    """Refuse missing, unexpected or misshapen tensors, naming the layer (and a wrong config)."""
+    owners = {f"{n}.{key}": n for n, layer in layers.items() for key in layer.adapter_state()}
+    for name in info["extra_modules"]:
+        owners.update({key: name for key in state if key.startswith(name + ".")})
+    for key, owner in owners.items():
+        if key not in tensors:
+            raise ValueError(
+                f"layer {owner!r}: the adapter file has no tensor {key!r}; it is from another model"
+            )
+        in_file, in_model = tuple(tensors[key].shape), tuple(state[key].shape)
+        if in_file == in_model:
+            continue
+        record, linear = info["layers"].get(owner), getattr(layers.get(owner), "linear", None)
+        recorded = record and (record["in_dim"], record["out_dim"])
+        if linear is not None and recorded == (linear.in_features, linear.out_features):
+            raise AdapterFileError(  # the model's layer has the recorded size: the config is wrong
+                f"adapter file {path}: metadata field 'layers.{owner}.config' {record['config']} "
+                f"does not fit its tensors: {key!r} has shape {in_file}, a layer built with that "
+                f"config {in_model}; save the adapter again"
+            )
+        raise ValueError(
+            f"layer {owner!r}: {key!r} has shape {in_file} in the adapter file but {in_model} "
+            "in the model; the adapter was made for other shapes or another rank"
+        )
+    if unexpected := sorted(tensors.keys() - owners.keys()):
+        raise AdapterFileError(
+            f"adapter file {path}: tensor {unexpected[0]!r} is not an adapter tensor of this "
+            "model (loading it would overwrite other weights); save the adapter again"
+        )
