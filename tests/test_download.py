@@ -430,3 +430,16 @@ def test_damaged_record_means_hashing_again(http_server, monkeypatch, cache) -> 
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     (cache / "blob.bin.verified.json").write_text("{not json")
     assert fetch("blob.bin", cache_dir=cache, progress=False).read_bytes() == PAYLOAD
+
+
+def test_unpinned_file_placed_by_hand_is_kept_when_the_server_publishes_its_sha256(
+    monkeypatch, cache
+) -> None:
+    _register(monkeypatch, "blob.bin", PAYLOAD, size=None, sha256=None)
+    placed = cache / "blob.bin"
+    placed.write_bytes(PAYLOAD)
+    os.utime(placed, ns=(0, 1_000_000_000))  # an old file: a download would give a new mtime
+    with _mirror(monkeypatch, _etag_handler(f'"{hashlib.sha256(PAYLOAD).hexdigest()}"')):
+        assert fetch("blob.bin", cache_dir=cache, progress=False) == placed
+    assert placed.stat().st_mtime_ns == 1_000_000_000  # checked against the server, not replaced
+    assert (cache / "blob.bin.verified.json").is_file()
