@@ -20,14 +20,15 @@ from torch import Tensor, nn
 
 from lora_tutorial import __version__
 from lora_tutorial.files import atomic_write
-from lora_tutorial.lora import (
-    ADAPTER_KINDS,
-    AdapterLayer,
-    LoRALayer,
-    _get_submodule,
-    _require_adapters,
-    _set_submodule,
-)
+from lora_tutorial.lora import AdapterLayer, LinearWithLoRA, LoRALayer
+from lora_tutorial.lora import find_submodule as _get_submodule
+from lora_tutorial.lora import require_adapter_layers as _require_adapters
+from lora_tutorial.lora import set_submodule as _set_submodule
+from lora_tutorial.quantize import LinearWithQLoRA
+from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
+
+_KINDS = (LinearWithLoRA, LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA, LinearWithQLoRA)
+ADAPTER_KINDS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in _KINDS}
 
 ADAPTER_FORMAT = "lora_tutorial.adapter"
 
