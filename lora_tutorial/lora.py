@@ -82,8 +82,6 @@ class AdapterLayer(nn.Module):
     """A frozen ``nn.Linear`` (``.linear``) plus an update; subclasses pass their keyword arguments
     to ``__init__`` (``config()`` returns them) and define ``forward`` and ``delta_weight()``."""
 
-    kind = ""  # the name adapter files record for this class
-
     def __init__(self, linear: nn.Linear, **config: Any) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -126,7 +124,9 @@ class AdapterLayer(nn.Module):
     def merged_forward(self, x: Tensor) -> Tensor:
         trains = any(p.requires_grad for p in self.adapter_parameters())
         if trains and self.training and torch.is_grad_enabled():
-            raise RuntimeError("cannot train a merged layer: call unmerge_lora(model) first")
+            raise RuntimeError(
+                "a merged layer cannot train: unmerge_lora(model) first (or model.eval() to infer)"
+            )
         return F.linear(x, self.merged_weight, self.linear.bias)
 
 
@@ -205,13 +205,10 @@ def select_linear_layers(
         if not included(name, layer) or excluded(name, layer):
             continue
         if isinstance(parent, READS_CHILD_WEIGHTS):
-            warnings.warn(
-                f"skipped {name!r}: {type(parent).__name__} reads its weight directly, "
-                "so an adapter there would break its forward pass",
-                stacklevel=3,
-            )
-            continue
-        chosen[name] = layer
+            message = f"skipped {name!r}: {type(parent).__name__} reads its weight directly"
+            warnings.warn(message + ", so an adapter there would break it", stacklevel=3)
+        else:
+            chosen[name] = layer
     return chosen
 
 
@@ -300,10 +297,12 @@ def replace_linear_with_lora(
             )
     _refuse_shared_layers(model, chosen)
     # Build every wrapper before touching the model, so that bad arguments leave it unchanged.
-    wrapped = {
-        name: wrapper(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout, **wrapper_kwargs)
-        for name, linear in chosen.items()
-    }
+    wrapped, options = {}, {"use_rslora": use_rslora, "dropout": dropout, **wrapper_kwargs}
+    for name, linear in chosen.items():
+        try:
+            wrapped[name] = wrapper(linear, rank, alpha, **options)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
     for name, layer in wrapped.items():
         set_submodule(model, name, layer)
     if verbose:
