@@ -54,8 +54,7 @@ def dora_reference(
         layer.lora.A.copy_(A)
         layer.lora.B.copy_(B)
         layer.m.copy_(m)
-    layer.merge()
-    return layer.linear.weight.detach().clone()
+    return layer.updated_weight().detach().clone()
 
 
 def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
