@@ -156,8 +156,9 @@ class LinearWithLoRA(AdapterLayer):
 
 Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
-# Modules that read their linear children's ``.weight`` instead of calling them: not adaptable.
-READS_CHILD_WEIGHTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+# Modules that read their linear children's ``.weight`` instead of calling them (the encoder
+# layer in its fast inference path): an adapter or a 4-bit layer there would break them.
+READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def _matcher(selector: Selector, argument: str) -> Callable[[str, nn.Module], bool]:
@@ -197,7 +198,7 @@ def select_linear_layers(
 
     Each is an ``fnmatch`` pattern matched against the qualified name or any dotted suffix
     (``"W_query"``, ``"trf_blocks.*.ff.*"``), a list of them, or a function ``(name, module) ->
-    bool``; ``include=None`` means all. ``nn.MultiheadAttention.out_proj`` is skipped, warning.
+    bool``; ``include=None`` means all. Children of ``READS_CHILD_WEIGHTS`` are skipped, warning.
     """
     included, excluded = _matcher(include, "include"), _matcher(exclude, "exclude")
     chosen = {}

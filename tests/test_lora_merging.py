@@ -135,16 +135,41 @@ def test_one_linear_at_two_places_is_refused() -> None:
     assert len(adapter_layers(replace_linear_with_lora(untied, 2, 4))) == 2
 
 
+class AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)  # its forward reads out_proj.weight directly
+        self.ff = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff(self.attn(x, x, x, need_weights=False)[0])
+
+
 def test_multihead_attention_out_proj_is_skipped_with_a_warning() -> None:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, 16).eval()
+    block = AttentionBlock().eval()
     x = torch.randn(5, 3, 8)
-    expected = layer(x)
-    with pytest.warns(UserWarning, match=r"skipped 'self_attn\.out_proj': MultiheadAttention"):
+    expected = block(x)
+    with pytest.warns(UserWarning, match=r"skipped 'attn\.out_proj': MultiheadAttention reads"):
+        replace_linear_with_lora(block, 2, 4.0)
+    assert list(adapter_layers(block)) == ["ff"]
+    assert torch.equal(block(x), expected)
+    block.train()(x).sum().backward()  # and it trains
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_encoder_layer_is_refused_clearly_and_left_working(batch_first: bool) -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first).eval()
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad():
+        expected = layer(x)  # batch_first and eval: the fast path reads linear1.weight directly
+    with (
+        pytest.warns(UserWarning, match=r"skipped 'linear1': TransformerEncoderLayer reads"),
+        pytest.raises(ValueError, match="no linear layer matched"),
+    ):
         replace_linear_with_lora(layer, 2, 4.0)
-    assert list(adapter_layers(layer)) == ["linear1", "linear2"]
-    assert torch.equal(layer(x), expected)
-    layer.train()(x).sum().backward()  # and it trains
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
 
 
 def test_float32_adapter_on_a_bfloat16_base() -> None:

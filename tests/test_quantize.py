@@ -189,10 +189,12 @@ def test_quantize_linear_layers_chooses_by_fnmatch_patterns_like_lora() -> None:
 
 
 def test_multihead_attention_out_proj_is_not_quantized() -> None:
-    layer = nn.TransformerEncoderLayer(8, 2, 16)
-    with pytest.warns(UserWarning, match=r"skipped 'self_attn\.out_proj'"):
-        assert quantize_linear_layers(layer) == 2
-    layer(torch.randn(5, 3, 8))
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "ff": nn.Linear(8, 8)})
+    with pytest.warns(UserWarning, match=r"skipped 'attn\.out_proj'"):
+        assert quantize_linear_layers(model) == 1
+    x = torch.randn(5, 3, 8)
+    model["attn"](x, x, x)  # still works: out_proj is a float nn.Linear
+    assert isinstance(model["ff"], LinearNF4)
 
 
 def tiny_qlora() -> nn.Module:
