@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -47,6 +47,13 @@ ADAPTER_KINDS: dict[str, type[nn.Module]] = {
 FINGERPRINT_SAMPLES = 4096  # values per base tensor that the fingerprint looks at
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RECORD_FIELDS = {"kind", "config", "in_dim", "out_dim"}
+
+
+def _dims(linear: nn.Module) -> tuple[int, int]:
+    """(in_dim, out_dim) of a base layer: an ``nn.Linear`` or QLoRA's 4-bit ``LinearNF4``."""
+    if isinstance(linear, nn.Linear):
+        return linear.in_features, linear.out_features
+    return cast(int, linear.in_dim), cast(int, linear.out_dim)
 
 
 class AdapterFileError(ValueError):
@@ -150,7 +157,8 @@ def save_adapter(
                 f"layer {name!r} is a {cls}, which is not in adapters.ADAPTER_KINDS, so a file "
                 f"could not say how to rebuild it; register it: ADAPTER_KINDS['my-kind'] = {cls}"
             )
-        size = {"in_dim": layer.linear.in_features, "out_dim": layer.linear.out_features}
+        in_dim, out_dim = _dims(layer.linear)
+        size = {"in_dim": in_dim, "out_dim": out_dim}
         records[name] = {"kind": kind, "config": layer.config(), **size}
         tensors.update({f"{name}.{key}": t for key, t in layer.adapter_state().items()})
     for name in extras:
@@ -383,7 +391,7 @@ def _check_tensors(path: Any, tensors: dict, info: dict, layers: dict, state: di
             continue
         record, linear = info["layers"].get(owner), getattr(layers.get(owner), "linear", None)
         recorded = record and (record["in_dim"], record["out_dim"])
-        if linear is not None and recorded == (linear.in_features, linear.out_features):
+        if linear is not None and recorded == _dims(linear):
             raise AdapterFileError(  # the model's layer has the recorded size: the config is wrong
                 f"adapter file {path}: metadata field 'layers.{owner}.config' {record['config']} "
                 f"does not fit its tensors: {key!r} has shape {in_file}, a layer built with that "

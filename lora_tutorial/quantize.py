@@ -3,9 +3,9 @@
 QLoRA (Dettmers et al., 2023) stores the frozen base model in 4 bits and trains LoRA adapters on
 top in higher precision. Three ideas make 4 bits enough:
 
-1. **Block-wise absmax scaling.** The weights are cut into blocks of 64 values; each block is divided
-   by its largest absolute value, so it lies in [-1, 1], and that one scale is kept per block. An
-   outlier then spoils only its own block, not the whole matrix.
+1. **Block-wise absmax scaling.** The weights are cut into blocks of 64 values; each block is
+   divided by its largest absolute value, so it lies in [-1, 1], and that one scale is kept per
+   block. An outlier then spoils only its own block, not the whole matrix.
 2. **NF4 levels.** Trained weights are roughly normally distributed, so instead of 16 evenly spaced
    levels the 16 levels sit at quantiles of the normal distribution: each level is used about
    equally often, and exact zero is one of them.
@@ -29,11 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_tutorial.lora import AdapterLayer, LinearWithLoRA
+from lora_tutorial.lora import (
+    LinearWithLoRA,
+    Selector,
+    is_number,
+    select_linear_layers,
+    set_submodule,
+)
 
 NF4_BLOCK_SIZE = 64
-# Where the outermost NF4 level sits on the normal CDF (``Phi^-1(1)`` would be infinite). This is the
-# value of QLoRA's reference implementation (bitsandbytes); it equals 1 - (1/30 + 1/32) / 2.
+# Where the outermost NF4 level sits on the normal CDF (``Phi^-1(1)`` would be infinite). This is
+# the value of QLoRA's reference implementation (bitsandbytes); it equals 1 - (1/30 + 1/32) / 2.
 NF4_OFFSET = 0.9677083
 
 
@@ -41,9 +47,10 @@ def nf4_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
     """The 16 NF4 levels in [-1, 1], computed from quantiles of the standard normal distribution.
 
     The positive half gets 8 levels at the normal quantiles of 8 equal steps of probability from
-    0.5 to ``offset``; the negative half gets 7 the same way; zero is added so that it is represented
-    exactly (padding and ReLU-like zeros cost no error). Both halves are scaled so that the outermost
-    level is exactly +-1. The result matches the table published with QLoRA to about 1e-7.
+    0.5 to ``offset``; the negative half gets 7 the same way; zero is added so that it is
+    represented exactly (padding and ReLU-like zeros cost no error). Both halves are scaled so that
+    the outermost level is exactly +-1. The result matches the table published with QLoRA to
+    about 1e-7.
     """
     if not 0.5 < offset < 1.0:
         raise ValueError(
@@ -73,7 +80,7 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes needed to store this tensor: the packed codes plus the scales (levels are shared)."""
+        """Bytes to store this tensor: the packed codes plus the scales (levels are shared)."""
         return (
             self.packed.numel() * self.packed.element_size()
             + self.absmax.numel() * self.absmax.element_size()
@@ -103,21 +110,28 @@ def quantize_blockwise(
 
     The tensor is flattened and cut into blocks of ``blocksize`` values (the last one padded with
     zeros); each block is divided by its absmax and every value is replaced by the index of the
-    nearest level. Pass other levels (for example ``torch.linspace(-1, 1, 16)``) to compare codebooks.
+    nearest level. Pass other levels (``torch.linspace(-1, 1, 16)``, say) to compare codebooks.
+    NaN or inf values are refused: they would spoil the scale of their whole block.
     """
     if not tensor.is_floating_point():
         raise TypeError(f"can only quantize floating-point tensors, got dtype {tensor.dtype}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+    if not is_number(blocksize, integer=True) or blocksize < 1:
         raise ValueError(
             f"blocksize must be a positive integer, got {blocksize!r}; QLoRA uses {NF4_BLOCK_SIZE}"
         )
     levels = nf4_levels() if levels is None else levels.detach().float().flatten()
     if levels.numel() != 16 or not bool((levels.diff() > 0).all()):
         raise ValueError(
-            f"levels must be 16 increasing values (4 bits), got {levels.numel()} values: {levels.tolist()}"
+            f"levels must be 16 increasing values (4 bits), got {levels.numel()}: {levels.tolist()}"
         )
     if tensor.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
+    bad = (~torch.isfinite(tensor.detach())).flatten().nonzero()
+    if len(bad):
+        raise ValueError(
+            f"cannot quantize a tensor with {len(bad)} NaN or inf values (the first at flat index "
+            f"{bad[0].item()}): each would spoil its block of {blocksize}; fix or drop them first"
+        )
 
     flat = tensor.detach().float().flatten()
     blocks = F.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
@@ -135,7 +149,7 @@ def quantize_blockwise(
 
 
 def quantization_error(tensor: torch.Tensor, quantized: QuantizedTensor) -> dict[str, float]:
-    """How far the round trip moved the values: mean and max absolute error, relative Frobenius error."""
+    """How far the round trip moved the values: mean and max absolute, relative Frobenius error."""
     diff = (quantized.dequantize().float() - tensor.detach().float()).flatten()
     return {
         "mean_abs_error": diff.abs().mean().item(),
@@ -152,20 +166,27 @@ class LinearNF4(nn.Module):
     the whole base model in 4 bits while LoRA adapters (in float) learn on top.
     """
 
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    levels: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, blocksize: int = NF4_BLOCK_SIZE) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearNF4 quantizes an nn.Linear, got {type(linear).__name__}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_dim = linear.in_features
+        self.out_dim = linear.out_features
         q = quantize_blockwise(linear.weight, blocksize=blocksize)
-        self.blocksize, self.weight_dtype = blocksize, q.dtype
+        self.blocksize = blocksize
+        self.weight_dtype = q.dtype
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("levels", q.levels)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def quantized_weight(self) -> QuantizedTensor:
-        shape = torch.Size((self.out_features, self.in_features))
+        shape = torch.Size((self.out_dim, self.in_dim))
         return QuantizedTensor(
             self.packed, self.absmax, self.levels, shape, self.weight_dtype, self.blocksize
         )
@@ -179,42 +200,36 @@ class LinearNF4(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, nf4 blocksize={self.blocksize}"
 
 
 def quantize_linear_layers(
-    model: nn.Module, blocksize: int = NF4_BLOCK_SIZE, *, exclude: tuple[str, ...] = ()
+    model: nn.Module,
+    blocksize: int = NF4_BLOCK_SIZE,
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
 ) -> int:
-    """Replace the model's plain ``nn.Linear`` layers (in place) by frozen :class:`LinearNF4`; return the count.
+    """Replace the chosen plain ``nn.Linear`` layers by frozen :class:`LinearNF4`; return the count.
 
-    Modules whose qualified name contains one of ``exclude`` stay in float (a classification head,
-    say). The base layers inside adapter layers are left alone: their adapters need a float
-    ``.linear`` to merge into; build QLoRA layers with :class:`LinearWithQLoRA` instead.
+    ``include`` / ``exclude`` choose layers by name as in
+    :func:`~lora_tutorial.lora.replace_linear_with_lora` (exclude a classification head to keep it
+    in float, say). Adapter layers and their bases are left alone: build QLoRA layers with
+    :class:`LinearWithQLoRA` instead.
     """
-    adapted = {name + ".linear" for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and name
-        and name not in adapted
-        and not any(part in name for part in exclude)
-    ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearNF4(module, blocksize))
+    chosen = select_linear_layers(model, include, exclude)
+    targets = {name: m for name, m in chosen.items() if isinstance(m, nn.Linear)}
+    for name, linear in targets.items():
+        set_submodule(model, name, LinearNF4(linear, blocksize))
     return len(targets)
 
 
 class LinearWithQLoRA(LinearWithLoRA):
-    """QLoRA's layer: a frozen NF4 base (``.linear`` is a :class:`LinearNF4`) plus a float LoRA update.
+    """QLoRA's layer: a frozen NF4 base (``.linear`` is a :class:`LinearNF4`) plus a float LoRA.
 
     Built from a float ``nn.Linear``, which it quantizes; ``.lora`` is an ordinary
-    :class:`~lora_tutorial.lora.LoRALayer` in the base layer's float dtype. The 4-bit base
-    cannot absorb the update without rounding it away, so :meth:`merge` refuses;
-    :meth:`merged_linear` returns a float ``nn.Linear`` (dequantized weight + update) instead,
-    which is what ``merge_and_unload`` uses.
+    :class:`~lora_tutorial.lora.LoRALayer` in the base layer's float dtype. Merging computes a
+    float weight (dequantized base + update): a 4-bit base could not hold the update.
     """
 
     kind = "qlora"
@@ -230,28 +245,14 @@ class LinearWithQLoRA(LinearWithLoRA):
         blocksize: int = NF4_BLOCK_SIZE,
     ) -> None:
         super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
-        self.linear = LinearNF4(linear, blocksize)
+        self.linear: LinearNF4 = LinearNF4(linear, blocksize)  # type: ignore[assignment]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "blocksize": self.linear.blocksize}
 
-    def merge(self) -> None:
-        raise NotImplementedError(
-            "a 4-bit NF4 base cannot hold the float LoRA update (rounding would erase most of it); "
-            "use layer.merged_linear() or lora.merge_and_unload(model) to get float nn.Linear layers instead"
-        )
-
-    @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """A new float ``nn.Linear`` computing what this layer computes: dequantized weight plus the update."""
-        base = self.linear
-        weight = base.dequantized_weight().float() + self.delta_weight().float()
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        merged = merged.to(device=weight.device, dtype=self.lora.A.dtype)
-        merged.weight.copy_(weight)
-        if base.bias is not None:
-            merged.bias.copy_(base.bias)
-        return merged
+    def updated_weight(self) -> torch.Tensor:
+        weight = self.linear.dequantized_weight()
+        return weight + self.delta_weight().to(weight.dtype)
 
 
 def model_weight_bytes(model: nn.Module) -> int:

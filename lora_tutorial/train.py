@@ -113,7 +113,7 @@ def prepare_model(
     lora.replace_linear_with_lora(
         model, rank, alpha, include=list(targets), exclude=HEAD, dropout=dropout
     )
-    lora.mark_only_lora_as_trainable(model, extra=HEAD)
+    lora.mark_only_lora_as_trainable(model, extra_modules=HEAD)
     return model
 
 

@@ -1,27 +1,25 @@
 """Improvements of LoRA, each a few lines on top of :mod:`lora_tutorial.lora`.
 
 - **rsLoRA** (Kalajdzievski, 2023): ``scaling = alpha / sqrt(rank)``; it is the ``use_rslora=True``
-  option of every LoRA layer. :func:`fit_random_update` is the rank sweep of chapter 7.
+  option of every LoRA layer.
 - **DoRA** (Liu et al., 2024): :class:`LinearWithDoRA` learns a magnitude per output unit and lets
   LoRA change only the direction of the weight rows.
-- **LoRA+** (Hayou et al., 2024): :func:`create_loraplus_optimizer` gives B a larger learning rate than A.
+- **LoRA+** (Hayou et al., 2024): :func:`create_loraplus_optimizer` gives B a larger learning rate.
 - **PiSSA** (Meng et al., 2024): :class:`LinearWithPiSSA` starts A and B at the top singular
   vectors of the weight and freezes the rest.
-- **QLoRA** (Dettmers et al., 2023): :class:`~lora_tutorial.quantize.LinearWithQLoRA`, a 4-bit NF4
-  base with LoRA on top (defined in :mod:`lora_tutorial.quantize`, re-exported here).
 - **VeRA** (Kopiczko et al., 2024): :class:`LinearWithVeRA` shares frozen random A and B between
   layers and trains two vectors per layer.
 
-Every layer class is an :class:`~lora_tutorial.lora.AdapterLayer` with its own ``kind``, so
-``replace_linear_with_lora(model, rank, alpha, wrapper=LinearWithDoRA)`` applies it and
-``save_adapter`` / ``load_adapter`` store and rebuild it (import this module before loading).
-:func:`low_rank_task` and :func:`fit_target` are a one-layer playground for the chapter's small
-experiments.
+QLoRA's layer is :class:`lora_tutorial.quantize.LinearWithQLoRA`. Every layer class is an
+:class:`~lora_tutorial.lora.AdapterLayer`, so ``replace_linear_with_lora(model, rank, alpha,
+wrapper=LinearWithDoRA)`` applies it. Chapter 7's one-layer experiments are in
+:mod:`lora_tutorial.toy_tasks`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,23 +32,18 @@ from lora_tutorial.lora import (
     LoRALayer,
     Selector,
     adapter_layers,
-    check_dropout,
-    check_rank,
+    check_rank_and_dropout,
+    is_number,
     replace_linear_with_lora,
 )
-from lora_tutorial.quantize import LinearWithQLoRA
 
 __all__ = [
     "LinearWithDoRA",
     "LinearWithPiSSA",
-    "LinearWithQLoRA",
     "LinearWithVeRA",
     "VeRAProjections",
     "create_loraplus_optimizer",
-    "fit_random_update",
-    "fit_target",
     "loraplus_param_groups",
-    "low_rank_task",
     "replace_linear_with_vera",
     "share_vera_projections",
 ]
@@ -59,7 +52,7 @@ __all__ = [
 
 
 class LinearWithDoRA(LinearWithLoRA):
-    """DoRA: ``W' = m * V / ||V||`` with ``V = W0 + scaling * (A @ B)^T``, norms taken per output unit.
+    """DoRA: ``W' = m * V / ||V||`` with ``V = W0 + scaling * (A @ B)^T``, norms per output unit.
 
     Every row of the weight ``(out, in)`` is split into a length (``.m``, trainable, one entry per
     output unit, initialised to the row norms of ``W0``) and a direction (``V / ||V||``), which
@@ -86,66 +79,45 @@ class LinearWithDoRA(LinearWithLoRA):
     ) -> None:
         super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
         self.m = nn.Parameter(linear.weight.detach().norm(dim=1).clone())
-        self.register_buffer(
-            "_merged_norm", None, persistent=False
-        )  # ||V|| at merge time, to unmerge
 
     def weight_norm(self) -> Tensor:
-        """``||V||`` per output unit, shape ``(out,)``, without gradient."""
+        """``||V||`` per output unit, shape ``(out,)``, without gradient (1 for an all-zero row)."""
         with torch.no_grad():
-            return (self.linear.weight + self.delta_weight().to(self.linear.weight.dtype)).norm(
-                dim=1
-            )
+            weight = self.linear.weight
+            norm = (weight + self.delta_weight().to(weight.dtype)).norm(dim=1)
+        return norm.masked_fill(norm == 0, 1.0)  # an all-zero row stays zero instead of NaN
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return self.linear(x)
+            return self.merged_forward(x)
         scale = self.m / self.weight_norm()  # (out,): new length over current length
         out = scale * (F.linear(x, self.linear.weight) + self.lora(x))
         return out if self.linear.bias is None else out + self.linear.bias
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Replace ``linear.weight`` by ``m * V / ||V||``; remember ``||V||`` so that unmerge can undo it."""
-        if not self.merged:
-            norm = self.weight_norm()
-            weight = self.linear.weight
-            weight.copy_((self.m / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype)))
-            self._merged_norm, self.merged = norm, True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Recover ``W0 = W' * ||V|| / m - scaling * (A @ B)^T`` (needs every entry of m non-zero)."""
-        if self.merged:
-            if bool((self.m == 0).any()):
-                raise ValueError(
-                    "cannot unmerge: some magnitudes in .m are exactly 0, so W0 is lost for those rows"
-                )
-            weight = self.linear.weight
-            weight.copy_(
-                weight * (self._merged_norm / self.m)[:, None]
-                - self.delta_weight().to(weight.dtype)
-            )
-            self._merged_norm, self.merged = None, False
+    def updated_weight(self) -> Tensor:
+        """DoRA's weight ``m * V / ||V||``: what ``merge`` computes."""
+        weight = self.linear.weight
+        direction = (weight + self.delta_weight().to(weight.dtype)) / self.weight_norm()[:, None]
+        return self.m[:, None] * direction
 
 
 # ----------------------------------------------------------------------------- PiSSA
 
 
 class LinearWithPiSSA(LinearWithLoRA):
-    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is the frozen base.
+    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is frozen.
 
-    With ``W0 = U S V^T`` (``W0`` of shape ``(out, in)``), ``sqrt(S_r / scaling)`` goes to each side, as
-    PEFT's ``init_lora_weights="pissa"`` does::
+    With ``W0 = U S V^T`` (``W0`` of shape ``(out, in)``), ``sqrt(S_r / scaling)`` goes to each
+    side, as PEFT's ``init_lora_weights="pissa"`` does::
 
         A = V_r sqrt(S_r / scaling)          (in, rank)
         B = sqrt(S_r / scaling) U_r^T        (rank, out)
         residual = W0 - scaling * (A @ B)^T  (the frozen base; the principal part now trains)
 
-    so ``residual + scaling * (A @ B)^T == W0`` and the model is unchanged at initialisation (up to
-    float rounding). The given ``linear`` is not modified: ``.linear`` becomes a new layer holding the
-    residual. Rebuilding from the same ``W0`` (as ``load_adapter`` does) gives the same residual,
-    because ``U_r S_r V_r^T`` does not depend on the signs the SVD picks.
+    so ``residual + scaling * (A @ B)^T == W0`` and the model is unchanged at initialisation (up
+    to float rounding). The given ``linear`` is not modified: ``.linear`` becomes a new layer with
+    the residual. Rebuilding from the same ``W0`` (as ``load_adapter`` does) gives the same
+    residual, because ``U_r S_r V_r^T`` does not depend on the signs the SVD picks.
     """
 
     kind = "pissa"
@@ -159,15 +131,11 @@ class LinearWithPiSSA(LinearWithLoRA):
         use_rslora: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        check_rank(rank)
-        if rank > min(linear.in_features, linear.out_features):
-            raise ValueError(
-                f"rank={rank} exceeds the rank of a {linear.out_features}x{linear.in_features} weight; "
-                f"PiSSA needs rank <= {min(linear.in_features, linear.out_features)}"
-            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         residual = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         residual = residual.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        super().__init__(residual, rank, alpha, use_rslora=use_rslora, dropout=dropout)
+        super().__init__(residual, rank, alpha, use_rslora=use_rslora, dropout=dropout)  # checks
         weight = linear.weight.detach().float()
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
         root = (S[:rank] / self.lora.scaling).sqrt()
@@ -202,11 +170,14 @@ def vera_projections(in_dim: int, out_dim: int, rank: int, seed: int) -> tuple[T
 
 
 class VeRAProjections(nn.Module):
-    """Frozen random ``A (in, r)`` and ``B (r, out)`` as buffers, one module shared by layers of a shape.
+    """Frozen random ``A (in, r)`` and ``B (r, out)`` as buffers, one module shared per shape.
 
-    The buffers are not saved (``persistent=False``): the seed regenerates them. Because layers share
-    the *module*, ``model.to(device)`` moves the one copy they all use.
+    The buffers are not saved (``persistent=False``): the seed regenerates them. Because layers
+    share the *module*, ``model.to(device)`` moves the one copy they all use.
     """
+
+    A: Tensor
+    B: Tensor
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, seed: int) -> None:
         super().__init__()
@@ -217,10 +188,10 @@ class VeRAProjections(nn.Module):
 
 
 class LinearWithVeRA(AdapterLayer):
-    """VeRA: ``linear(x) + b * ((x @ A * d) @ B)`` with A, B frozen random and only ``d (r,)``, ``b (out,)`` trained.
+    """VeRA: ``linear(x) + b * ((x @ A * d) @ B)``; A, B frozen random; ``d``, ``b`` vectors train.
 
-    ``b`` starts at zero (the layer equals the base at initialisation) and ``d`` at ``d_initial``, as
-    in PEFT. One layer trains ``rank + out`` numbers where LoRA trains ``rank * (in + out)``.
+    ``b`` starts at zero (the layer equals the base at initialisation) and ``d`` at ``d_initial``,
+    as in PEFT. One layer trains ``rank + out`` numbers where LoRA trains ``rank * (in + out)``.
     ``.projections`` holds A and B; :func:`share_vera_projections` makes layers of one shape use a
     single copy (PEFT instead slices one pair sized for the largest layer).
     """
@@ -236,51 +207,30 @@ class LinearWithVeRA(AdapterLayer):
         seed: int = 0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(linear)
-        check_rank(rank)
-        check_dropout(dropout)
-        if (
-            isinstance(d_initial, bool)
-            or not isinstance(d_initial, (int, float))
-            or not math.isfinite(d_initial)
-        ):
+        super().__init__(linear, rank=rank, d_initial=d_initial, seed=seed, dropout=dropout)
+        check_rank_and_dropout(rank, dropout)
+        if not is_number(d_initial) or not math.isfinite(d_initial):
             raise ValueError(f"d_initial must be a finite number, got {d_initial!r}; PEFT uses 0.1")
-        self.rank, self.d_initial, self.seed, self.dropout_p = (
-            int(rank),
-            float(d_initial),
-            int(seed),
-            float(dropout),
-        )
-        kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.projections = VeRAProjections(
-            linear.in_features, linear.out_features, self.rank, self.seed
-        ).to(**kwargs)
-        self.d = nn.Parameter(torch.full((self.rank,), self.d_initial, **kwargs))
-        self.b = nn.Parameter(torch.zeros(linear.out_features, **kwargs))
+        if not is_number(seed, integer=True):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.rank = rank
+        self.seed = seed
+        in_dim, out_dim, weight = linear.in_features, linear.out_features, linear.weight
+        projections = VeRAProjections(in_dim, out_dim, rank, seed)
+        self.projections = projections.to(weight.device, weight.dtype)
+        self.d = nn.Parameter(torch.full((rank,), float(d_initial)).to(weight.device, weight.dtype))
+        self.b = nn.Parameter(torch.zeros(out_dim, device=weight.device, dtype=weight.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return self.linear(x)
+            return self.merged_forward(x)
         p = self.projections
         return self.linear(x) + self.b * ((self.dropout(x) @ p.A * self.d) @ p.B)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "d_initial": self.d_initial,
-            "seed": self.seed,
-            "dropout": self.dropout_p,
-        }
 
     def delta_weight(self) -> Tensor:
         p = self.projections
         return ((p.A * self.d) @ p.B * self.b).T
-
-    def extra_repr(self) -> str:
-        return (
-            f"rank={self.rank}, seed={self.seed}, d_initial={self.d_initial}, merged={self.merged}"
-        )
 
 
 def share_vera_projections(model: nn.Module) -> int:
@@ -292,15 +242,8 @@ def share_vera_projections(model: nn.Module) -> int:
     shared: dict[tuple, VeRAProjections] = {}
     for layer in adapter_layers(model).values():
         if isinstance(layer, LinearWithVeRA):
-            A = layer.projections.A
-            key = (
-                A.shape[0],
-                layer.projections.B.shape[1],
-                layer.rank,
-                layer.seed,
-                A.device,
-                A.dtype,
-            )
+            A, B = layer.projections.A, layer.projections.B
+            key = (tuple(A.shape), tuple(B.shape), layer.seed, A.device, A.dtype)
             layer.projections = shared.setdefault(key, layer.projections)
     return len(shared)
 
@@ -315,7 +258,7 @@ def replace_linear_with_vera(
     seed: int = 0,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Wrap the chosen linear layers with :class:`LinearWithVeRA` sharing one A, B per shape; return the model.
+    """Wrap the chosen linear layers with :class:`LinearWithVeRA`, one A, B per shape; return model.
 
     ``include`` / ``exclude`` work as in :func:`~lora_tutorial.lora.replace_linear_with_lora`.
     VeRA has no ``alpha``: the trainable vectors set the scale.
@@ -339,7 +282,7 @@ def replace_linear_with_vera(
 def loraplus_param_groups(
     model: nn.Module, lr: float, lr_ratio: float = 16.0, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups for LoRA+: every LoRA ``B`` learns ``lr_ratio`` times faster than the rest.
+    """Parameter groups for LoRA+: every LoRA ``B`` learns ``lr_ratio`` times faster than the rest.
 
     The paper's scaling argument concerns B, whose learning rate should exceed A's in wide models.
     Like PEFT's ``create_loraplus_optimizer`` (adapted from the authors' code), trainable
@@ -348,15 +291,15 @@ def loraplus_param_groups(
     are left out; empty groups are dropped.
     """
     for name, value in (("lr", lr), ("lr_ratio", lr_ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not is_number(value) or not 0 < value < math.inf:
             raise ValueError(
                 f"{name} must be a positive number, got {value!r}; LoRA+ suggests lr_ratio=16"
             )
-    b_params = {id(m.B) for m in model.modules() if isinstance(m, LoRALayer)}
-    matrices, bs, vectors = [], [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (bs if id(p) in b_params else vectors if p.ndim == 1 else matrices).append(p)
+    b_ids = {id(m.B) for m in model.modules() if isinstance(m, LoRALayer)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bs = [p for p in trainable if id(p) in b_ids]
+    vectors = [p for p in trainable if id(p) not in b_ids and p.ndim == 1]
+    matrices = [p for p in trainable if id(p) not in b_ids and p.ndim != 1]
     groups = [
         {"params": matrices, "lr": lr, "weight_decay": weight_decay},
         {"params": bs, "lr": lr * lr_ratio, "weight_decay": weight_decay},
@@ -372,86 +315,12 @@ def loraplus_param_groups(
 
 def create_loraplus_optimizer(
     model: nn.Module,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
     *,
     lr: float,
     lr_ratio: float = 16.0,
     weight_decay: float = 0.0,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """An optimizer (AdamW by default) over :func:`loraplus_param_groups`; ``kwargs`` go to ``optimizer_cls``."""
+    """An optimizer (AdamW by default) over :func:`loraplus_param_groups`; ``kwargs`` go to it."""
     return optimizer_cls(loraplus_param_groups(model, lr, lr_ratio, weight_decay), lr=lr, **kwargs)
-
-
-# ----------------------------------------------------------------------------- small experiments
-
-
-def low_rank_task(dim: int = 128, decay: float = 0.97, seed: int = 0) -> tuple[nn.Linear, Tensor]:
-    """A frozen "pretrained" layer and a target weight for it to learn, both drawn from ``seed``.
-
-    The base weight ``W0`` is a random ``dim x dim`` matrix; the target is ``W0 + U diag(decay**i) V^T``
-    with random orthogonal U and V: a full-rank change whose singular values fall off geometrically,
-    so every extra rank captures a little more of it.
-    """
-    g = torch.Generator().manual_seed(seed)
-    w0 = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
-    u, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-    base = nn.Linear(dim, dim, bias=False)
-    with torch.no_grad():
-        base.weight.copy_(w0)
-    base.requires_grad_(False)
-    return base, w0 + (u * decay ** torch.arange(dim, dtype=torch.float32)) @ v.T
-
-
-def fit_target(
-    layer: AdapterLayer,
-    target: Tensor,
-    *,
-    steps: int = 150,
-    lr: float = 2e-3,
-    batch_size: int = 64,
-    optimizer: torch.optim.Optimizer | None = None,
-    seed: int = 0,
-) -> list[float]:
-    """Train ``layer``'s adapter so that ``layer(x)`` imitates ``x @ target.T``; return the loss of every step.
-
-    Inputs are standard normal, drawn from ``seed`` on the CPU (so runs that differ only in the layer
-    see the same data, on any device) and moved to ``target``'s device. The optimizer defaults to
-    Adam over ``layer.adapter_parameters()`` with ``lr``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    if optimizer is None:
-        optimizer = torch.optim.Adam(layer.adapter_parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(batch_size, target.shape[1], generator=g).to(target.device)
-        loss = F.mse_loss(layer(x), x @ target.T)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def fit_random_update(
-    rank: int,
-    *,
-    use_rslora: bool,
-    alpha: float = 8.0,
-    dim: int = 128,
-    steps: int = 150,
-    lr: float = 2e-3,
-    seed: int = 0,
-) -> list[float]:
-    """The rsLoRA experiment: a LoRA layer of ``rank`` fits :func:`low_rank_task`; returns the losses.
-
-    Everything is seeded by ``seed``; only the rank and the scaling rule change between runs. With
-    ``alpha / rank`` the update learns more slowly as the rank grows; with ``alpha / sqrt(rank)``
-    (rsLoRA) it does not.
-    """
-    base, target = low_rank_task(dim, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layer = LinearWithLoRA(base, rank, alpha, use_rslora=use_rslora)
-    return fit_target(layer, target, steps=steps, lr=lr, seed=seed)

@@ -1,12 +1,14 @@
-"""Tests of lora_tutorial.lora: layers, replacement, freezing, merging, and a PEFT peer check."""
+"""Tests of lora_tutorial.lora: layers, choosing layers, freezing, merging, PEFT peer check."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
 import torch
+from tinygpt import N_LINEAR, lora_model, tiny_model
 from torch import nn
 
 from lora_tutorial.lora import (
@@ -15,77 +17,13 @@ from lora_tutorial.lora import (
     adapter_layers,
     count_parameters,
     mark_only_lora_as_trainable,
-    merge_and_unload,
-    merge_lora,
     replace_linear_with_lora,
-    unmerge_lora,
 )
-
-# ----------------------------------------------------------------------------- a tiny GPT-shaped model
-
-
-class Attention(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.W_query, self.W_key, self.W_value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(x.shape[-1]), dim=-1)
-        return self.out_proj(weights @ v)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.att = Attention(d)
-        self.ff = nn.Module()
-        self.ff.layers = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.att(self.norm(x))
-        return x + self.ff.layers(self.norm(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, vocab: int = 50, d: int = 16, n_layers: int = 2, classes: int = 3) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, d)
-        self.trf_blocks = nn.Sequential(*[Block(d) for _ in range(n_layers)])
-        self.out_head = nn.Linear(d, classes)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.out_head(self.trf_blocks(self.tok_emb(idx)))
-
-
-ATTENTION_AND_FF = ("att.*", "ff.*")
-N_LINEAR = 2 * 6 + 1
-
-
-def tiny_model(seed: int = 0) -> TinyGPT:
-    torch.manual_seed(seed)
-    return TinyGPT()
 
 
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(1))
-
-
-def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
-    """Give B nonzero values, as training would, so that the update is visible."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=gen) * 0.1)
-
-
-def lora_model(seed: int = 0, **kwargs) -> TinyGPT:
-    model = replace_linear_with_lora(tiny_model(seed), 4, 8, include=ATTENTION_AND_FF, **kwargs)
-    randomize_adapters(model)
-    return model
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -129,7 +67,7 @@ def test_wrapped_layer_starts_equal_to_base_even_with_dropout() -> None:
 def test_wrapped_model_starts_equal_to_base(tokens: torch.Tensor) -> None:
     base = tiny_model()
     expected = base(tokens)
-    model = replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=8)
+    model = replace_linear_with_lora(copy.deepcopy(base), rank=3, alpha=8)
     assert len(adapter_layers(model)) == N_LINEAR
     assert torch.equal(model(tokens), expected)
 
@@ -144,8 +82,19 @@ def test_adapter_follows_base_dtype() -> None:
 
 @pytest.mark.parametrize("rank", [0, -2, 2.5, True, "8", None])
 def test_bad_rank(rank: object) -> None:
-    with pytest.raises(ValueError, match=rf"rank must be a positive integer, got {rank!r}"):
+    with pytest.raises(ValueError, match=rf"rank must be a positive integer.*, got {rank!r}"):
         LinearWithLoRA(nn.Linear(4, 4), rank, 8)
+
+
+def test_rank_above_the_layer_dimensions_is_refused() -> None:
+    message = r"rank must be a positive integer up to min\(in_dim, out_dim\) = 3, got 4"
+    with pytest.raises(ValueError, match=message):
+        LinearWithLoRA(nn.Linear(8, 3), 4, 8)
+    assert LinearWithLoRA(nn.Linear(8, 3), 3, 8).lora.A.shape == (8, 3)
+    model = tiny_model()  # its head has 3 outputs
+    with pytest.raises(ValueError, match=r"layer 'out_head': rank must .* = 3, got 4"):
+        replace_linear_with_lora(model, 4, 8)
+    assert adapter_layers(model) == {}
 
 
 @pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), "16"])
@@ -154,7 +103,7 @@ def test_bad_alpha(alpha: object) -> None:
         LinearWithLoRA(nn.Linear(4, 4), 4, alpha)
 
 
-@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, "0.1"])
 def test_bad_dropout(dropout: float) -> None:
     with pytest.raises(
         ValueError, match=rf"dropout must be a probability in \[0, 1\), got {dropout!r}"
@@ -163,9 +112,9 @@ def test_bad_dropout(dropout: float) -> None:
 
 
 def test_wrapping_something_else_than_linear() -> None:
-    with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear, got Conv1d"):
         LinearWithLoRA(nn.Conv1d(4, 4, 1), 4, 8)
-    with pytest.raises(TypeError, match="model is itself an nn.Linear"):
+    with pytest.raises(TypeError, match=r"model is itself an nn\.Linear"):
         replace_linear_with_lora(nn.Linear(4, 4), 4, 8)
 
 
@@ -211,8 +160,20 @@ def test_nothing_matched_lists_linear_layers() -> None:
         ValueError, match=r"no linear layer matched include='W_nope'.*trf_blocks\.0\.att\.W_query"
     ):
         replace_linear_with_lora(tiny_model(), 4, 8, include="W_nope")
-    with pytest.raises(ValueError, match="has no nn.Linear layers"):
+    with pytest.raises(ValueError, match=r"has no nn\.Linear layers"):
         replace_linear_with_lora(nn.Sequential(nn.ReLU()), 4, 8)
+
+
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+def test_selector_of_the_wrong_type_is_named(argument: str) -> None:
+    model = tiny_model()
+    with pytest.raises(TypeError, match=rf"{argument} must be a name pattern.*got 123"):
+        replace_linear_with_lora(model, 4, 8, **{argument: 123})
+    with pytest.raises(
+        TypeError, match=rf"{argument} must be a name pattern.*got \['W_query', 7\]"
+    ):
+        replace_linear_with_lora(model, 4, 8, **{argument: ["W_query", 7]})
+    assert adapter_layers(model) == {}
 
 
 def test_refuses_to_wrap_twice_but_extends() -> None:
@@ -226,13 +187,13 @@ def test_refuses_to_wrap_twice_but_extends() -> None:
     assert isinstance(model.trf_blocks[0].att.W_query.linear, nn.Linear)  # not wrapped again inside
 
 
-# ----------------------------------------------------------------------------- freezing and training
+# ----------------------------------------------------------------------------- freezing
 
 
 def test_count_parameters_after_freezing() -> None:
     d, r, classes = 16, 4, 3
     base_total = count_parameters(tiny_model()).total
-    model = mark_only_lora_as_trainable(lora_model(), extra=("out_head",))
+    model = mark_only_lora_as_trainable(lora_model(), extra_modules=("out_head",))
     per_block = 4 * r * (d + d) + r * (d + 4 * d) + r * (4 * d + d)
     lora_params = 2 * per_block
     head = d * classes + classes
@@ -242,11 +203,11 @@ def test_count_parameters_after_freezing() -> None:
 
 def test_unknown_extra_module_is_named() -> None:
     with pytest.raises(ValueError, match="extra module 'head' is not a module of this model"):
-        mark_only_lora_as_trainable(lora_model(), extra="head")
+        mark_only_lora_as_trainable(lora_model(), extra_modules="head")
 
 
 def test_training_changes_only_adapters_and_extras(tokens: torch.Tensor) -> None:
-    model = mark_only_lora_as_trainable(lora_model(), extra="out_head")
+    model = mark_only_lora_as_trainable(lora_model(), extra_modules="out_head")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     targets = torch.randint(0, 3, tokens.shape, generator=torch.Generator().manual_seed(3))
@@ -260,48 +221,7 @@ def test_training_changes_only_adapters_and_extras(tokens: torch.Tensor) -> None
     assert changed == expected
 
 
-# ----------------------------------------------------------------------------- merging
-
-
-def test_merge_equals_unmerged_and_unmerge_restores(tokens: torch.Tensor) -> None:
-    model = lora_model().eval()
-    weights = {
-        name: layer.linear.weight.detach().clone() for name, layer in adapter_layers(model).items()
-    }
-    expected = model(tokens)
-    merge_lora(model)
-    merge_lora(model)  # a second merge must not add the update again
-    assert all(layer.merged for layer in adapter_layers(model).values())
-    torch.testing.assert_close(model(tokens), expected, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(
-        model.trf_blocks[0].att.W_query.linear.weight, weights["trf_blocks.0.att.W_query"]
-    )
-    unmerge_lora(model)
-    unmerge_lora(model)
-    for name, layer in adapter_layers(model).items():
-        torch.testing.assert_close(layer.linear.weight, weights[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(tokens), expected, rtol=1e-6, atol=1e-6)
-
-
-def test_merged_layer_is_its_base_layer() -> None:
-    layer = lora_model().trf_blocks[0].ff.layers[0]
-    x = torch.randn(3, 16)
-    layer.merge()
-    assert torch.equal(layer(x), layer.linear(x))
-
-
-def test_merge_and_unload_gives_plain_linears(tokens: torch.Tensor) -> None:
-    model = lora_model().eval()
-    expected = model(tokens)
-    plain = merge_and_unload(model)
-    assert adapter_layers(plain) == {}
-    assert type(plain.trf_blocks[1].att.W_value) is nn.Linear
-    torch.testing.assert_close(plain(tokens), expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="no adapter layers"):
-        merge_lora(plain)
-
-
-# ----------------------------------------------------------------------------- peer check against PEFT
+# ----------------------------------------------------------------------------- PEFT peer
 
 
 @pytest.mark.parametrize(
@@ -336,3 +256,17 @@ def test_matches_peft_lora_linear(rank: int, alpha: float, use_rslora: bool) -> 
     torch.testing.assert_close(
         ours.delta_weight(), theirs.get_delta_weight("default"), rtol=1e-5, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- line budget
+
+
+def test_the_classes_chapter_3_displays_fit_in_90_lines() -> None:
+    """LoRALayer, LinearWithLoRA and what they inherit from in the package: at most 90 lines."""
+    classes = {LoRALayer, *LinearWithLoRA.__mro__}
+    ours = [c for c in classes if c.__module__.startswith("lora_tutorial")]
+    assert {c.__name__ for c in ours} == {"LoRALayer", "LinearWithLoRA", "AdapterLayer"}
+    lines = sum(len(inspect.getsource(c).splitlines()) for c in ours)
+    assert lines <= 90, f"the displayed classes take {lines} lines"
+    longest = max(len(line) for c in ours for line in inspect.getsource(c).splitlines())
+    assert longest <= 100

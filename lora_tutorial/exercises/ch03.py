@@ -14,9 +14,10 @@ from ._feedback import call, report
 def check_merge(
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
 ) -> bool:
-    """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``, a new tensor.
+    """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``.
 
-    ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A`` is ``(in, rank)`` and ``B`` ``(rank, out)``
+    The result must be a new tensor. ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A``
+    is ``(in, rank)`` and ``B`` ``(rank, out)``
     as in ``LoRALayer``.
     """
     problems: list[str] = []
@@ -54,9 +55,10 @@ def check_merge(
             problems.append("the merged weight is not weight + scaling * (A @ B).T")
     if not torch.equal(weight, original):
         problems.append(
-            "your function changed the weight it was given; return a new tensor (the base must stay intact to unmerge)"
+            "your function changed the weight it was given; return a new tensor (the base must "
+            "stay intact to unmerge)"
         )
-    if not problems:
+    if not problems and isinstance(merged, torch.Tensor):
         x = torch.randn(3, d_in, generator=g)
         layer_out = x @ original.T + scaling * (x @ A @ B)
         if not torch.allclose(x @ merged.T, layer_out, atol=1e-5):
@@ -68,7 +70,7 @@ def check_merge(
 
 
 class _Toy(nn.Module):
-    """A small model with two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
+    """Two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
 
     def __init__(self) -> None:
         super().__init__()
