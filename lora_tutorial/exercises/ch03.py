@@ -7,17 +7,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import lora
-from ._feedback import call, report
+from lora_tutorial import lora
+from lora_tutorial.exercises._feedback import call, report
 
 
 def check_merge(
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
 ) -> bool:
-    """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``, a new tensor.
+    """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``, as
+    a new tensor.
 
-    ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A`` is ``(in, rank)`` and ``B`` ``(rank, out)``
-    as in ``LoRALayer``.
+    ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A`` is ``(in, rank)`` and ``B``
+    ``(rank, out)`` as in ``LoRALayer``.
     """
     problems: list[str] = []
     g = torch.Generator().manual_seed(0)
@@ -54,7 +55,8 @@ def check_merge(
             problems.append("the merged weight is not weight + scaling * (A @ B).T")
     if not torch.equal(weight, original):
         problems.append(
-            "your function changed the weight it was given; return a new tensor (the base must stay intact to unmerge)"
+            "your function changed the weight it was given; return a new tensor "
+            "(the base must stay intact to unmerge)"
         )
     if not problems:
         x = torch.randn(3, d_in, generator=g)
@@ -68,7 +70,8 @@ def check_merge(
 
 
 class _Toy(nn.Module):
-    """A small model with two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
+    """A small model with two wrapped layers, one plain layer and a LayerNorm: every kind of
+    module a freeze must handle."""
 
     def __init__(self) -> None:
         super().__init__()

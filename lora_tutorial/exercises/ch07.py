@@ -1,4 +1,5 @@
-"""Checks for chapter 7's coding exercises: the DoRA weight, an NF4 round trip, and PiSSA's initialisation."""
+"""Checks for chapter 7's coding exercises: the DoRA weight, an NF4 round trip, and PiSSA's
+initialisation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..quantize import quantize_blockwise
-from ..variants import LinearWithDoRA, LinearWithPiSSA
-from ._feedback import call, report
+from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.quantize import quantize_blockwise
+from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -19,7 +20,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
 def _tensor_answer_problem(
     out: object, err: str | None, shape: torch.Size, *, err_hint: str = "", shape_hint: str = ""
 ) -> str | None:
-    """Why a tensor answer cannot be compared value by value (it raised, is no tensor, has the wrong shape), or None."""
+    """Why a tensor answer cannot be compared value by value (it raised, is no tensor, has the
+    wrong shape), or None."""
     if err:
         return f"your function raised {err}{err_hint}"
     if not isinstance(out, torch.Tensor):
@@ -35,7 +37,8 @@ def _tensor_answer_problem(
 def _dora_case(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """W0 (out=5, in=7), A (7, 2), B (2, 5), m (5,) and a scaling: not square, so transposes show."""
+    """W0 (out=5, in=7), A (7, 2), B (2, 5), m (5,) and a scaling: not square, so that transposes
+    show."""
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(5, 7, generator=g)
     A, B = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
@@ -59,7 +62,8 @@ def dora_reference(
 
 
 def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
-    """Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||`` with ``V = W0 + scaling * (A @ B).T``."""
+    """Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||`` with
+    ``V = W0 + scaling * (A @ B).T``."""
     problems: list[str] = []
     W0, A, B, m, scaling = _dora_case()
     out, err = call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
@@ -72,7 +76,8 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
         out = out.detach()
         if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
             problems.append(
-                "you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A @ B).T itself"
+                "you added the LoRA update after normalising W0: "
+                "normalise V = W0 + scaling * (A @ B).T itself"
             )
         elif _close(
             out, m[:, None] * (W0 + (A @ B).T) / (W0 + (A @ B).T).norm(dim=1, keepdim=True)
@@ -84,7 +89,8 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
             out, m[:, None] * V / V.norm()
         ):
             problems.append(
-                "take one norm per output unit: the norm of each row of V (dim=1), not of columns or of all of V"
+                "take one norm per output unit: the norm of each row of V (dim=1), "
+                "not of columns or of all of V"
             )
         elif _close(out.norm(dim=1), m):
             problems.append("each row has length m, but its direction is not that of V's row")
@@ -107,7 +113,8 @@ def _nf4_case() -> torch.Tensor:
 
 
 def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
-    """Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4 and dequantize it (same shape back)."""
+    """Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4 and dequantize it (same
+    shape back)."""
     problems: list[str] = []
     w, blocksize = _nf4_case(), 64
     out, err = call(fn, w.clone(), blocksize)
@@ -127,18 +134,21 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
         uniform = quantize_blockwise(w, torch.linspace(-1, 1, 16), blocksize=blocksize).dequantize()
         if _close(out, whole, 1e-6):
             problems.append(
-                "you scaled by the absmax of the whole tensor; use one absmax per block of `blocksize` values"
+                "you scaled by the absmax of the whole tensor; "
+                "use one absmax per block of `blocksize` values"
             )
         elif _close(out, uniform, 1e-6):
             problems.append("those are 16 evenly spaced levels; use the NF4 levels (nf4_levels())")
         elif torch.unique(out).numel() > 16 * ((w.numel() + blocksize - 1) // blocksize):
             problems.append(
-                "there are more distinct values than 16 per block: did you round every value to a level?"
+                "there are more distinct values than 16 per block: "
+                "did you round every value to a level?"
             )
         else:
             bad = int((out - expected).abs().argmax())
             problems.append(
-                f"value {bad} (flat index) became {out.flatten()[bad].item():.5f}, expected {expected.flatten()[bad].item():.5f}: "
+                f"value {bad} (flat index) became {out.flatten()[bad].item():.5f}, "
+                f"expected {expected.flatten()[bad].item():.5f}: "
                 "each value should become the nearest level times its block's absmax"
             )
     return report(problems, "Your round trip matches the package's NF4 quantizer value for value.")
@@ -150,7 +160,8 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
 def check_pissa_init(
     fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> bool:
-    """Check ``fn(W, rank, scaling) -> (A, B, residual)``: PiSSA's A ``(in, r)``, B ``(r, out)`` and frozen residual."""
+    """Check ``fn(W, rank, scaling) -> (A, B, residual)``: PiSSA's A ``(in, r)``, B ``(r, out)``
+    and the frozen residual."""
     problems: list[str] = []
     g = torch.Generator().manual_seed(4)
     W, rank, scaling = torch.randn(6, 9, generator=g), 2, 0.5
@@ -174,7 +185,7 @@ def check_pissa_init(
     ]
     if wrong:
         return report(
-            wrong + ["A is (in, rank), B is (rank, out), the residual is (out, in) like W"], ""
+            [*wrong, "A is (in, rank), B is (rank, out), the residual is (out, in) like W"], ""
         )
     reference = LinearWithPiSSA(_linear(W), rank, scaling * rank)
     principal = reference.delta_weight().detach()
@@ -182,19 +193,23 @@ def check_pissa_init(
     if not _close(residual + update, W):
         if _close(residual + (A @ B).T, W):
             problems.append(
-                "residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: divide S by scaling"
+                "residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: "
+                "divide S by scaling"
             )
         else:
             problems.append(
-                "residual + scaling * (A @ B).T must give W back exactly: the model must not change at initialisation"
+                "residual + scaling * (A @ B).T must give W back exactly: "
+                "the model must not change at initialisation"
             )
     elif not _close(update, principal):
         problems.append(
-            "scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: use the largest singular values"
+            "scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: "
+            "use the largest singular values"
         )
     elif not _close(A.norm(dim=0), B.norm(dim=1)):
         problems.append(
-            "split sqrt(S) between A and B (column i of A and row i of B equally long), as PiSSA does"
+            "split sqrt(S) between A and B (column i of A and row i of B equally long), "
+            "as PiSSA does"
         )
     return report(
         problems, "A and B hold the principal part of W and the residual the rest: PiSSA's start."
