@@ -4,7 +4,9 @@ has numbered exercises with hidden solutions. (What the chapters print is test_n
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 from _helpers import ROOT, chapter_paths, toc_pages
@@ -120,3 +122,68 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
     merged = coalesce_streams(outputs)
     texts = {o["name"]: o["text"] for o in merged}
     assert texts == {"stderr": "train: 100%|##########| 3/3\n", "stdout": "done\n"}
+
+
+# The layers of README's import-flow paragraph, bottom first: a module imports only from its own
+# layer or below. (serving and classroom are planned modules; they join when they land.)
+IMPORT_LAYERS = [
+    {"__init__", "config", "files", "download", "display"},
+    {"lowrank", "lora", "gpt", "data"},
+    {"adapters", "variants", "quantize", "serving", "classify"},
+    {"train", "distributed", "memory"},
+    {"finetune", "plots", "exercises", "classroom"},
+]
+
+
+def package_modules() -> dict[str, Path]:
+    """Each top-level module of the package (``exercises`` for the whole subpackage) → its files."""
+    package = ROOT / "lora_tutorial"
+    modules = {path.stem: path for path in package.glob("*.py")}
+    modules["exercises"] = package / "exercises"
+    return modules
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level package modules that the file (or every file of a folder) imports."""
+    found: set[str] = set()
+    for file in [path] if path.is_file() else sorted(path.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "lora_tutorial":
+                    found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+                pytest.fail(
+                    f"{file.relative_to(ROOT)} uses a relative import; import lora_tutorial"
+                )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == "lora_tutorial" and len(parts) > 1:
+                        found.add(parts[1])
+    return found
+
+
+def test_imports_flow_one_way_as_the_readme_says() -> None:
+    layer_of = {name: i for i, layer in enumerate(IMPORT_LAYERS) for name in layer}
+    modules = package_modules()
+    unplaced = sorted(set(modules) - set(layer_of))
+    assert not unplaced, f"place {unplaced} in README's import flow and in IMPORT_LAYERS"
+    upward = [
+        f"{name} imports {other}"
+        for name, path in modules.items()
+        for other in imported_modules(path)
+        if other in layer_of and layer_of[other] > layer_of[name]
+    ]
+    assert not upward, f"imports against the flow of README's layout section: {upward}"
+
+
+def test_readme_layout_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    missing = [
+        name
+        for name, path in package_modules().items()
+        if name != "__init__" and f"{path.name}{'/' if path.is_dir() else ''}" not in layout
+    ]
+    assert not missing, f"README's layout section does not list {missing}"
