@@ -82,8 +82,9 @@ def mode_banner() -> str:
     if current == "rehearsal":
         return (
             f"REHEARSAL MODE ({REHEARSAL_ENV}=1): full-mode sizes, but GPT-2 with random weights\n"
-            f"and every training run stopped after {REHEARSAL_TRAIN_STEPS} steps. The numbers below "
-            "are meaningless;\nthe run proves that full mode works here and measures what it costs."
+            f"and every training run stopped after {REHEARSAL_TRAIN_STEPS} steps. "
+            "The numbers below are meaningless;\n"
+            "the run proves that full mode works here and measures what it costs."
         )
     return (
         "FULL MODE: the real GPT-2 and the full data.\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -28,8 +29,8 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6, 4)) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax
+    if ax is not None:  # the book's axes sit on a Figure, never on a SubFigure
+        return cast(Figure, ax.figure), ax
     fig, ax = plt.subplots(figsize=size)
     return fig, ax
 
@@ -139,7 +140,8 @@ def plot_method_comparison(
     path: str | Path | None = None,
     title: str = "Fine-tuning methods compared",
 ) -> Figure:
-    """Four bar charts side by side: trainable parameters, seconds per epoch, peak memory, accuracy."""
+    """Four bar charts side by side: trainable parameters, seconds per epoch, peak memory,
+    accuracy."""
     names = [r.method for r in results]
     accuracy = [
         100 * (r.test_accuracy if r.test_accuracy is not None else r.val_accuracy) for r in results
@@ -149,7 +151,7 @@ def plot_method_comparison(
         if all(r.test_accuracy is not None for r in results)
         else "validation accuracy (%)"
     )
-    panels = [
+    panels: list[tuple[str, Sequence[float], bool]] = [
         ("trainable parameters (log scale)", [r.trainable_params for r in results], True),
         ("time per epoch (s)", [r.seconds_per_epoch for r in results], False),
         ("peak memory (GiB)", [r.peak_memory_bytes / 2**30 for r in results], False),
@@ -204,7 +206,8 @@ def plot_length_histogram(
     ax: Axes | None = None,
     path: str | Path | None = None,
 ) -> Figure:
-    """Histogram of lengths in tokens (one per group when given a dict), padding length as a vertical line."""
+    """Histogram of lengths in tokens (one per group when given a dict), with the padding length
+    as a vertical line."""
     fig, ax = _axes(ax)
     groups = dict(lengths) if isinstance(lengths, Mapping) else {"messages": lengths}
     bins = range(0, max(max(v) for v in groups.values()) + 4, 3)

@@ -1,24 +1,47 @@
-"""Fixtures shared by the test modules: offline tokenizer, reference data, a loopback HTTP server."""
+"""Fixtures shared by the test modules: isolated settings, offline data and tokenizer, quick mode,
+one torch thread, a loopback HTTP server. Plain helpers live in ``_helpers.py``.
+
+Optional dependencies (those of the ``test`` and ``book`` extras, not of the package) are imported
+with ``name = pytest.importorskip("name")``: at the top of a module when all of it needs them,
+otherwise inside the test or fixture that does.
+"""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from _helpers import LocalServer
 
 from lora_tutorial import config, download
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(
+def _isolated_settings(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each test downloads into its own cache folder, never the user's."""
+    """Each test downloads into its own cache folder, never the user's, and starts in full mode
+    whatever the caller's environment says; a test that wants a mode sets it."""
     monkeypatch.setenv(config.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.delenv(config.REHEARSAL_ENV, raising=False)
+
+
+@pytest.fixture
+def quick_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quick mode for this test (and any kernel or process it starts)."""
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on cores shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +50,8 @@ def data_dir() -> Path:
     path = config.data_dir()
     if path is None:
         pytest.skip(
-            "no offline data folder: set LORA_TUTORIAL_DATA or place shared/data beside the repository"
+            "no offline data folder: set LORA_TUTORIAL_DATA or place shared/data "
+            "beside the repository"
         )
     return path
 
@@ -40,37 +64,6 @@ def gpt2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     if download.use_offline_tiktoken(tmp_path_factory.mktemp("tiktoken")) is None:
         pytest.skip("GPT-2 BPE files not found in the offline data folder")
     return tiktoken.get_encoding("gpt2")
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class LocalServer:
-    """A static file server on 127.0.0.1 serving ``root``; ``url(name)`` gives a file's address."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def url(self, name: str) -> str:
-        return f"{self.base_url}/{name}"
-
-    def __enter__(self) -> LocalServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

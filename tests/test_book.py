@@ -1,34 +1,21 @@
-"""The book's sources keep their promises: every chapter in the table of contents exists, follows the
-chapter template, is committed without outputs, sets up Colab from the one repository URL, and has
-numbered exercises with hidden solutions."""
+"""The book's sources keep their promises: every chapter in the table of contents exists, follows
+the chapter template, is committed without outputs, sets up Colab from the one repository URL, and
+has numbered exercises with hidden solutions. (What the chapters print is test_notebooks' part.)"""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
-import yaml
+from _helpers import ROOT, chapter_paths, toc_pages
 
-from lora_tutorial import config
+nbformat = pytest.importorskip("nbformat")
+yaml = pytest.importorskip("yaml")
 
-ROOT = config.repo_root()
 BOOK_CONFIG = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
-TOC = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
 REPO_URL = BOOK_CONFIG["repository"]["url"]
-
-
-def toc_files() -> list[str]:
-    files = [TOC["root"]]
-    for part in TOC.get("parts", [{"chapters": TOC.get("chapters", [])}]):
-        files += [entry["file"] for entry in part["chapters"]]
-    return files
-
-
-def chapter_paths() -> list[Path]:
-    """The chapter notebooks, in table-of-contents order."""
-    return [ROOT / f"{name}.ipynb" for name in toc_files() if name.startswith("chapters/")]
 
 
 def markdown(nb: nbformat.NotebookNode) -> str:
@@ -42,7 +29,7 @@ def test_the_package_names_the_same_repository() -> None:
 
 
 def test_every_toc_entry_exists() -> None:
-    for name in toc_files():
+    for name in toc_pages():
         matches = [p for p in (ROOT / f"{name}.md", ROOT / f"{name}.ipynb") if p.is_file()]
         assert matches, f"book/_toc.yml lists {name}, but there is no {name}.md or .ipynb"
 
@@ -117,6 +104,7 @@ def test_reads_quick_mode_only_through_config(chapter: nbformat.NotebookNode) ->
 
 def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """book/_ext/stream_outputs.py: tqdm's redraws collapse to what a terminal shows at the end."""
+    pytest.importorskip("myst_nb")  # the extension hooks into myst-nb (the `book` extra)
     monkeypatch.syspath_prepend(str(ROOT / "book" / "_ext"))
     from stream_outputs import coalesce_streams
 
@@ -129,10 +117,73 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
         stream("stderr", "\rtrain: 100%|##########| 3/3\n"),
         stream("stdout", "done\n"),
         stream("stderr", "\repoch:  50%|#####     | 1/2"),
-        stream(
-            "stderr", "\r                              \r"
-        ),  # a bar with leave=False clears itself
+        stream("stderr", "\r                              \r"),  # a bar with leave=False
     ]
     merged = coalesce_streams(outputs)
     texts = {o["name"]: o["text"] for o in merged}
     assert texts == {"stderr": "train: 100%|##########| 3/3\n", "stdout": "done\n"}
+
+
+# The layers of README's import-flow paragraph, bottom first: a module imports only from its own
+# layer or below. (serving and classroom are planned modules; they join when they land.)
+IMPORT_LAYERS = [
+    {"__init__", "config", "files", "download", "display"},
+    {"lowrank", "lora", "gpt", "data"},
+    {"adapters", "variants", "quantize", "serving", "classify"},
+    {"train", "distributed", "memory"},
+    {"finetune", "plots", "exercises", "classroom"},
+]
+
+
+def package_modules() -> dict[str, Path]:
+    """Each top-level module of the package (``exercises`` for the whole subpackage) → its files."""
+    package = ROOT / "lora_tutorial"
+    modules = {path.stem: path for path in package.glob("*.py")}
+    modules["exercises"] = package / "exercises"
+    return modules
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level package modules that the file (or every file of a folder) imports."""
+    found: set[str] = set()
+    for file in [path] if path.is_file() else sorted(path.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "lora_tutorial":
+                    found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+                pytest.fail(
+                    f"{file.relative_to(ROOT)} uses a relative import; import lora_tutorial"
+                )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == "lora_tutorial" and len(parts) > 1:
+                        found.add(parts[1])
+    return found
+
+
+def test_imports_flow_one_way_as_the_readme_says() -> None:
+    layer_of = {name: i for i, layer in enumerate(IMPORT_LAYERS) for name in layer}
+    modules = package_modules()
+    unplaced = sorted(set(modules) - set(layer_of))
+    assert not unplaced, f"place {unplaced} in README's import flow and in IMPORT_LAYERS"
+    upward = [
+        f"{name} imports {other}"
+        for name, path in modules.items()
+        for other in imported_modules(path)
+        if other in layer_of and layer_of[other] > layer_of[name]
+    ]
+    assert not upward, f"imports against the flow of README's layout section: {upward}"
+
+
+def test_readme_layout_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    missing = [
+        name
+        for name, path in package_modules().items()
+        if name != "__init__" and f"{path.name}{'/' if path.is_dir() else ''}" not in layout
+    ]
+    assert not missing, f"README's layout section does not list {missing}"

@@ -5,27 +5,20 @@ shows a Python traceback or error output, leaves math unrendered, breaks an imag
 or makes any request to another origin. Two screenshots of each page (its top, and the whole
 page) land in ``_build/screenshots/`` for a person to look at.
 
-Needs a built site (``_build/html``): without one these tests skip, unless
-``LORA_TUTORIAL_REQUIRE_SITE=1`` (as in CI, after the build), which makes a missing site fail.
+Needs a built site (``_build/html``, README command 1): without one these tests skip, unless
+``LORA_TUTORIAL_REQUIRE_BUILD=1`` (as in CI, after the build), which makes a missing site fail.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
-from conftest import LocalServer
+from _helpers import REQUIRE_BUILD_ENV, SITE, LocalServer, build_required, toc_pages
 
-from lora_tutorial.config import repo_root
-
-ROOT = repo_root()
-SITE = Path(os.environ.get("LORA_TUTORIAL_SITE", ROOT / "_build" / "html"))
 SCREENSHOTS = SITE.parent / "screenshots"
 CHROMIUM_ARGS = [
     "--headless",
@@ -40,22 +33,6 @@ ERROR_TEXT = re.compile(
 )
 
 
-def toc_pages() -> list[str]:
-    """Every document in ``book/_toc.yml``, root first, as paths without suffix."""
-    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
-    pages = [toc["root"]]
-
-    def walk(entries: list[dict]) -> None:
-        for entry in entries:
-            if "file" in entry:
-                pages.append(entry["file"])
-            for key in ("chapters", "sections", "parts"):
-                walk(entry.get(key, []))
-
-    walk(toc.get("parts", []) + toc.get("chapters", []))
-    return pages
-
-
 def chromium_path() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -66,8 +43,11 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def site() -> Iterator[LocalServer]:
     if not (SITE / "index.html").is_file():
-        if os.environ.get("LORA_TUTORIAL_REQUIRE_SITE") == "1":
-            pytest.fail(f"no built site at {SITE}: build the book first (README, command 1)")
+        if build_required():
+            pytest.fail(
+                f"no built site at {SITE} although {REQUIRE_BUILD_ENV}=1: "
+                "build the book first (README, command 1)"
+            )
         pytest.skip(f"no built site at {SITE}; build the book to run the browser tests")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with LocalServer(SITE) as server:
@@ -120,14 +100,18 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
         tab.evaluate("() => MathJax.startup.promise")
     report = tab.evaluate(
         """() => {
+        const text = (nodes) => [...nodes].map((n) => n.textContent.slice(0, 60));
         const maths = [...document.querySelectorAll('.math')];
         return {
-            unrendered: maths.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 60)),
-            texErrors: [...document.querySelectorAll('mjx-merror')].map(e => e.textContent.slice(0, 60)),
-            outputs: [...document.querySelectorAll('.cell_output')].map(o => o.innerText),
+            unrendered: text(maths.filter((m) => !m.querySelector('mjx-container'))),
+            texErrors: text(document.querySelectorAll('mjx-merror')),
+            outputs: [...document.querySelectorAll('.cell_output')].map((o) => o.innerText),
             tracebacks: document.querySelectorAll('.output.traceback, .output.error').length,
-            brokenImages: [...document.images].filter(i => i.complete && i.naturalWidth === 0).map(i => i.src),
-            nav: [...document.querySelectorAll('.bd-sidebar-primary a.reference')].map(a => a.getAttribute('href')),
+            brokenImages: [...document.images]
+                .filter((i) => i.complete && i.naturalWidth === 0)
+                .map((i) => i.src),
+            nav: [...document.querySelectorAll('.bd-sidebar-primary a.reference')]
+                .map((a) => a.getAttribute('href')),
         };
     }"""
     )
@@ -141,12 +125,9 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
         if colab.count():
             colab.wait_for(state="visible")
     name = page.replace("/", "__")
-    tab.screenshot(
-        path=str(SCREENSHOTS / f"{name}.png")
-    )  # the top: navigation, math, the Colab menu
-    tab.screenshot(
-        path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True
-    )  # every figure and table
+    # The top (navigation, math, the Colab menu), then the whole page (every figure and table).
+    tab.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    tab.screenshot(path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True)
     colab_href = colab.get_attribute("href") if colab is not None and colab.count() else None
     tab.close()
 

@@ -1,8 +1,9 @@
 """Keep the built site self-contained: no request may leave its origin.
 
-- MathJax 3 is served from the site itself, never from a CDN. The files come from the ``django-static-mathjax`` wheel (a plain copy of MathJax 3's ``es5``
-folder, installed by ``pip`` with the rest of the book's requirements). Sphinx reads a relative
-``mathjax_path`` as relative to ``_static/``, so we point it there and copy the files in.
+- MathJax 3 is served from the site itself, never from a CDN. The files come from the
+  ``django-static-mathjax`` wheel (a plain copy of MathJax 3's ``es5`` folder, installed by
+  ``pip`` with the rest of the book's requirements). Sphinx reads a relative ``mathjax_path`` as
+  relative to ``_static/``, so we point it there and copy the files in.
 - sphinx-thebe (loaded by Jupyter Book, unused here: readers launch chapters in Colab) is taken
   off every page; its scripts name a CDN and, added twice, raise a JavaScript error.
 """

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from .. import lowrank
-from ._feedback import call, report
+from lora_tutorial import lowrank
+from lora_tutorial.exercises._feedback import call, report
 
 # (rows, cols, rank) cases: square, tall and wide matrices, the extremes r = 1 and r = full.
 _CASES = [(6, 6, 2), (8, 5, 1), (4, 7, 3), (5, 3, 3)]
@@ -20,17 +20,14 @@ def _matrices() -> list[tuple[torch.Tensor, int]]:
 
 def _diagnose(W: torch.Tensor, r: int, out: torch.Tensor) -> str:
     """Name the slip behind a wrong rank-r approximation, when it is one of the common ones."""
-    U, S, Vh = torch.linalg.svd(
-        W, full_matrices=False
-    )  # W's own dtype: the signs a learner's svd gives
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # W's dtype: the signs a learner gets
+    no_values = U[:, :r] @ Vh[:r, :]
+    columns_of_vh = U[:, :r] @ torch.diag(S[:r]) @ Vh[:, :r].T
+    smallest = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:, :]
     slips = {
-        "multiply by the singular values: U[:, :r] @ diag(S[:r]) @ Vh[:r, :]": U[:, :r] @ Vh[:r, :],
-        "take the first r ROWS of Vh (Vh[:r, :]), not its first r columns": U[:, :r]
-        @ torch.diag(S[:r])
-        @ Vh[:, :r].T,
-        "keep the r LARGEST singular values; svd sorts them largest first": U[:, -r:]
-        @ torch.diag(S[-r:])
-        @ Vh[-r:, :],
+        "multiply by the singular values: U[:, :r] @ diag(S[:r]) @ Vh[:r, :]": no_values,
+        "take the first r ROWS of Vh (Vh[:r, :]), not its first r columns": columns_of_vh,
+        "keep the r LARGEST singular values; svd sorts them largest first": smallest,
     }
     for hint, wrong in slips.items():
         if wrong.shape == out.shape and torch.allclose(out, wrong.to(out.dtype), atol=1e-4):
@@ -69,14 +66,16 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
         best = lowrank.rank_r_error(W.double(), r)
         if error > best * (1 + 1e-4) + 1e-5:
             problems.append(
-                f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: {_diagnose(W, r, out)}"
+                f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: "
+                f"{_diagnose(W, r, out)}"
             )
             break
     return report(problems, "Your function gives the best rank-r approximation (Eckart-Young).")
 
 
 def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
-    """Check ``fn(s, r)``: the Frobenius error of the best rank-``r`` approximation from the singular values ``s``."""
+    """Check ``fn(s, r)``: the Frobenius error of the best rank-``r`` approximation, from the
+    singular values ``s``."""
     problems: list[str] = []
     s = torch.tensor([4.0, 3.0, 2.0, 1.0])
     for r in (0, 1, 2, 4):
@@ -99,11 +98,15 @@ def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
                     " (off by one: the first dropped singular value is s[r], Python counts from 0)"
                 )
             elif r < 4 and abs(value - float(s[r])) < 1e-4:
-                hint = " (that is the spectral-norm error; the Frobenius error adds up all dropped values)"
+                hint = (
+                    " (that is the spectral-norm error; the Frobenius error adds up all dropped"
+                    " values)"
+                )
             elif abs(value - float(s[:r].square().sum().sqrt())) < 1e-4:
                 hint = " (those are the kept values; the error comes from the dropped ones)"
             problems.append(
-                f"for s={s.tolist()} and r={r} you returned {value:.4f}, expected {expected:.4f}{hint}"
+                f"for s={s.tolist()} and r={r} you returned {value:.4f}, "
+                f"expected {expected:.4f}{hint}"
             )
             break
     return report(

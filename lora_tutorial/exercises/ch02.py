@@ -1,11 +1,12 @@
-"""Checks for chapter 2's coding exercises: counting LoRA parameters and the bytes training keeps."""
+"""Checks for chapter 2's coding exercises: counting LoRA parameters, and the bytes training
+keeps."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .. import gpt, lowrank
-from ._feedback import call, report
+from lora_tutorial import gpt, lowrank
+from lora_tutorial.exercises._feedback import call, report
 
 # GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
 _CONFIGS = [
@@ -30,7 +31,8 @@ def _qv_params(cfg: dict, rank: int) -> int:
 
 
 def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
-    """Check ``fn(cfg, rank)``: LoRA parameters when adapting ``W_query`` and ``W_value`` of every block."""
+    """Check ``fn(cfg, rank)``: LoRA parameters when adapting ``W_query`` and ``W_value`` of
+    every block."""
     problems: list[str] = []
     for cfg in _CONFIGS:
         d, layers = cfg["emb_dim"], cfg["n_layers"]
@@ -43,15 +45,13 @@ def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
             expected = _qv_params(cfg, rank)
             if got == expected:
                 continue
+            half, one_block, full_weights = expected // 2, expected // layers, 2 * layers * d * d
             hints = {
-                expected
-                // 2: "half the answer: there are two adapted matrices per block (query and value), "
-                "and each adapter has A (d_in x r) and B (r x d_out), r*(d_in + d_out) numbers",
-                expected // layers: "that is one block; multiply by n_layers",
-                2
-                * layers
-                * d
-                * d: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
+                half: "half the answer: there are two adapted matrices per block "
+                "(query and value), and each adapter has A (d_in x r) and B (r x d_out), "
+                "r*(d_in + d_out) numbers",
+                one_block: "that is one block; multiply by n_layers",
+                full_weights: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
             }
             problems.append(
                 f"{where} you returned {got!r}, expected {expected:,}"
@@ -65,7 +65,8 @@ def check_qv_lora_params(fn: Callable[[dict, int], int]) -> bool:
 
 
 def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
-    """Check ``fn(n_total, n_trainable, bytes_per_number)``: weights + gradients + AdamW state, in bytes."""
+    """Check ``fn(n_total, n_trainable, bytes_per_number)``: weights + gradients + AdamW state,
+    in bytes."""
     problems: list[str] = []
     for n_total, n_trainable, size in [(1000, 1000, 4), (1000, 10, 4), (5000, 40, 2)]:
         where = f"for n_total={n_total}, n_trainable={n_trainable}, bytes_per_number={size}"
@@ -78,15 +79,17 @@ def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
         ).total
         if got == expected:
             continue
+        no_moments, no_gradients = (
+            (n_total + n_trainable) * size,
+            (n_total + 3 * n_trainable) * size,
+        )
+        one_missing, all_trained = (n_total + 2 * n_trainable) * size, 4 * n_total * size
         hints = {
-            (n_total + n_trainable) * size: "AdamW's two moments per trained number are missing",
-            (n_total + 3 * n_trainable)
-            * size: "gradients are missing: every trained number has one",
-            (n_total + 2 * n_trainable)
-            * size: "one of: gradients, or AdamW's second moment, is missing",
-            4
-            * n_total
-            * size: "gradients and AdamW state exist only for trained numbers, not frozen ones",
+            no_moments: "AdamW's two moments per trained number are missing",
+            no_gradients: "gradients are missing: every trained number has one",
+            one_missing: "one of: gradients, or AdamW's second moment, is missing",
+            all_trained: "gradients and AdamW state exist only for trained numbers, "
+            "not frozen ones",
             n_total + 3 * n_trainable: "that counts numbers; multiply by bytes_per_number",
             n_total + 4 * n_trainable: "that counts numbers; multiply by bytes_per_number",
         }

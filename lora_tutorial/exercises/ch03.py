@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import lora
-from ._feedback import call, report
+from lora_tutorial import lora
+from lora_tutorial.exercises._feedback import call, report
 
 
 def check_merge(

@@ -41,11 +41,13 @@ def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
         rows = [i for i in range(batch) if not torch.allclose(got[i], want[i])]
         if torch.allclose(got, hidden[:, -1]):
             problems.append(
-                "you read position -1: for every message shorter than the batch that is a padding token"
+                "you read position -1: for every message shorter than the batch "
+                "that is a padding token"
             )
         elif all(lengths[i] < time and torch.allclose(got[i], hidden[i, lengths[i]]) for i in rows):
             problems.append(
-                "off by one: position `length` is the first padding token; the last real one is `length - 1`"
+                "off by one: position `length` is the first padding token; "
+                "the last real one is `length - 1`"
             )
         else:
             problems.append(
@@ -55,7 +57,8 @@ def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
 
 
 def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bool:
-    """Check ``balance_fn(df, seed)`` undersamples ham (``Label`` 0) to the number of spam (``Label`` 1).
+    """Check ``balance_fn(df, seed)`` undersamples ham (``Label`` 0) to the count of spam
+    (``Label`` 1).
 
     A right answer keeps every spam message, draws as many ham messages without repeats,
     leaves its input unchanged and gives the same rows for the same seed.
@@ -103,7 +106,8 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
 
 
 def _toy_messages() -> pd.DataFrame:
-    """12 ham (``Label`` 0) and 8 spam (``Label`` 1) messages, each text unique, like ``data.read_messages``.
+    """12 ham (``Label`` 0) and 8 spam (``Label`` 1) messages, each text unique, like
+    ``data.read_messages`` gives them.
 
     Few ham messages, so that drawing 8 of them with replacement almost surely repeats one.
     """

@@ -6,9 +6,12 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.gpt import GPTModel
 
-# Configurations the parameter-count check tries: GPT-2 small and some odd shapes that catch shortcuts.
+# The configurations the parameter-count check tries: GPT-2 small, and odd shapes that catch
+# shortcuts.
 _CONFIGS = [
     {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
     {"emb_dim": 64, "n_layers": 2, "n_heads": 4},
@@ -28,7 +31,8 @@ def expected_lora_parameters(cfg: dict, rank: int) -> int:
 
 
 def check_lora_param_count(fn: Callable[[dict, int], int]) -> bool:
-    """Check ``fn(cfg, rank)`` counts LoRA's trainable numbers on all attention and feed-forward layers."""
+    """Check ``fn(cfg, rank)`` counts LoRA's trainable numbers on all attention and feed-forward
+    layers."""
     problems: list[str] = []
     for cfg in _CONFIGS:
         for rank in (1, 16):
@@ -41,9 +45,15 @@ def check_lora_param_count(fn: Callable[[dict, int], int]) -> bool:
             if got != want:
                 hint = ""
                 if got == 8 * rank * cfg["emb_dim"] * cfg["n_layers"]:
-                    hint = " (that counts only the four attention layers: the feed-forward pair is adapted too)"
+                    hint = (
+                        " (that counts only the four attention layers: "
+                        "the feed-forward pair is adapted too)"
+                    )
                 elif got == 10 * rank * cfg["emb_dim"] * cfg["n_layers"]:
-                    hint = " (that counts only the feed-forward layers: query, key, value and output are adapted too)"
+                    hint = (
+                        " (that counts only the feed-forward layers: "
+                        "query, key, value and output are adapted too)"
+                    )
                 elif got == want // cfg["n_layers"]:
                     hint = " (that is one block: multiply by the number of layers)"
                 problems.append(
@@ -56,16 +66,17 @@ def check_lora_param_count(fn: Callable[[dict, int], int]) -> bool:
 
 
 def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
-    """Check ``freeze_fn(model)`` leaves exactly the last block, the final norm and the head trainable.
+    """Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
 
     ``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
     """
-    model = _tiny_classifier()
+    backbone = GPTModel("tiny")
+    model = GPTClassifier(backbone)  # a tiny GPT with a two-class head, like the chapter's model
     _, err = call(freeze_fn, model)
     if err:
         return report([f"your function raised {err}"], "")
     problems: list[str] = []
-    last = len(model.gpt.trf_blocks) - 1
+    last = len(backbone.trf_blocks) - 1
     wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
     wrong_frozen = [
         n
@@ -87,11 +98,3 @@ def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
 def _few(names: list[str], k: int = 4) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-def _tiny_classifier() -> nn.Module:
-    """A tiny GPT with a two-class head, shaped like the chapter's model."""
-    from lora_tutorial.classify import GPTClassifier
-    from lora_tutorial.gpt import GPTModel
-
-    return GPTClassifier(GPTModel("tiny"))

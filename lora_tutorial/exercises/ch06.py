@@ -8,15 +8,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.gpt import GPTModel
+from lora_tutorial.lora import merge_lora
+from lora_tutorial.train import prepare_model
 
 
 def _tiny_lora_classifier(seed: int = 0) -> nn.Module:
     """A tiny GPT classifier with rank-2 LoRA on every attention and feed-forward layer."""
-    from lora_tutorial.classify import GPTClassifier
-    from lora_tutorial.gpt import GPTModel
-    from lora_tutorial.train import prepare_model
-
     torch.manual_seed(seed)
     return prepare_model(GPTClassifier(GPTModel("tiny")), "lora", rank=2, alpha=4)
 
@@ -24,7 +24,8 @@ def _tiny_lora_classifier(seed: int = 0) -> nn.Module:
 def _random_adapter(
     model: nn.Module, keep: Callable[[str], bool], seed: int
 ) -> dict[str, torch.Tensor]:
-    """Random values for the trainable tensors whose names pass ``keep`` (an adapter as ``read_adapter`` returns it)."""
+    """Random values for the trainable tensors whose names pass ``keep`` (an adapter, as
+    ``read_adapter`` returns it)."""
     gen = torch.Generator().manual_seed(seed)
     return {
         name: 0.2 * torch.randn(p.shape, generator=gen)
@@ -40,13 +41,11 @@ def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]], object]) -> bool:
-    """Check ``use_adapter(model, adapter)`` puts exactly ``adapter`` on a model that carries another one.
+    """Check ``use_adapter(model, adapter)`` puts exactly ``adapter`` on a model that has another.
 
     Layers that the new adapter does not cover must compute the base model again (their LoRA
     update reset to zero), and a merged model must be unmerged before the switch.
     """
-    from lora_tutorial.lora import merge_lora
-
     base = _tiny_lora_classifier()
     old = _random_adapter(base, lambda name: True, seed=1)
     # The new adapter covers only the attention's query and value layers (and the head).
@@ -70,13 +69,15 @@ def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]]
             got = _logits(model, tokens)
         except Exception as exc:  # a learner's bug: say it in words instead of a traceback
             problems.append(
-                f"with a{' merged' if merged else 'n unmerged'} model your function raised {type(exc).__name__}: {exc}"
+                f"with a{' merged' if merged else 'n unmerged'} model your function raised "
+                f"{type(exc).__name__}: {exc}"
             )
             break
         if not torch.allclose(got, want, atol=1e-5):
             if merged:
                 problems.append(
-                    "on a merged model the old update stays folded into the weights: unmerge (unmerge_lora) before switching"
+                    "on a merged model the old update stays folded into the weights: "
+                    "unmerge (unmerge_lora) before switching"
                 )
             else:
                 problems.append(
@@ -91,7 +92,8 @@ def check_use_adapter(use_adapter: Callable[[nn.Module, dict[str, torch.Tensor]]
 
 
 def check_adapter_bytes(adapter_bytes: Callable[[nn.Module], int]) -> bool:
-    """Check ``adapter_bytes(model)`` gives the bytes the trainable tensors take (what an adapter file stores)."""
+    """Check ``adapter_bytes(model)`` gives the bytes the trainable tensors take (what an adapter
+    file stores)."""
     problems: list[str] = []
     for dtype in (torch.float32, torch.bfloat16):
         model = _tiny_lora_classifier().to(dtype)
@@ -105,9 +107,15 @@ def check_adapter_bytes(adapter_bytes: Callable[[nn.Module], int]) -> bool:
             if got == everything:
                 hint = "that counts every parameter; count only those with requires_grad"
             elif got == n_trainable:
-                hint = "that is a count of numbers, not bytes: multiply by each tensor's element_size()"
+                hint = (
+                    "that is a count of numbers, not bytes: "
+                    "multiply by each tensor's element_size()"
+                )
             elif got == 4 * n_trainable:
-                hint = "that assumes 4 bytes per number; ask each tensor (element_size()), the model may be bf16"
+                hint = (
+                    "that assumes 4 bytes per number; "
+                    "ask each tensor (element_size()), the model may be bf16"
+                )
             else:
                 hint = f"expected {want:,}"
             problems.append(f"for a {dtype} model you return {got:,}: {hint}")

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..quantize import quantize_blockwise
-from ..variants import LinearWithDoRA, LinearWithPiSSA
-from ._feedback import call, report
+from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.quantize import quantize_blockwise
+from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:

@@ -1,0 +1,130 @@
+"""lora_tutorial.config: the mode switches, the data and cache folders, the device choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_tutorial import config
+
+
+@pytest.mark.parametrize(
+    ("quick", "rehearsal", "mode"),
+    [
+        (None, None, "full"),
+        ("1", None, "quick"),
+        ("TRUE", None, "quick"),
+        (" yes ", "0", "quick"),
+        ("on", "off", "quick"),
+        (None, "1", "rehearsal"),
+        ("", "true", "rehearsal"),
+        ("0", "no", "full"),
+        ("false", "", "full"),
+    ],
+)
+def test_mode_follows_the_two_switches(
+    monkeypatch: pytest.MonkeyPatch, quick: str | None, rehearsal: str | None, mode: str
+) -> None:
+    for name, value in ((config.QUICK_ENV, quick), (config.REHEARSAL_ENV, rehearsal)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    assert config.mode() == mode
+    assert config.is_quick() == (mode == "quick")
+    assert config.is_rehearsal() == (mode == "rehearsal")
+
+
+@pytest.mark.parametrize("value", ["y", "2", "quick", "enabled"])
+def test_a_switch_it_does_not_understand_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(config.QUICK_ENV, value)
+    with pytest.raises(ValueError, match=f"LORA_TUTORIAL_QUICK='{value}' is not understood"):
+        config.mode()
+    with pytest.raises(ValueError, match="set it to 1"):
+        config.is_quick()
+
+
+def test_both_modes_on_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    with pytest.raises(ValueError, match="both on; choose one mode"):
+        config.mode()
+    with pytest.raises(ValueError, match="choose one mode"):
+        config.mode_banner()
+
+
+def test_the_banner_names_the_mode_and_what_its_numbers_mean(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    full = config.mode_banner()
+    assert full.startswith("FULL MODE") and "LORA_TUTORIAL_QUICK=1" in full
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    quick = config.mode_banner()
+    assert quick.startswith("QUICK MODE") and "not the book's full results" in quick
+    monkeypatch.setenv(config.QUICK_ENV, "0")
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    rehearsal = config.mode_banner()
+    assert rehearsal.startswith("REHEARSAL MODE") and "meaningless" in rehearsal
+    assert f"stopped after {config.REHEARSAL_TRAIN_STEPS} steps" in rehearsal
+
+
+def test_data_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "SMSSpamCollection").write_text("ham\thello\n")
+    monkeypatch.setenv(config.DATA_ENV, str(tmp_path))
+    assert config.data_dir() == tmp_path
+    assert config.shared_file("sms", "SMSSpamCollection") == tmp_path / "sms" / "SMSSpamCollection"
+    assert config.shared_file("sms", "missing.txt") is None
+
+
+def test_data_dir_that_does_not_exist_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(config.DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="LORA_TUTORIAL_DATA=.*nowhere.* is not a folder"):
+        config.data_dir()
+
+
+def test_data_dir_defaults_to_shared_data_beside_the_repository(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(config.DATA_ENV, raising=False)
+    monkeypatch.setattr(config, "repo_root", lambda: tmp_path / "repo")
+    assert config.data_dir() is None
+    assert config.shared_file("anything") is None
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert config.data_dir() == tmp_path / "shared" / "data"
+
+
+def test_cache_dir_is_created_where_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(config.CACHE_ENV, str(tmp_path / "my" / "cache"))
+    assert config.cache_dir() == tmp_path / "my" / "cache"
+    assert (tmp_path / "my" / "cache").is_dir()
+
+    monkeypatch.delenv(config.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert config.cache_dir() == tmp_path / "xdg" / "lora_tutorial"
+    assert (tmp_path / "xdg" / "lora_tutorial").is_dir()
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.cache_dir() == tmp_path / "home" / ".cache" / "lora_tutorial"
+
+
+def test_get_device_prefers_what_it_is_told_then_cuda_then_mps_then_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert config.get_device("cpu") == torch.device("cpu")
+    assert config.get_device("cuda:1") == torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert config.get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert config.get_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config.get_device() == torch.device("cuda")
