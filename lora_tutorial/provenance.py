@@ -30,11 +30,12 @@ from lora_tutorial import __version__, config
 
 COMMIT_ENV = "LORA_TUTORIAL_COMMIT"
 DISTRIBUTION = "lora-tutorial"  # the name pip knows the package by (pyproject.toml)
+UNKNOWN_COMMIT = "unknown (neither a git checkout nor a pip install from git)"
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """The facts that identify a run; :meth:`lines` prints them, :func:`dataclasses.asdict` stores them."""
+    """The facts that identify a run: :meth:`lines` prints them, :meth:`to_dict` stores them."""
 
     package_version: str
     commit: str | None
@@ -50,7 +51,7 @@ class Provenance:
         return "\n".join(
             [
                 f"package:   lora-tutorial {self.package_version}",
-                f"commit:    {self.commit or 'unknown (not a git checkout or a pip install from git)'}",
+                f"commit:    {self.commit or UNKNOWN_COMMIT}",
                 f"device:    {self.device}",
                 f"torch:     {self.torch_version}",
                 f"date:      {self.date}",
@@ -64,7 +65,7 @@ class Provenance:
 
 
 def collect(seed: int | None = None, *, device: torch.device | str | None = None) -> Provenance:
-    """The provenance of a run starting now, with ``seed`` and on ``device`` (default: the best here)."""
+    """The provenance of a run starting now, with ``seed``, on ``device`` (default: the best)."""
     if seed is not None and not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
     return Provenance(

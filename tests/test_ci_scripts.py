@@ -39,7 +39,11 @@ def notebook(path: Path, *cells: str) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# 1. A synthetic chapter")]
     nb.cells += [nbformat.v4.new_code_cell(source) for source in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nbformat.write(nb, path)
     return path
 
@@ -72,13 +76,12 @@ def test_usage_lines() -> None:
 
 
 def test_quick_chapter_is_executed_and_recorded(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
     chapter = notebook(
-        tmp_path / "01_demo.ipynb",
+        tmp_path / "src" / "01_demo.ipynb",
         BANNER_CELL,
         "import os\nprint('ran in', os.path.basename(os.getcwd()))\nbig = bytearray(300 * 2**20)",
     )
-    (tmp_path / "src").mkdir()
-    chapter = shutil.move(chapter, tmp_path / "src" / chapter.name)
     out = tmp_path / "out"
     done = run_script("execute-chapter", chapter, out, env={config.QUICK_ENV: "1"})
     assert done.returncode == 0, done.stderr
@@ -99,7 +102,7 @@ def test_rehearsal_projects_full_mode_from_the_training_records(tmp_path: Path) 
         BANNER_CELL,
         record_run(elapsed=1.5, projected=300.0),
         record_run(elapsed=0.5, projected=100.0),
-        "print(f\"{124439808:,} parameters\")",
+        'print(f"{124439808:,} parameters")',
     )
     out = tmp_path / "out"
     done = run_script(
@@ -127,14 +130,18 @@ def test_rehearsal_projects_full_mode_from_the_training_records(tmp_path: Path) 
 def test_a_missing_parameter_count_fails_only_when_required(tmp_path: Path) -> None:
     chapter = notebook(tmp_path / "02_demo.ipynb", BANNER_CELL, "print('no count here')")
     rehearsal = {config.REHEARSAL_ENV: "1"}
-    failed = run_script("execute-chapter", chapter, tmp_path / "a", "--require-param-count", env=rehearsal)
+    failed = run_script(
+        "execute-chapter", chapter, tmp_path / "a", "--require-param-count", env=rehearsal
+    )
     assert failed.returncode == 1 and "124,439,808" in failed.stderr
     assert not (tmp_path / "a" / "02_demo.ipynb").exists()
     assert run_script("execute-chapter", chapter, tmp_path / "b", env=rehearsal).returncode == 0
 
 
 def test_a_cell_that_raises_fails_and_keeps_the_partial_notebook(tmp_path: Path) -> None:
-    chapter = notebook(tmp_path / "03_demo.ipynb", BANNER_CELL, "raise ValueError('shape mismatch')")
+    chapter = notebook(
+        tmp_path / "03_demo.ipynb", BANNER_CELL, "raise ValueError('shape mismatch')"
+    )
     out = tmp_path / "out"
     done = run_script("execute-chapter", chapter, out, env={config.QUICK_ENV: "1"})
     assert done.returncode == 1
@@ -188,7 +195,9 @@ def executed_copy(book: Path, folder: Path) -> Path:
     """The chapter as a pipeline would have left it: same code, with a stored output."""
     folder.mkdir(exist_ok=True)
     nb = nbformat.read(book / "chapters" / "01_demo.ipynb", as_version=4)
-    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="stored result 42\n")]
+    nb.cells[1].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="stored result 42\n")
+    ]
     nb.cells[1].execution_count = 1
     nbformat.write(nb, folder / "01_demo.ipynb")
     return folder
@@ -200,7 +209,14 @@ def test_site_is_assembled_from_stored_outputs_without_executing(
     executed = executed_copy(synthetic_book, tmp_path / "executed")
     out = tmp_path / "site"
     done = run_script(
-        "assemble-site", executed, "--root", synthetic_book, "--out", out, "--launch-branch", "notebooks"
+        "assemble-site",
+        executed,
+        "--root",
+        synthetic_book,
+        "--out",
+        out,
+        "--launch-branch",
+        "notebooks",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (synthetic_book / "EXECUTED").exists(), "a cell was executed"
@@ -215,9 +231,13 @@ def test_site_is_assembled_from_stored_outputs_without_executing(
     assert [p.name for p in out.iterdir()] == ["_build"], "temporary folders were left behind"
 
 
-def test_a_chapter_without_an_executed_copy_is_refused(synthetic_book: Path, tmp_path: Path) -> None:
+def test_a_chapter_without_an_executed_copy_is_refused(
+    synthetic_book: Path, tmp_path: Path
+) -> None:
     (tmp_path / "executed").mkdir()
-    done = run_script("assemble-site", tmp_path / "executed", "--root", synthetic_book, "--out", tmp_path)
+    done = run_script(
+        "assemble-site", tmp_path / "executed", "--root", synthetic_book, "--out", tmp_path
+    )
     assert done.returncode != 0 and "has no executed copy" in done.stderr
     unexecuted = tmp_path / "unexecuted"
     unexecuted.mkdir()
@@ -230,7 +250,10 @@ def test_a_chapter_without_an_executed_copy_is_refused(synthetic_book: Path, tmp
 @pytest.mark.slow
 def test_a_real_chapter_in_quick_mode(tmp_path: Path) -> None:
     done = run_script(
-        "execute-chapter", ROOT / "chapters" / "01_low_rank.ipynb", tmp_path, env={config.QUICK_ENV: "1"}
+        "execute-chapter",
+        ROOT / "chapters" / "01_low_rank.ipynb",
+        tmp_path,
+        env={config.QUICK_ENV: "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "01_low_rank.json").read_text())
