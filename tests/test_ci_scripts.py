@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from lora_tutorial import config
 
@@ -69,7 +70,7 @@ def record_run(elapsed: float, projected: float) -> str:
 
 
 def test_usage_lines() -> None:
-    for name in ("execute-chapter", "assemble-site", "rehearsal-report"):
+    for name in ("execute-chapter", "assemble-site", "rehearsal-report", "set-repository-url"):
         assert os.access(CI / name, os.X_OK), f".ci/{name} is not executable"
         shown = run_script(name, "--help")
         assert shown.returncode == 0 and "usage:" in shown.stdout, name
@@ -260,3 +261,61 @@ def test_a_real_chapter_in_quick_mode(tmp_path: Path) -> None:
     assert summary["ok"] and summary["mode"] == "quick" and summary["peak_rss_bytes"] > 0
     text = (tmp_path / "01_low_rank.ipynb").read_text()
     assert "Provenance of this run" in text
+
+
+# --- the repository URL, set in one place ----------------------------------------------------
+
+
+@pytest.fixture
+def fork(tmp_path: Path) -> Path:
+    """A copy of the repository's book configuration, pyproject.toml and chapters."""
+    root = tmp_path / "fork"
+    (root / "book").mkdir(parents=True)
+    shutil.copy(ROOT / "book" / "_config.yml", root / "book")
+    shutil.copy(ROOT / "pyproject.toml", root)
+    shutil.copytree(ROOT / "chapters", root / "chapters")
+    return root
+
+
+def test_a_fork_sets_its_url_once_and_every_copy_follows(fork: Path) -> None:
+    old = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["repository"]["url"]
+    new = "https://github.com/someone/lora-tutorial-fork"
+    done = run_script("set-repository-url", new + ".git", "--root", fork)
+    assert done.returncode == 0, done.stderr
+    book_config = (fork / "book" / "_config.yml").read_text()
+    assert yaml.safe_load(book_config)["repository"]["url"] == new
+    assert book_config.replace(new, old) == (ROOT / "book" / "_config.yml").read_text()
+    assert f'Homepage = "{new}"' in (fork / "pyproject.toml").read_text()
+    for chapter in sorted(fork.glob("chapters/*.ipynb")):
+        original = (ROOT / "chapters" / chapter.name).read_text()
+        assert chapter.read_text() == original.replace(f"git+{old}", f"git+{new}"), chapter.name
+        first_code = next(c for c in nbformat.read(chapter, 4).cells if c.cell_type == "code")
+        assert f'"lora-tutorial @ git+{new}"' in first_code.source
+
+
+def test_executed_notebooks_are_pinned_to_the_commit_that_made_them(fork: Path) -> None:
+    chapter = fork / "chapters" / "01_low_rank.ipynb"
+    url, sha = "https://github.com/someone/fork", "0123456789abcdef0123456789abcdef01234567"
+    done = run_script("set-repository-url", url, "--commit", sha, chapter, "--root", fork)
+    assert done.returncode == 0, done.stderr
+    first_code = next(c for c in nbformat.read(chapter, 4).cells if c.cell_type == "code")
+    assert f'"lora-tutorial @ git+{url}@{sha}"' in first_code.source
+    assert (fork / "book" / "_config.yml").read_text() == (
+        ROOT / "book" / "_config.yml"
+    ).read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["http://github.com/a/b"], "is not an https address"),
+        (["https://github.com/a/b", "--commit", "abc1234"], "go together"),
+        (["https://github.com/a/b", "--commit", "main", "x.ipynb"], "is not a commit hash"),
+    ],
+)
+def test_bad_repository_arguments_are_refused(fork: Path, args: list[str], message: str) -> None:
+    done = run_script("set-repository-url", *args, "--root", fork)
+    assert done.returncode == 2 and message in done.stderr
+    assert (fork / "book" / "_config.yml").read_text() == (
+        ROOT / "book" / "_config.yml"
+    ).read_text()
