@@ -218,6 +218,8 @@ def test_site_is_assembled_from_stored_outputs_without_executing(
         out,
         "--launch-branch",
         "notebooks",
+        "--repository-url",
+        "https://github.com/someone/fork",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (synthetic_book / "EXECUTED").exists(), "a cell was executed"
@@ -225,7 +227,8 @@ def test_site_is_assembled_from_stored_outputs_without_executing(
     assert "stored result 42" in page
     assert "this cell was executed" in page  # the code is shown…
     assert "Traceback" not in page  # …but never ran
-    assert "/blob/notebooks/chapters/01_demo.ipynb" in page  # Colab opens the executed copy
+    # Colab opens the executed copy, in the repository the workflow runs in
+    assert "github/someone/fork/blob/notebooks/chapters/01_demo.ipynb" in page
     assert (synthetic_book / "book" / "_config.yml").read_text() == (
         ROOT / "book" / "_config.yml"
     ).read_text(), "the repository's configuration must stay as it was"
