@@ -156,6 +156,14 @@ def test_a_cell_that_raises_fails_and_keeps_the_partial_notebook(tmp_path: Path)
     assert report.returncode == 1 and "| 03_demo | quick | FAILED |" in report.stdout
 
 
+def test_a_kernel_that_dies_is_a_recorded_failure(tmp_path: Path) -> None:
+    chapter = notebook(tmp_path / "07_demo.ipynb", BANNER_CELL, "import os\nos._exit(1)")
+    out = tmp_path / "out"
+    done = run_script("execute-chapter", chapter, out, env={config.QUICK_ENV: "1"})
+    assert done.returncode == 1 and "the kernel died" in done.stderr
+    assert json.loads((out / "07_demo.json").read_text())["ok"] is False
+
+
 def test_a_chapter_without_the_mode_banner_fails(tmp_path: Path) -> None:
     chapter = notebook(tmp_path / "04_demo.ipynb", "print('hello')")
     done = run_script("execute-chapter", chapter, tmp_path / "out", env={config.QUICK_ENV: "1"})
