@@ -156,3 +156,10 @@ def chapter_seed(path: Path) -> str:
     )
     assert found, f"{path.name} sets no seed"
     return found.group(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_a_gpu_is_named_with_its_memory() -> None:
+    shown = field(provenance.describe(device="cuda"), "device")
+    assert shown.startswith(f"GPU {torch.cuda.get_device_name(0)} (")
+    assert f"CUDA {torch.version.cuda}" in shown
