@@ -73,7 +73,9 @@ def test_student_notebook_keeps_every_exercise_and_its_check(chapter: Path) -> N
     for ex in classroom.exercises(chapter):
         assert f":label: {ex.label}" in text, f"exercise {ex.label} is missing"
         if ex.check:
-            cells = [c for c in code if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label]
+            cells = [
+                c for c in code if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label
+            ]
             assert len(cells) == 1 and ex.check.strip() in cells[0].source
 
 
@@ -91,9 +93,10 @@ def test_an_unknown_chapter_is_an_error_naming_the_choices(tmp_path: Path, capsy
 
 @pytest.fixture
 def tiny_chapters(tmp_path: Path) -> Path:
-    """A two-exercise chapter made of chapter 2's checked exercises, whose checks run in a moment."""
+    """A chapter of chapter 2's two checked exercises, whose checks run in a moment."""
     source = nbformat.read(ROOT / "chapters" / "02_parameter_savings.ipynb", as_version=4)
     keep = [source.cells[0], next(c for c in source.cells if c.cell_type == "code")]
+    keep.append(nbformat.v4.new_code_cell("import lora_tutorial.exercises.ch02"))  # torch, once
     for i, cell in enumerate(source.cells):
         if cell.cell_type == "markdown" and "check_" in cell.source:
             keep += [cell, source.cells[i + 1]]
@@ -135,7 +138,16 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
     paths = submissions(tmp_path, tiny_chapters)
     order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
     out = tmp_path / "grades.csv"
-    args = ["grade", *(str(paths[n]) for n in order), "--out", str(out), "--cell-timeout", "5"]
+    args = [
+        "grade",
+        *(str(paths[n]) for n in order),
+        "--out",
+        str(out),
+        "--cell-timeout",
+        "15",
+        "--jobs",
+        "2",
+    ]
     assert main([*args, "--chapters-dir", str(tiny_chapters)]) == 0
     rows = read_csv(out)
     assert list(rows[0]) == ["student", "chapter", "exercise", "status", "message"]
@@ -159,7 +171,9 @@ def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path:
     chapter = tiny_chapters / "02_tiny.ipynb"
     nb = classroom.solved_notebook(chapter)
     ex = next(e for e in classroom.exercises(chapter) if e.check)
-    cell = next(c for c in nb.cells if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label)
+    cell = next(
+        c for c in nb.cells if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label
+    )
     cell.source = answer_cell_source(ex, f"def {ex.function}(*args):\n    return 0")
     nbformat.write(nb, tmp_path / "wrong.ipynb")
     (grade,) = [

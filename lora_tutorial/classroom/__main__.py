@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds per submission (default: %(default)s)",
     )
     grader.add_argument(
+        "--jobs", type=int, default=1, help="submissions graded at once (default: %(default)s)"
+    )
+    grader.add_argument(
         "--full",
         action="store_true",
         help="run in full mode (real GPT-2, from your cache) instead of quick mode",
@@ -67,6 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.command == "grade":
         if args.cell_timeout < 1 or args.notebook_timeout < 1:
             parser.error("--cell-timeout and --notebook-timeout must be at least 1 second")
+        if args.jobs < 1:
+            parser.error("--jobs must be at least 1")
         if args.out.exists() and not args.overwrite:
             parser.error(f"{args.out} exists; choose another --out or pass --overwrite")
         if args.out.resolve() in {p.resolve() for p in args.submissions}:
@@ -101,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.chapters_dir,
             args.cell_timeout,
             args.notebook_timeout,
-            not args.full,
+            quick=not args.full,
+            jobs=args.jobs,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

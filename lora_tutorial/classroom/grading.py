@@ -22,10 +22,12 @@ from __future__ import annotations
 import csv
 import os
 import re
+import subprocess
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import pandas as pd
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .. import config
 from ..files import atomic_write
@@ -226,8 +228,8 @@ def grade_submission(
         (folder / "work").mkdir()
         session = _Session(nb, folder, cell_timeout, time.monotonic() + notebook_timeout)
         try:
-            with session.client.setup_kernel(
-                env=_kernel_env(folder, quick), cwd=str(folder / "work")
+            with session.client.setup_kernel(  # the kernel process's own stderr: its warnings
+                env=_kernel_env(folder, quick), cwd=str(folder / "work"), stderr=subprocess.DEVNULL
             ):
                 for index, cell in enumerate(list(nb.cells)):
                     if cell.cell_type != "code":
@@ -290,16 +292,24 @@ def grade(
     cell_timeout: int = 120,
     notebook_timeout: int = 1800,
     quick: bool = True,
+    jobs: int = 1,
 ) -> list[Grade]:
-    """Grade every submission in turn (one fresh kernel each); a broken one never stops the rest."""
+    """Grade every submission (a fresh kernel each, ``jobs`` at a time); a broken one stops nothing.
+
+    The rows come in the order of ``paths``, each submission's exercises in chapter order.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: grade at least one submission at a time")
     chapters = chapter_paths(chapters_folder)
-    rows: list[Grade] = []
     paths = [Path(p) for p in paths]
-    for path, student in tqdm(
-        list(zip(paths, student_names(paths), strict=True)), desc="grading", unit="nb"
-    ):
-        rows += grade_submission(path, student, chapters, cell_timeout, notebook_timeout, quick)
-    return rows
+    names = student_names(paths)
+
+    def one(i: int) -> list[Grade]:
+        return grade_submission(paths[i], names[i], chapters, cell_timeout, notebook_timeout, quick)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each kernel is its own process
+        results = list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="grading"))
+    return [row for rows in results for row in rows]
 
 
 def write_csv(grades: Sequence[Grade], out: Path) -> None:
