@@ -120,6 +120,7 @@ def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
         cell = next(c for c in nb.cells if "lora_tutorial" in c.metadata)
         cell.source = code + "\n" + cell.source
         made[name] = nb
+    made["solved"].cells.insert(3, nbformat.v4.new_code_cell("open('left.txt', 'w').write('x')"))
     killed = classroom.solved_notebook(chapter)
     killed.cells.insert(3, nbformat.v4.new_code_cell("import os\nos._exit(1)"))
     made["killed"] = killed
@@ -133,9 +134,11 @@ def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
 
 
 def test_grader_records_every_kind_of_submission_and_goes_on(
-    tiny_chapters: Path, tmp_path: Path, capsys
+    tiny_chapters: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     paths = submissions(tmp_path, tiny_chapters)
+    before = sorted(tmp_path.rglob("*"))
     order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
     out = tmp_path / "grades.csv"
     args = [
@@ -149,6 +152,7 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
         "2",
     ]
     assert main([*args, "--chapters-dir", str(tiny_chapters)]) == 0
+    assert sorted(tmp_path.rglob("*")) == sorted([*before, out]), "the grader wrote elsewhere"
     rows = read_csv(out)
     assert list(rows[0]) == ["student", "chapter", "exercise", "status", "message"]
     status = {(r["student"], r["exercise"]): r["status"] for r in rows}

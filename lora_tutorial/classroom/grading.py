@@ -34,6 +34,7 @@ from typing import Any
 
 import nbformat
 import pandas as pd
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
@@ -300,6 +301,12 @@ def grade(
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: grade at least one submission at a time")
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        raise FileNotFoundError(
+            "no Jupyter kernel named python3 to run submissions in: pip install ipykernel"
+        ) from None
     chapters = chapter_paths(chapters_folder)
     paths = [Path(p) for p in paths]
     names = student_names(paths)

@@ -228,8 +228,9 @@ def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbfor
     )
     made_by = {"chapter": path.stem, "version": __version__, "commit": commit()}
     header = nbformat.v4.new_markdown_cell(
-        f"**Student notebook of chapter {title}**, generated from `chapters/{path.name}` by\n"
-        f"lora-tutorial {__version__} (commit {made_by['commit']}).\n\n"
+        f"**Student notebook of chapter {title}**\n\n"
+        f"Generated from `chapters/{path.name}` by lora-tutorial {__version__}"
+        f" (commit {made_by['commit']}).\n\n"
         "The solutions are removed. Each exercise with an automatic check has a code cell below\n"
         "it: replace its `raise NotImplementedError` line with your code and run the cell; the\n"
         "check prints what is right or what is wrong. Keep the function's name and that cell."
