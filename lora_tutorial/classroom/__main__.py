@@ -24,6 +24,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lora_tutorial.classroom",
         description="Student notebooks without solutions, and a grader for a class's submissions.",
+        epilog=UNTRUSTED,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     student = commands.add_parser(
