@@ -233,3 +233,17 @@ def test_grading_chapter_3_filled_in_and_untouched(tmp_path: Path) -> None:
     table = classroom.summary(grades)
     assert list(table["pass rate"]) == ["50%"] * len(code_exercises)
     assert json.loads(json.dumps([g.__dict__ for g in grades]))  # plain values, CSV-ready
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_untouched_answer_cell_fails_its_check_without_raising(
+    chapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for ex in classroom.exercises(chapter):
+        if not ex.check:
+            continue
+        *body, last = answer_cell_source(ex).rstrip().splitlines()
+        namespace: dict[str, object] = {}
+        exec("\n".join(body), namespace)
+        assert eval(last, namespace) is False, f"{ex.label}: the stub passed its check"
+        assert "Not yet" in capsys.readouterr().out, f"{ex.label}: the check said nothing"
