@@ -1,0 +1,279 @@
+"""Student notebooks: a chapter without solutions, with a ready-to-run cell per checked exercise.
+
+A chapter keeps its exercises in markdown cells as sphinx-exercise directives::
+
+    ````{exercise}
+    :label: ch3-ex2
+    ... a ```python block that calls a check such as check_merge(merge_weight) ...
+    ````
+
+    ````{solution} ch3-ex2
+    ...
+    ````
+
+The student notebook drops every ``{solution}`` block (and code cells tagged ``solution``) and
+puts, for each exercise with a check, a code cell with a stub of the function to write and the
+check call. That cell carries ``{"lora_tutorial": {"exercise": label}}`` in its metadata so that
+the grader finds it again.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from .. import __version__, config
+
+META = "lora_tutorial"  # the metadata key of student notebooks and their answer cells
+_OPEN = re.compile(r"^\s*(?P<fence>`{3,}|:{3,})\{(?P<name>[\w-]+)\}\s*(?P<arg>.*)$")
+_CODE = re.compile(r"^```+\s*(?:python|ipython3?)?\s*$")
+_CHECK_CALL = re.compile(r"\b(check_\w+)\(\s*([A-Za-z_]\w*)\s*\)")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise of a chapter: its label and, when it has an automatic check, how to run it."""
+
+    chapter: str  # the chapter notebook's stem, e.g. "03_lora_from_scratch"
+    label: str  # e.g. "ch3-ex2"
+    check: str | None  # the check snippet from the exercise text, None for a discussion exercise
+    function: str | None  # the learner's function that the check receives, e.g. "merge_weight"
+    signature: str  # its parameters as the exercise writes them, e.g. "weight, A, B, scaling"
+    solution_code: str  # the code of its solution block ("" when there is none)
+
+    @property
+    def check_name(self) -> str | None:
+        """The check function's name, e.g. ``check_merge``."""
+        match = _CHECK_CALL.search(self.check or "")
+        return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Directive:
+    """A top-level ``{exercise}`` or ``{solution}`` block of a markdown text (``start:end``)."""
+
+    name: str
+    arg: str
+    start: int
+    end: int
+    body: list[str]
+
+
+def directives(text: str) -> list[Directive]:
+    """The top-level MyST directives of a markdown text; an unclosed one runs to the end."""
+    lines = text.splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        match = _OPEN.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        fence = match.group("fence")
+        end = i + 1
+        while end < len(lines):
+            stripped = lines[end].strip()
+            if stripped and set(stripped) == {fence[0]} and len(stripped) >= len(fence):
+                break
+            end += 1
+        found.append(
+            Directive(
+                match.group("name"), match.group("arg").strip(), i, end + 1, lines[i + 1 : end]
+            )
+        )
+        i = end + 1
+    return found
+
+
+def code_blocks(lines: list[str]) -> list[str]:
+    """The fenced code blocks (``` python or plain) inside a directive's body."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in lines:
+        if current is None and _CODE.match(line.strip()):
+            current = []
+        elif current is not None and line.strip().startswith("```"):
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def chapters_dir() -> Path:
+    """The repository's ``chapters/`` folder, or a clear error where this install has none."""
+    path = config.repo_root() / "chapters"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no chapters folder at {path}: run from a clone of the repository "
+            "or pass --chapters FOLDER"
+        )
+    return path
+
+
+def chapter_paths(folder: Path | None = None, names: list[str] | None = None) -> list[Path]:
+    """The chapter notebooks of ``folder``: all, or those named (``3``, ``03``, a stem, a file)."""
+    folder = folder or chapters_dir()
+    every = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if not names:
+        return every
+    chosen = []
+    for name in names:
+        stem = Path(name).stem
+        hits = [
+            p for p in every if p.stem == stem or (stem.isdigit() and int(p.stem[:2]) == int(stem))
+        ]
+        if not hits:
+            known = ", ".join(p.stem for p in every)
+            raise ValueError(f"no chapter {name!r} in {folder}; choose from: {known}")
+        chosen += hits
+    return chosen
+
+
+def exercises(path: Path) -> list[Exercise]:
+    """Every exercise of a chapter notebook, in order, with its check (if any) and solution code."""
+    nb = nbformat.read(path, as_version=4)
+    found: list[tuple[str, list[str]]] = []
+    solutions: dict[str, str] = {}
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for block in directives(cell.source):
+            if block.name == "exercise":
+                labels = [
+                    line.split(":label:", 1)[1].strip() for line in block.body if ":label:" in line
+                ]
+                if labels:
+                    found.append((labels[0], block.body))
+            elif block.name == "solution":
+                solutions[block.arg] = "\n\n".join(code_blocks(block.body))
+    result = []
+    for label, body in found:
+        check = next((code for code in code_blocks(body) if _CHECK_CALL.search(code)), None)
+        call = _CHECK_CALL.search(check or "")
+        function = call.group(2) if call else None
+        signature = re.search(rf"`{function}\(([^)`]*)\)`", "\n".join(body)) if function else None
+        result.append(
+            Exercise(
+                chapter=path.stem,
+                label=label,
+                check=check,
+                function=function,
+                signature=signature.group(1).strip() if signature else "*args",
+                solution_code=solutions.get(label, ""),
+            )
+        )
+    return result
+
+
+def answer_cell_source(exercise: Exercise, answer: str | None = None) -> str:
+    """The code cell a learner fills in: ``answer`` (default: a stub that raises), the check."""
+    assert exercise.check is not None and exercise.function is not None
+    if answer is None:
+        answer = (
+            f"def {exercise.function}({exercise.signature}):\n"
+            f'    raise NotImplementedError("replace this line with your code")'
+        )
+    return (
+        f"# Exercise {exercise.label}: write {exercise.function} below, then run this cell.\n"
+        f"{answer.strip()}\n\n\n{exercise.check.strip()}"
+    )
+
+
+def _remove_solutions(text: str) -> str:
+    """The markdown text without its ``{solution}`` blocks (and the blank lines they leave)."""
+    lines = text.splitlines()
+    for block in reversed([d for d in directives(text) if d.name == "solution"]):
+        del lines[block.start : block.end]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _answer_cell(exercise: Exercise, answer: str | None = None) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(answer_cell_source(exercise, answer))
+    cell.metadata[META] = {"exercise": exercise.label}
+    cell.metadata["tags"] = ["exercise"]
+    return cell
+
+
+def commit() -> str:
+    """The repository's current commit (short), or ``"unknown"`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(config.repo_root()), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbformat.NotebookNode:
+    """Chapter ``path`` as a student notebook: no solutions, an answer cell per checked exercise.
+
+    ``answers`` maps exercise labels to code put into their answer cells instead of the stub (the
+    book uses it to make an example submission with the solutions filled in).
+    """
+    nb = nbformat.read(path, as_version=4)
+    chapter_exercises = exercises(path)
+    checked = {ex.label: ex for ex in chapter_exercises if ex.check}
+    title = next(
+        (c.source.splitlines()[0].lstrip("# ") for c in nb.cells if c.cell_type == "markdown"),
+        path.stem,
+    )
+    made_by = {"chapter": path.stem, "version": __version__, "commit": commit()}
+    header = nbformat.v4.new_markdown_cell(
+        f"**Student notebook of chapter {title}**\n\n"
+        f"Generated from `chapters/{path.name}` by lora-tutorial {__version__}"
+        f" (commit {made_by['commit']}).\n\n"
+        "The solutions are removed. Each exercise with an automatic check has a code cell below\n"
+        "it: replace its `raise NotImplementedError` line with your code and run the cell; the\n"
+        "check prints what is right or what is wrong. Keep the function's name and that cell."
+    )
+    cells, pending, placed = [header], [], set()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "solution" in cell.metadata.get("tags", []):
+            continue  # hidden solution code
+        if cell.cell_type == "markdown":
+            new = dict(cell)
+            new["source"] = _remove_solutions(cell.source)
+            if new["source"]:
+                cells.append(nbformat.from_dict(new))
+            labels = [b.body for b in directives(cell.source) if b.name == "exercise"]
+            pending += [
+                label
+                for body in labels
+                for line in body
+                if ":label:" in line and (label := line.split(":label:", 1)[1].strip()) in checked
+            ]
+            continue
+        if (
+            cell.cell_type == "code"
+            and cell.source.lstrip().startswith("# your code here")
+            and pending
+        ):
+            label = pending.pop(0)
+            cells.append(_answer_cell(checked[label], (answers or {}).get(label)))
+            placed.add(label)
+            continue
+        cell = nbformat.from_dict(dict(cell))
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
+    for label in checked:  # an exercise without a "your code here" cell gets one at the end
+        if label not in placed:
+            cells.append(_answer_cell(checked[label], (answers or {}).get(label)))
+    nb.cells = cells
+    nb.metadata[META] = {**made_by, "exercises": [ex.label for ex in chapter_exercises]}
+    return nb
+
+
+def solved_notebook(path: Path) -> nbformat.NotebookNode:
+    """The student notebook of ``path`` with each checked exercise answered by its solution."""
+    answers = {ex.label: ex.solution_code for ex in exercises(path) if ex.solution_code}
+    return student_notebook(path, answers)

@@ -1,0 +1,249 @@
+"""The classroom kit from a teacher's side: student notebooks keep no solution, and the grader
+records pass, fail, raised, timeout, not-attempted and broken submissions without stopping."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from lora_tutorial import __version__, classroom, config
+from lora_tutorial.classroom.__main__ import main
+from lora_tutorial.classroom.notebooks import answer_cell_source, commit, directives
+
+ROOT = config.repo_root()
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))  # every chapter, also ones added later
+CH3 = ROOT / "chapters" / "03_lora_from_scratch.ipynb"
+
+
+def solution_lines(chapter: Path) -> list[str]:
+    """The lines of the chapter's solution blocks that appear nowhere else in the chapter.
+
+    A solution's ``def name(args):`` line is left out: the student's stub has the same line.
+    """
+    nb = nbformat.read(chapter, as_version=4)
+    inside, outside = [], []
+    for cell in nb.cells:
+        lines = cell.source.splitlines()
+        blocks = [d for d in directives(cell.source) if d.name == "solution"]
+        for block in blocks:
+            inside += block.body
+        kept = set(range(len(lines))) - {i for b in blocks for i in range(b.start, b.end)}
+        outside += [lines[i] for i in kept]
+    others = {line.strip() for line in outside}
+    return [
+        line.strip()
+        for line in inside
+        if len(line.strip()) > 15
+        and line.strip() not in others
+        and not line.startswith(":")
+        and not (line.startswith("def ") and line.rstrip().endswith(":"))
+    ]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_no_solution_text_survives_in_a_student_notebook(chapter: Path, tmp_path: Path) -> None:
+    assert main(["student", str(tmp_path), chapter.stem]) == 0
+    student = nbformat.read(tmp_path / chapter.name, as_version=4)
+    text = "\n".join(cell.source for cell in student.cells)
+    assert "{solution}" not in text
+    secrets = solution_lines(chapter)
+    assert secrets, f"{chapter.name} has no solution text to hide (is the test still looking?)"
+    leaked = [line for line in secrets if line in text]
+    assert not leaked, f"solution text left in the student notebook of {chapter.name}: {leaked}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_student_notebook_keeps_every_exercise_and_its_check(chapter: Path) -> None:
+    student = classroom.student_notebook(chapter)
+    text = "\n".join(cell.source for cell in student.cells)
+    header = student.cells[0].source
+    assert chapter.name in header and __version__ in header and commit() in header
+    code = [c for c in student.cells if c.cell_type == "code"]
+    assert '"google.colab" in sys.modules' in code[0].source, "the install cell must come first"
+    for ex in classroom.exercises(chapter):
+        assert f":label: {ex.label}" in text, f"exercise {ex.label} is missing"
+        if ex.check:
+            cells = [
+                c for c in code if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label
+            ]
+            assert len(cells) == 1 and ex.check.strip() in cells[0].source
+
+
+def test_existing_student_notebooks_are_not_overwritten(tmp_path: Path) -> None:
+    target = tmp_path / CH3.name
+    target.write_text("mine")
+    assert main(["student", str(tmp_path), "3"]) == 2
+    assert target.read_text() == "mine"
+
+
+def test_an_unknown_chapter_is_an_error_naming_the_choices(tmp_path: Path, capsys) -> None:
+    assert main(["student", str(tmp_path), "99"]) == 2
+    assert "03_lora_from_scratch" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_chapters(tmp_path: Path) -> Path:
+    """A chapter of chapter 2's two checked exercises, whose checks run in a moment."""
+    source = nbformat.read(ROOT / "chapters" / "02_parameter_savings.ipynb", as_version=4)
+    keep = [source.cells[0], next(c for c in source.cells if c.cell_type == "code")]
+    keep.append(nbformat.v4.new_code_cell("import lora_tutorial.exercises.ch02"))  # torch, once
+    for i, cell in enumerate(source.cells):
+        if cell.cell_type == "markdown" and "check_" in cell.source:
+            keep += [cell, source.cells[i + 1]]
+    source.cells = keep
+    folder = tmp_path / "chapters"
+    folder.mkdir()
+    nbformat.write(source, folder / "02_tiny.ipynb")
+    return folder
+
+
+def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
+    """One submission of each kind, from the tiny chapter's student notebook."""
+    chapter = chapters / "02_tiny.ipynb"
+    made = {
+        "solved": classroom.solved_notebook(chapter),
+        "untouched": classroom.student_notebook(chapter),
+    }
+    answer = {"loop": "while True:\n    pass", "exit": "import sys\nsys.exit(3)"}
+    for name, code in answer.items():
+        nb = classroom.solved_notebook(chapter)
+        cell = next(c for c in nb.cells if "lora_tutorial" in c.metadata)
+        cell.source = code + "\n" + cell.source
+        made[name] = nb
+    made["solved"].cells.insert(3, nbformat.v4.new_code_cell("open('left.txt', 'w').write('x')"))
+    killed = classroom.solved_notebook(chapter)
+    killed.cells.insert(3, nbformat.v4.new_code_cell("import os\nos._exit(1)"))
+    made["killed"] = killed
+    paths = {}
+    for name, nb in made.items():
+        paths[name] = folder / f"{name}.ipynb"
+        nbformat.write(nb, paths[name])
+    paths["invalid"] = folder / "invalid_02_tiny.ipynb"
+    paths["invalid"].write_text('{"cells": [')
+    return paths
+
+
+def test_grader_records_every_kind_of_submission_and_goes_on(
+    tiny_chapters: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    paths = submissions(tmp_path, tiny_chapters)
+    before = sorted(tmp_path.rglob("*"))
+    order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
+    out = tmp_path / "grades.csv"
+    args = [
+        "grade",
+        *(str(paths[n]) for n in order),
+        "--out",
+        str(out),
+        "--cell-timeout",
+        "15",
+        "--jobs",
+        "2",
+    ]
+    assert main([*args, "--chapters-dir", str(tiny_chapters)]) == 0
+    assert sorted(tmp_path.rglob("*")) == sorted([*before, out]), "the grader wrote elsewhere"
+    rows = read_csv(out)
+    assert list(rows[0]) == ["student", "chapter", "exercise", "status", "message"]
+    status = {(r["student"], r["exercise"]): r["status"] for r in rows}
+    message = {(r["student"], r["exercise"]): r["message"] for r in rows}
+    labels = ["ch2-ex2", "ch2-ex3"]
+    assert {status["solved", e] for e in labels} == {"pass"}
+    assert {status["untouched", e] for e in labels} == {"not-attempted"}
+    assert {status["invalid_02_tiny", e] for e in labels} == {"broken"}
+    assert "cannot read the notebook" in message["invalid_02_tiny", "ch2-ex2"]
+    assert status["loop", "ch2-ex2"] == "timeout" and status["loop", "ch2-ex3"] == "pass"
+    assert status["exit", "ch2-ex2"] == "raised" and "SystemExit" in message["exit", "ch2-ex2"]
+    assert status["exit", "ch2-ex3"] == "pass"
+    assert {status["killed", e] for e in labels} == {"broken"}
+    assert "kernel died" in message["killed", "ch2-ex2"]
+    printed = capsys.readouterr().out
+    assert "pass rate" in printed and "ch2-ex3" in printed
+
+
+def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path: Path) -> None:
+    chapter = tiny_chapters / "02_tiny.ipynb"
+    nb = classroom.solved_notebook(chapter)
+    ex = next(e for e in classroom.exercises(chapter) if e.check)
+    cell = next(
+        c for c in nb.cells if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label
+    )
+    cell.source = answer_cell_source(ex, f"def {ex.function}(*args):\n    return 0")
+    nbformat.write(nb, tmp_path / "wrong.ipynb")
+    (grade,) = [
+        g
+        for g in classroom.grade([tmp_path / "wrong.ipynb"], tiny_chapters, cell_timeout=60)
+        if g.exercise == ex.label
+    ]
+    assert grade.status == "fail" and grade.message.startswith("Not yet:"), grade
+
+
+def test_grader_refuses_to_overwrite_its_output(tmp_path: Path) -> None:
+    out = tmp_path / "grades.csv"
+    out.write_text("earlier grades")
+    with pytest.raises(SystemExit):
+        main(["grade", str(tmp_path / "a.ipynb"), "--out", str(out)])
+    assert out.read_text() == "earlier grades"
+
+
+def test_help_warns_that_submissions_are_untrusted(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["grade", "--help"])
+    assert "untrusted code" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_student_notebook_runs_in_quick_mode_and_only_the_checks_fail(
+    chapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    nb = classroom.student_notebook(chapter)
+    client = NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises if any cell raises
+    for cell in nb.cells:
+        if "lora_tutorial" in cell.metadata:
+            result = [o for o in cell.outputs if o.output_type == "execute_result"]
+            assert result and result[0].data["text/plain"] == "False", cell.source
+            assert "Not yet" in "".join(o.get("text", "") for o in cell.outputs)
+
+
+@pytest.mark.slow
+def test_grading_chapter_3_filled_in_and_untouched(tmp_path: Path) -> None:
+    nbformat.write(classroom.solved_notebook(CH3), tmp_path / "filled.ipynb")
+    nbformat.write(classroom.student_notebook(CH3), tmp_path / "untouched.ipynb")
+    grades = classroom.grade([tmp_path / "filled.ipynb", tmp_path / "untouched.ipynb"])
+    code_exercises = [ex.label for ex in classroom.exercises(CH3) if ex.check]
+    assert len(code_exercises) >= 2
+    by = {(g.student, g.exercise): g.status for g in grades}
+    assert all(by["filled", e] == "pass" for e in code_exercises), grades
+    assert all(by["untouched", e] != "pass" for e in code_exercises), grades
+    table = classroom.summary(grades)
+    assert list(table["pass rate"]) == ["50%"] * len(code_exercises)
+    assert json.loads(json.dumps([g.__dict__ for g in grades]))  # plain values, CSV-ready
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_untouched_answer_cell_fails_its_check_without_raising(
+    chapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for ex in classroom.exercises(chapter):
+        if not ex.check:
+            continue
+        *body, last = answer_cell_source(ex).rstrip().splitlines()
+        namespace: dict[str, object] = {}
+        exec("\n".join(body), namespace)
+        assert eval(last, namespace) is False, f"{ex.label}: the stub passed its check"
+        assert "Not yet" in capsys.readouterr().out, f"{ex.label}: the check said nothing"
