@@ -22,7 +22,9 @@ each adapter's scaling is folded into its ``B``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -264,6 +266,34 @@ def forward_per_task_models(
     return out
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 7, device: torch.device | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds after one warm-up call.
+
+    Interleaving means a burst of load from other processes slows every candidate alike, and the
+    median ignores the rounds it spoiled; compare the results as ratios from the same call.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: time at least one round")
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 __all__ = [
     "MultiAdapterModel",
     "MultiLinear",
@@ -272,4 +302,5 @@ __all__ = [
     "forward_per_task_models",
     "merged_copies",
     "multi_lora_delta",
+    "time_interleaved",
 ]
