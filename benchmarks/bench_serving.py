@@ -27,7 +27,7 @@ from lora_tutorial.gpt import GPTModel
 
 
 def adapted_models(base: GPTClassifier, tasks: int, rank: int) -> list[GPTClassifier]:
-    """``tasks`` copies of ``base`` with LoRA on every linear layer and random, trained-looking factors."""
+    """``tasks`` copies of ``base``, LoRA on all linear layers, random (trained-looking) factors."""
     models = []
     for task in range(tasks):
         model = train.prepare_model(copy.deepcopy(base), "lora", rank=rank, alpha=2 * rank)
@@ -35,7 +35,9 @@ def adapted_models(base: GPTClassifier, tasks: int, rank: int) -> list[GPTClassi
         with torch.no_grad():
             for layer in lora.adapter_layers(model).values():
                 layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.01)
-            model.gpt.out_head.weight.copy_(torch.randn(model.gpt.out_head.weight.shape, generator=g))
+            model.gpt.out_head.weight.copy_(
+                torch.randn(model.gpt.out_head.weight.shape, generator=g)
+            )
         models.append(model.eval())
     return models
 

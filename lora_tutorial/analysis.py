@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_tutorial.gpt import GPTModel
 from lora_tutorial.lora import AdapterLayer, adapter_layers
 
 
 @torch.no_grad()
 def language_model_loss(
-    backbone: nn.Module,
+    backbone: GPTModel,
     head_weight: Tensor,
     token_ids: Sequence[Sequence[int]],
     *,
@@ -34,7 +35,7 @@ def language_model_loss(
 ) -> float:
     """Mean next-token cross-entropy (nats per token) of ``backbone`` on ``token_ids``.
 
-    ``backbone`` is a :class:`~lora_tutorial.gpt.GPTModel` (or anything with ``hidden_states``);
+    ``backbone`` is a :class:`~lora_tutorial.gpt.GPTModel` (a classifier's is ``classifier.gpt``);
     its logits are ``hidden_states @ head_weight.T``, so a classifier's backbone can be scored with
     the pretrained vocabulary head (``head_weight``: ``(vocab, emb_dim)``). Each text is cut to
     ``max_length`` tokens (default: the model's context length); padding is not scored.
@@ -42,7 +43,7 @@ def language_model_loss(
     texts = [list(ids) for ids in token_ids if len(ids) >= 2]
     if not texts:
         raise ValueError("no text with at least two tokens to score; give longer texts")
-    limit = max_length or backbone.pos_emb.num_embeddings
+    limit = int(max_length or backbone.pos_emb.num_embeddings)
     device = head_weight.device
     was_training = backbone.training
     backbone.eval()
@@ -73,7 +74,7 @@ def language_model_loss(
 
 @dataclass
 class WeightUpdate:
-    """One layer's base weight ``W0`` and the update ``delta`` fine-tuning added, both ``(out, in)``."""
+    """One layer's base weight ``W0`` and the update ``delta`` fine-tuning added, ``(out, in)``."""
 
     name: str
     W0: Tensor
@@ -94,8 +95,8 @@ def weight_updates(
     """``ΔW`` and ``W0`` of every adapted layer of ``model``, or of every changed linear layer.
 
     With LoRA layers in ``model`` (and ``base`` None) each layer's ``delta_weight()`` and frozen
-    weight are returned. With ``base`` given, ``model`` is a fully fine-tuned copy of ``base``: every
-    ``nn.Linear`` whose name ends with one of ``include`` (all when empty) gives
+    weight are returned. With ``base`` given, ``model`` is a fully fine-tuned copy of ``base``:
+    every ``nn.Linear`` whose name ends with one of ``include`` (all when empty) gives
     ``model weight - base weight``.
     """
     patterns = tuple(include)
@@ -106,7 +107,9 @@ def weight_updates(
     if base is None:
         layers = adapter_layers(model)
         if not layers:
-            raise ValueError("model has no adapter layers; pass its base model too (full fine-tuning)")
+            raise ValueError(
+                "model has no adapter layers; pass its base model too (full fine-tuning)"
+            )
         return [
             WeightUpdate(name, layer.linear.weight.detach().float().cpu(),
                          layer.delta_weight().detach().float().cpu())

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from lora_tutorial.gpt import GPTModel
+
 # Our linear layer (suffix inside a block) -> GPT-2's module in transformers (inside ``h.<i>``).
 HF_MODULES: dict[str, str] = {
     "W_query": "attn.c_attn",
@@ -54,18 +56,20 @@ PEFT_NAMES: list[tuple[str, str]] = [
 
 
 def peft_target_modules(targets: Iterable[str]) -> list[str]:
-    """PEFT ``target_modules`` for our layer names (``train.LORA_TARGETS`` style), in first-seen order."""
+    """PEFT ``target_modules`` for our layer names (as in ``train.LORA_TARGETS``), in order."""
     names: list[str] = []
     for target in targets:
         if target not in HF_MODULES:
-            raise ValueError(f"no GPT-2 module in transformers for {target!r}; known: {list(HF_MODULES)}")
+            raise ValueError(
+                f"no GPT-2 module in transformers for {target!r}; known: {list(HF_MODULES)}"
+            )
         if HF_MODULES[target] not in names:
             names.append(HF_MODULES[target])
     return names
 
 
 def gpt2_config_kwargs(cfg: Mapping) -> dict:
-    """Keyword arguments of ``transformers.GPT2Config`` for the architecture of ``GPTModel(cfg)``."""
+    """Keyword arguments of ``transformers.GPT2Config`` for the architecture ``GPTModel(cfg)``."""
     if not cfg["qkv_bias"]:
         raise ValueError("transformers' GPT-2 always has query/key/value biases; use qkv_bias=True")
     drop = cfg["drop_rate"]
@@ -84,11 +88,11 @@ def gpt2_config_kwargs(cfg: Mapping) -> dict:
 
 
 @torch.no_grad()
-def to_hf_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+def to_hf_state_dict(model: GPTModel) -> dict[str, Tensor]:
     """``model``'s weights (a ``GPTModel``, no adapters) keyed and shaped as ``GPT2Model`` expects.
 
-    ``transformers`` stores linear weights as ``(in, out)`` (its ``Conv1D``) and query, key and value
-    side by side in ``c_attn``. Load the result with ``GPT2Model.load_state_dict``.
+    ``transformers`` stores linear weights as ``(in, out)`` (its ``Conv1D``) and query, key and
+    value side by side in ``c_attn``. Load the result with ``GPT2Model.load_state_dict``.
     """
     p = {name: t.detach().clone() for name, t in model.state_dict().items()}
     if any(".linear." in name or ".lora." in name for name in p):

@@ -1,9 +1,9 @@
 """Many LoRA adapters on one base model: a batched forward pass where each row uses its own adapter.
 
 A server that hosts one fine-tuned task per customer need not keep one model per task. The base
-weights ``W`` are shared; adapter ``k`` adds only ``x @ A_k @ B_k`` (scaled). Stacking the adapters'
-factors into ``A[k]`` ``(n, in_dim, rank)`` and ``B[k]`` ``(n, rank, out_dim)``, a mixed batch runs in
-one pass::
+weights ``W`` are shared; adapter ``k`` adds only ``x @ A_k @ B_k`` (scaled). Stacking the
+adapters' factors into ``A[k]`` ``(n, in_dim, rank)`` and ``B[k]`` ``(n, rank, out_dim)``, a mixed
+batch runs in one pass::
 
     y_i = x_i W^T + b + x_i @ A[ids_i] @ B[ids_i]        (one batched matrix product for all rows)
 
@@ -41,7 +41,7 @@ from lora_tutorial.lora import (
 
 
 def multi_lora_delta(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor) -> Tensor:
-    """Row ``i`` of ``x`` (``(batch, ..., in_dim)``) times ``A[ids_i] @ B[ids_i]``: every row its adapter."""
+    """Row ``i`` of ``x`` ``(batch, ..., in_dim)`` times ``A[ids_i] @ B[ids_i]``."""
     batch = x.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])  # (batch, tokens, in_dim)
     update = torch.bmm(torch.bmm(rows, A[adapter_ids]), B[adapter_ids])
@@ -49,7 +49,7 @@ def multi_lora_delta(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor) -> Te
 
 
 class _RowSelected(nn.Module):
-    """A layer whose computation depends on ``adapter_ids``, which :class:`MultiAdapterModel` sets."""
+    """A layer whose output depends on ``adapter_ids``, which :class:`MultiAdapterModel` sets."""
 
     adapter_ids: Tensor | None
 
@@ -57,7 +57,8 @@ class _RowSelected(nn.Module):
         ids = self.adapter_ids
         if ids is None:
             raise RuntimeError(
-                "no adapter_ids set; call the MultiAdapterModel with adapter_ids=..., not its layers"
+                "no adapter_ids set; call the MultiAdapterModel with adapter_ids=..., "
+                "not its layers"
             )
         if ids.shape != (x.shape[0],):
             raise ValueError(
@@ -68,10 +69,13 @@ class _RowSelected(nn.Module):
 
 
 class MultiLoRALinear(_RowSelected):
-    """A frozen ``nn.Linear`` plus ``n`` stacked LoRA updates; row ``i`` uses update ``adapter_ids[i]``.
+    """A frozen ``nn.Linear`` and ``n`` stacked LoRA updates; row ``i`` uses update ``ids[i]``.
 
-    ``A``: ``(n, in_dim, rank)``, ``B``: ``(n, rank, out_dim)`` with each adapter's scaling already in ``B``.
+    ``A``: ``(n, in_dim, rank)``, ``B``: ``(n, rank, out_dim)``; scalings folded into ``B``.
     """
+
+    A: Tensor
+    B: Tensor
 
     def __init__(self, linear: nn.Linear, A: Tensor, B: Tensor) -> None:
         super().__init__()
@@ -85,7 +89,10 @@ class MultiLoRALinear(_RowSelected):
 
 
 class MultiLinear(_RowSelected):
-    """``n`` whole linear layers of one shape (say, each task's own classification head); row ``i`` uses ``adapter_ids[i]``."""
+    """``n`` whole linear layers of one shape (each task's head, say); row ``i`` uses ``ids[i]``."""
+
+    weight: Tensor
+    bias: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -104,7 +111,8 @@ class MultiLinear(_RowSelected):
 
 def _stack_lora(name: str, base_linear: nn.Linear, adapted: Sequence[nn.Module]) -> MultiLoRALinear:
     """Stack every adapted model's LoRA factors for layer ``name`` (zeros where one has none)."""
-    layers = [adapter_layers(m).get(name) for m in adapted]
+    found = [adapter_layers(m).get(name) for m in adapted]
+    layers = [layer if isinstance(layer, LinearWithLoRA) else None for layer in found]
     rank = max(layer.lora.rank for layer in layers if layer is not None)
     n, in_dim, out_dim = len(adapted), base_linear.in_features, base_linear.out_features
     like = base_linear.weight
@@ -120,8 +128,9 @@ def _stack_lora(name: str, base_linear: nn.Linear, adapted: Sequence[nn.Module])
 
 
 def _stack_linear(name: str, adapted: Sequence[nn.Module]) -> MultiLinear:
-    modules = [_get_submodule(m, name, "extra module") for m in adapted]
-    if not all(isinstance(m, nn.Linear) for m in modules):
+    found = [_get_submodule(m, name, "extra module") for m in adapted]
+    modules = [m for m in found if isinstance(m, nn.Linear)]
+    if len(modules) != len(found):
         raise TypeError(f"extra module {name!r} must be an nn.Linear in every adapted model")
     weight = torch.stack([m.weight.detach() for m in modules])
     has_bias = [m.bias is not None for m in modules]
@@ -132,7 +141,7 @@ def _stack_linear(name: str, adapted: Sequence[nn.Module]) -> MultiLinear:
 
 
 def _check_adapted(adapted: Sequence[nn.Module], base: nn.Module, extras: list[str]) -> list[str]:
-    """The names of the adapted layers (union over the models), after checking that they can share ``base``."""
+    """The adapted layers' names (union over the models), once checked that they share ``base``."""
     if not adapted:
         raise ValueError("adapted is empty: give at least one model with LoRA layers")
     names: list[str] = []
@@ -241,7 +250,7 @@ def forward_merging_per_request(
 
 
 def merged_copies(adapted: Sequence[nn.Module]) -> list[nn.Module]:
-    """One plain model per task with its adapter merged in (copies: the adapted models stay as they are)."""
+    """One plain model per task with its adapter merged in (copies: ``adapted`` stays as it is)."""
     return [merge_and_unload(copy.deepcopy(m)) for m in adapted]
 
 

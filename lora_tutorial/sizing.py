@@ -36,7 +36,7 @@ BF16, FP32 = lowrank.bytes_per_param("bfloat16"), lowrank.bytes_per_param("float
 
 
 def llama_linear_shapes(cfg: Mapping[str, int]) -> list[lowrank.LinearShape]:
-    """The linear layers of a LLaMA block stack: q, k, v, o and the gated feed-forward (gate, up, down)."""
+    """The linear layers of LLaMA's blocks: q, k, v, o and gated feed-forward (gate, up, down)."""
     d, f = cfg["emb_dim"], cfg["ff_dim"]
     shapes = []
     for i in range(cfg["n_layers"]):
@@ -85,10 +85,8 @@ def finetuning_memory(cfg: Mapping[str, int], method: str, *, rank: int = 64) ->
     if method == "full":
         return MemoryEstimate(method, total, total, total * BF16, total * BF16, total * 2 * FP32)
     n_lora = lowrank.lora_params_for(llama_linear_shapes(cfg), rank)
-    if method == "lora":
-        base = total * BF16
-    else:
-        base = linear * NF4_DQ_BITS / 8 + (total - linear) * BF16
+    quantized = linear * NF4_DQ_BITS / 8 + (total - linear) * BF16
+    base = total * BF16 if method == "lora" else quantized
     return MemoryEstimate(
         method, total + n_lora, n_lora, base + n_lora * BF16, n_lora * BF16, n_lora * 2 * FP32
     )

@@ -40,7 +40,7 @@ def _preset(preset: str | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
-    """Trainable LoRA numbers per unit of rank when ``preset``'s layers of ``GPTModel(cfg)`` are adapted."""
+    """Trainable LoRA numbers per unit of rank on ``preset``'s layers of ``GPTModel(cfg)``."""
     targets = _preset(preset)
     shapes = lowrank.gpt_linear_shapes(cfg)
     return lowrank.lora_params_for(
@@ -49,7 +49,7 @@ def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
 
 
 def rank_for_budget(cfg: Mapping, preset: str | tuple[str, ...], budget: int) -> int:
-    """The rank (at least 1) whose LoRA on ``preset``'s layers comes closest to ``budget`` numbers."""
+    """The rank (at least 1) whose LoRA on ``preset``'s layers comes closest to ``budget``."""
     if budget < 1:
         raise ValueError(f"budget={budget}: give the number of trainable LoRA parameters (>= 1)")
     return max(1, round(budget / lora_params_per_rank(cfg, preset)))
@@ -62,7 +62,7 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
 
 @dataclass
 class SweepRun:
-    """One trained setting: what was trained, how long, and how well (last-epoch validation accuracy)."""
+    """One trained setting: what was trained, how long, how well (last validation accuracy)."""
 
     layers: str
     rank: int
@@ -86,8 +86,8 @@ class SweepRun:
 class Sweep:
     """Train LoRA classifiers on one data set, one per setting, and keep what each run learned.
 
-    ``make_base()`` returns a fresh classifier (the same weights every call); each run adapts it with
-    :func:`~lora_tutorial.train.prepare_model` and trains it with
+    ``make_base()`` returns a fresh classifier (the same weights every call); each run adapts it
+    with :func:`~lora_tutorial.train.prepare_model` and trains it with
     :func:`~lora_tutorial.train.train_classifier` for ``epochs`` epochs and the given seed. Runs are
     remembered by (layers, rank, scaling, learning rate): a second request for the same setting
     returns the first result. The trained tensors (LoRA factors and head) are kept, so
@@ -128,7 +128,7 @@ class Sweep:
     def run(
         self, layers: str, rank: int, alpha: float, lr: float, *, use_rslora: bool = False
     ) -> SweepRun:
-        """Train (or recall) LoRA of ``rank`` and ``alpha`` on ``layers`` (a preset name) at ``lr``."""
+        """Train (or recall) LoRA of ``rank`` and ``alpha`` on ``layers`` (a preset) at ``lr``."""
         key = self._key(layers, rank, alpha, use_rslora, lr)
         if key in self.runs:
             return self.runs[key]

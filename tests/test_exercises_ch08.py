@@ -23,7 +23,8 @@ def test_bits_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize(
     "wrong, hint",
-    [(lambda b, s: 4 + 32 / b, "float32 scale per block"), (lambda b, s: 4 + 8 / b, "float32 constant"),
+    [(lambda b, s: 4 + 32 / b, "float32 scale per block"),
+     (lambda b, s: 4 + 8 / b, "float32 constant"),
      (lambda b, s: bits_solution(b, s) / 8, "bytes"), (lambda b, s: 4.127, "expected"),
      (lambda b, s: "4.127", "not a number"), (lambda b, s: 1 / 0, "ZeroDivisionError")],
 )  # fmt: skip
@@ -64,12 +65,16 @@ def amp_solution(W0, delta, r):
 
 def amp_own_directions(W0, delta, r):
     U, _, Vh = torch.linalg.svd(W0, full_matrices=False)
-    return (torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)).item()
+    return (
+        torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
+    ).item()
 
 
 def amp_vh_not_transposed(W0, delta, r):
     U, _, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return (torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r])).item()
+    return (
+        torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r])
+    ).item()
 
 
 def test_amplification_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
@@ -79,7 +84,8 @@ def test_amplification_check_accepts_the_solution(capsys: pytest.CaptureFixture)
 
 @pytest.mark.parametrize(
     "wrong, hint",
-    [(amp_own_directions, "W0's singular vectors"), (lambda *a: 1 / amp_solution(*a), "upside down"),
+    [(amp_own_directions, "W0's singular vectors"),
+     (lambda *a: 1 / amp_solution(*a), "upside down"),
      (amp_vh_not_transposed, "Vh[:r].T"), (lambda *a: "big", "not a number"),
      (lambda *a: amp_solution(*a) + 1, "expected")],
 )  # fmt: skip

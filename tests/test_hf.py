@@ -1,4 +1,4 @@
-"""Our GPT-2 weights run unchanged in transformers, and PEFT counts what we count on the same layers."""
+"""Our GPT-2 weights run unchanged in transformers; PEFT counts what we count on the same layers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Serving many adapters: the batched multi-adapter forward pass equals each adapter run on its own."""
+"""Serving many adapters: the batched multi-adapter forward pass equals each adapter on its own."""
 
 from __future__ import annotations
 
@@ -71,12 +71,12 @@ def test_each_row_gets_its_own_adapter(setup) -> None:
         out = served(input_ids, lengths, adapter_ids=ids)
     expected = per_row(adapted, input_ids, lengths, ids)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    # the rows really differ by adapter: the same message through another adapter gives another answer
+    # the rows really differ by adapter: another adapter gives another answer
     assert not torch.allclose(out[0], per_row(adapted, input_ids[:1], lengths[:1], [1])[0])
 
 
 def test_alternatives_agree_and_leave_the_models_as_they_were(setup) -> None:
-    base, adapted, input_ids, lengths = setup
+    _, adapted, input_ids, lengths = setup
     ids = [2, 2, 0, 1, 0, 1, 2]
     expected = per_row(adapted, input_ids, lengths, ids)
     before = [copy.deepcopy(m.state_dict()) for m in adapted]
@@ -86,14 +86,14 @@ def test_alternatives_agree_and_leave_the_models_as_they_were(setup) -> None:
     assert not lora.adapter_layers(copies[0])
     per_task = serving.forward_per_task_models(copies, input_ids, lengths, adapter_ids=ids)
     torch.testing.assert_close(per_task, expected, atol=1e-5, rtol=1e-5)
-    for model, state in zip(adapted, before):
+    for model, state in zip(adapted, before, strict=True):
         assert not any(layer.merged for layer in lora.adapter_layers(model).values())
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, state[key], atol=1e-6, rtol=0)
 
 
 def test_base_model_is_not_changed(setup) -> None:
-    base, adapted, input_ids, lengths = setup
+    base, adapted, _, _ = setup
     state = copy.deepcopy(base.state_dict())
     serving.MultiAdapterModel(base, adapted, extra_modules=HEAD)
     assert not lora.adapter_layers(base)

@@ -1,4 +1,4 @@
-"""Layer presets at a fixed budget, and a sweep that trains each setting once and counts its steps."""
+"""Layer presets at a fixed budget; a sweep that trains each setting once and counts its steps."""
 
 from __future__ import annotations
 

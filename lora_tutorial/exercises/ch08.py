@@ -101,7 +101,7 @@ def _amp_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def check_amplification_factor(fn: Callable[[torch.Tensor, torch.Tensor, int], float]) -> bool:
-    """Check ``fn(W0, delta, r)``: ``‖delta‖_F / ‖U_rᵀ W0 V_r‖_F`` with delta's top-r singular vectors."""
+    """Check ``fn(W0, delta, r)``: ``‖delta‖_F / ‖U_rᵀ W0 V_r‖_F`` (delta's top-r directions)."""
     problems: list[str] = []
     W0, delta, r = _amp_case()
     expected = subspace_amplification(WeightUpdate("case", W0, delta), r).factor
