@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lora_tutorial.gpt import GPTModel
 
@@ -53,6 +53,24 @@ PEFT_NAMES: list[tuple[str, str]] = [
     ("serving.MultiAdapterModel (adapter_ids per row)",
      "model(..., adapter_names=[...]) (mixed-batch inference)"),
 ]  # fmt: skip
+
+
+class TransformersClassifier(nn.Module):
+    """A ``transformers`` sequence classifier (PEFT-wrapped or not) called like our
+    :class:`~lora_tutorial.classify.GPTClassifier`: ``model(input_ids, lengths) -> logits``, so that
+    :func:`~lora_tutorial.train.train_classifier` and :func:`~lora_tutorial.train.evaluate` run it.
+
+    ``transformers``' GPT-2 classifier reads the last token that is not ``pad_token_id``, which for
+    right-padded messages is the last real token, as ours does; ``lengths`` is therefore not needed.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=input_ids).logits
 
 
 def peft_target_modules(targets: Iterable[str]) -> list[str]:
@@ -121,6 +139,7 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, Tensor]:
 __all__ = [
     "HF_MODULES",
     "PEFT_NAMES",
+    "TransformersClassifier",
     "gpt2_config_kwargs",
     "peft_target_modules",
     "to_hf_state_dict",

@@ -60,6 +60,23 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+class CountingAdamW:
+    """``make_optimizer`` for :func:`~lora_tutorial.train.train_classifier`: AdamW over the
+    trainable parameters, counting in ``.steps`` the optimizer steps taken (a budget check)."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.1) -> None:
+        self.lr, self.weight_decay, self.steps = lr, weight_decay, 0
+
+    def _count(self, *_: object) -> None:
+        self.steps += 1
+
+    def __call__(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer.register_step_post_hook(self._count)
+        return optimizer
+
+
 @dataclass
 class SweepRun:
     """One trained setting: what was trained, how long, how well (last validation accuracy)."""
@@ -133,13 +150,7 @@ class Sweep:
         if key in self.runs:
             return self.runs[key]
         model = self._prepared(layers, rank, alpha, use_rslora)
-        steps = [0]
-
-        def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
-            params = [p for p in m.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
-            optimizer.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
-            return optimizer
+        make_optimizer = CountingAdamW(lr)
 
         history = train.train_classifier(
             model,
@@ -161,7 +172,7 @@ class Sweep:
             lr=lr,
             trainable_params=counts[0],
             lora_params=counts[1],
-            steps=steps[0],
+            steps=make_optimizer.steps,
             seconds=sum(history.epoch_seconds),
             val_accuracy=history.val_accuracy[-1],
         )
@@ -200,6 +211,7 @@ def lora_counts(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "LAYER_PRESETS",
+    "CountingAdamW",
     "Sweep",
     "SweepRun",
     "lora_counts",

@@ -59,3 +59,27 @@ def test_peft_targets_and_counts_match_ours() -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=hf.peft_target_modules(same))
     theirs = peft.get_peft_model(hf_model(), config)
     assert theirs.get_nb_trainable_parameters()[0] == lora.count_parameters(ours).trainable
+
+
+def test_a_transformers_classifier_trains_and_evaluates_like_ours() -> None:
+    from torch.utils.data import DataLoader
+
+    from lora_tutorial import sweeps, train
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**hf.gpt2_config_kwargs(CFG), num_labels=2, pad_token_id=0)
+    net = transformers.GPT2ForSequenceClassification(config)
+    ids = torch.randint(1, CFG["vocab_size"], (16, 6))
+    ids[::2, 4:] = 0  # right padding: the last real token is read, as in GPTClassifier
+    labels = (ids[:, 0] % 2).long()
+    rows = [(ids[i], labels[i], torch.tensor(6)) for i in range(16)]
+    loader = DataLoader(rows, batch_size=4)
+    model = hf.TransformersClassifier(net)
+    with torch.no_grad():
+        expected = net(input_ids=ids).logits.argmax(-1)
+    assert train.evaluate(model, loader).accuracy == (expected == labels).float().mean().item()
+    counter = sweeps.CountingAdamW(1e-3)
+    train.train_classifier(
+        model, loader, loader, epochs=2, progress=False, make_optimizer=counter, eval_every=100
+    )
+    assert counter.steps == 2 * len(loader)
