@@ -21,7 +21,7 @@ import copy
 
 import torch
 
-from lora_tutorial import config, lora, serving, train
+from lora_tutorial import config, serving, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPTModel
 
@@ -33,11 +33,11 @@ def adapted_models(base: GPTClassifier, tasks: int, rank: int) -> list[GPTClassi
         model = train.prepare_model(copy.deepcopy(base), "lora", rank=rank, alpha=2 * rank)
         g = torch.Generator().manual_seed(task)
         with torch.no_grad():
-            for layer in lora.adapter_layers(model).values():
-                layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.01)
-            model.gpt.out_head.weight.copy_(
-                torch.randn(model.gpt.out_head.weight.shape, generator=g)
-            )
+            for name, p in model.named_parameters():
+                if name.endswith(".lora.B"):  # B starts at zero: make the update nonzero
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+                elif name == f"{train.HEAD}.weight":
+                    p.copy_(torch.randn(p.shape, generator=g))
         models.append(model.eval())
     return models
 
