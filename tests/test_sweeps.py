@@ -1,0 +1,80 @@
+"""Layer presets at a fixed budget; a sweep that trains each setting once and counts its steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lora_tutorial import sweeps, train
+from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
+from lora_tutorial.lora import adapter_layers
+
+CFG = {
+    "vocab_size": 40,
+    "context_length": 8,
+    "emb_dim": 16,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+
+
+def test_presets_cost_what_the_chapter_says_per_block() -> None:
+    cfg = GPT_CONFIGS["gpt2-small"]
+    d, blocks = cfg["emb_dim"], cfg["n_layers"]
+    expected = {"query+value": 4, "all attention": 8, "feed-forward": 10, "all linear": 18}
+    for preset, per_block in expected.items():
+        assert sweeps.lora_params_per_rank(cfg, preset) == per_block * d * blocks
+    budget = 16 * sweeps.lora_params_per_rank(cfg, "all linear")
+    ranks = {p: sweeps.rank_for_budget(cfg, p, budget) for p in sweeps.LAYER_PRESETS}
+    assert ranks == {"query+value": 72, "all attention": 36, "feed-forward": 29, "all linear": 16}
+    with pytest.raises(ValueError, match="unknown layer preset"):
+        sweeps.rank_for_budget(cfg, "mlp", budget)
+    with pytest.raises(ValueError, match="budget"):
+        sweeps.rank_for_budget(cfg, "all linear", 0)
+
+
+def make_base() -> GPTClassifier:
+    torch.manual_seed(0)
+    return GPTClassifier(GPTModel(CFG))
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CFG["vocab_size"], (24, 6), generator=g)
+    labels = (ids[:, 0] > CFG["vocab_size"] // 2).long()
+    rows = [(ids[i], labels[i], torch.tensor(6)) for i in range(24)]
+    train_loader = DataLoader(rows, batch_size=4, shuffle=True, drop_last=True, generator=g)
+    return train_loader, DataLoader(rows[:8], batch_size=4)
+
+
+def test_sweep_trains_each_setting_once_and_counts_steps() -> None:
+    train_loader, val_loader = loaders()
+    sweep = sweeps.Sweep(make_base, train_loader, val_loader, epochs=2, eval_every=3)
+    first = sweep.run("query+value", 2, 4.0, 1e-2)
+    assert first.steps == 2 * len(train_loader)
+    assert first.lora_params == 2 * 2 * 2 * (16 + 16)  # blocks x layers x rank x (in + out)
+    assert sweep.run("query+value", 2, 4.0, 1e-2) is first
+    # rank 1: alpha / rank and alpha / sqrt(rank) are the same scaling, so the same run
+    plain = sweep.run("feed-forward", 1, 2.0, 1e-2)
+    assert sweep.run("feed-forward", 1, 2.0, 1e-2, use_rslora=True) is plain
+    rs = sweep.run("feed-forward", 4, 2.0, 1e-2, use_rslora=True)
+    assert rs.scaling == pytest.approx(1.0)
+    assert len(sweep.runs) == 3
+    assert sweep.total_steps == 3 * first.steps
+
+
+def test_a_rebuilt_model_is_the_trained_one() -> None:
+    train_loader, val_loader = loaders()
+    sweep = sweeps.Sweep(make_base, train_loader, val_loader, epochs=1, eval_every=3)
+    run = sweep.run("all attention", 4, 2.0, 5e-2, use_rslora=True)
+    model = sweep.model(run)
+    layers = adapter_layers(model)
+    assert all(layer.lora.scaling == pytest.approx(2.0 / math.sqrt(4)) for layer in layers.values())
+    assert any(layer.lora.B.abs().sum() > 0 for layer in layers.values())  # trained, not fresh
+    assert train.evaluate(model, val_loader).accuracy == pytest.approx(run.val_accuracy)
