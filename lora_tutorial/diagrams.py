@@ -9,7 +9,11 @@ from :func:`lora_tutorial.quantize.nf4_levels`, the target layers from
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import torch
@@ -19,6 +23,9 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from lora_tutorial.quantize import NF4_OFFSET, nf4_levels
 from lora_tutorial.train import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from IPython.display import HTML
 
 FROZEN = "#c9d3e0"  # blue-grey: weights that do not train
 TRAINED = "#f4b183"  # orange: weights that train
@@ -215,6 +222,21 @@ def nf4_on_normal_curve() -> Figure:
         "spaced levels drawn below the axis."
     )
     return fig
+
+
+def show(fig: Figure, width: int = 640) -> HTML:
+    """The figure as an HTML image carrying its alt text, for a chapter cell to display; closes it.
+
+    Jupyter's usual figure output has no alt text, so screen readers would announce only "image".
+    """
+    from IPython.display import HTML
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    alt = html.escape(getattr(fig, "alt_text", ""), quote=True)
+    return HTML(f'<img src="data:image/png;base64,{data}" alt="{alt}" width="{width}">')
 
 
 ALL = {

@@ -55,3 +55,12 @@ def test_the_lora_block_labels_its_shapes() -> None:
     texts = " ".join(t.get_text() for t in fig.axes[0].texts)
     plt.close(fig)
     assert "A  1024 × 8" in texts and "B  8 × 4096" in texts
+
+
+def test_show_embeds_the_picture_with_its_alt_text() -> None:
+    fig = diagrams.merge_and_swap()
+    alt = fig.alt_text  # type: ignore[attr-defined]
+    rendered = diagrams.show(fig).data
+    assert rendered.startswith('<img src="data:image/png;base64,')
+    assert f'alt="{alt}"' in rendered
+    assert not plt.fignum_exists(fig.number)  # closed, so Jupyter does not show it a second time
