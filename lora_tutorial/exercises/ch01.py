@@ -115,4 +115,57 @@ def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
     )
 
 
-__all__ = ["check_rank_r_approx", "check_tail_error"]
+def _column_basis(A: torch.Tensor, k: int) -> torch.Tensor:
+    """An orthonormal basis of the span of A's top-``k`` left singular vectors."""
+    return torch.linalg.svd(A, full_matrices=False).U[:, :k]
+
+
+def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int], float]) -> bool:
+    """Check ``fn(A1, A2, i, j)``: Hu et al.'s normalised subspace similarity, a number in [0, 1].
+
+    ``A1`` and ``A2`` are adapters' ``A`` matrices in the package's layout ``(in_dim, rank)``; the
+    similarity compares the spans of their top-``i`` and top-``j`` left singular vectors:
+    ``||U1[:, :i].T @ U2[:, :j]||_F**2 / min(i, j)``.
+    """
+    problems: list[str] = []
+    g = torch.Generator().manual_seed(0)
+    A1, A2 = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+    cases = [
+        ("the same matrix, i = j = 4", A1, A1.clone(), 4, 4),
+        (
+            "a matrix and the same columns scaled and mixed",
+            A1,
+            A1 @ torch.randn(8, 8, generator=g),
+            8,
+            8,
+        ),
+        ("two random matrices, i = 2, j = 6", A1, A2, 2, 6),
+        ("orthogonal column spaces", torch.eye(32)[:, :4], torch.eye(32)[:, 4:8], 4, 4),
+    ]
+    for what, first, second, i, j in cases:
+        out, err = call(fn, first.clone(), second.clone(), i, j)
+        if err:
+            return report([f"for {what} your function raised {err}"], "")
+        u1, u2 = _column_basis(first, i), _column_basis(second, j)
+        expected = float((u1.T @ u2).square().sum() / min(i, j))
+        try:
+            value = float(out)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return report([f"for {what} your function returned {out!r}, not a number"], "")
+        if abs(value - expected) > 1e-4:
+            hint = ""
+            if abs(value - expected * min(i, j)) < 1e-4:
+                hint = " (divide by min(i, j) so that the result lies in [0, 1])"
+            elif value > 1 + 1e-4:
+                hint = " (use the singular vectors, which are orthonormal, not the columns of A)"
+            problems.append(
+                f"for {what} your function gave {value:.4f}, expected {expected:.4f}{hint}"
+            )
+    return report(
+        problems,
+        "Two adapters trained from different seeds can now be compared the way Hu et al. do "
+        "(Section 7).",
+    )
+
+
+__all__ = ["check_rank_r_approx", "check_subspace_similarity", "check_tail_error"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lora_tutorial.classify import GPTClassifier
@@ -98,3 +99,49 @@ def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
 def _few(names: list[str], k: int = 4) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _tiny_classifier() -> nn.Module:
+    """A tiny GPT with a two-class head, shaped like the chapter's model."""
+    return GPTClassifier(GPTModel("tiny"))
+
+
+def check_multi_adapter_forward(
+    fn: Callable[[nn.Linear, list, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> bool:
+    """Check ``fn(linear, adapters, x, adapter_ids)``: one batch, each row with its own adapter.
+
+    ``adapters`` is a list of ``(A, B, scaling)``, ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``;
+    ``x`` is ``(batch, tokens, in)`` and row ``b`` uses ``adapters[adapter_ids[b]]``. The result
+    equals running each row through its own ``LinearWithLoRA``.
+    """
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(8, 5)
+    adapters = [
+        (torch.randn(8, r, generator=g), torch.randn(r, 5, generator=g), s)
+        for r, s in ((2, 1.0), (2, 0.5), (2, 2.0))
+    ]
+    x = torch.randn(4, 3, 8, generator=g)
+    ids = torch.tensor([2, 0, 2, 1])
+    with torch.no_grad():
+        expected = torch.stack(
+            [
+                linear(x[b]) + adapters[k][2] * x[b] @ adapters[k][0] @ adapters[k][1]
+                for b, k in enumerate(ids.tolist())
+            ]
+        )
+    out, err = call(fn, linear, adapters, x.clone(), ids.clone())
+    if err:
+        return report([f"your function raised {err}"], "")
+    problems: list[str] = []
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        problems.append(f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+    elif not torch.allclose(out, expected, atol=1e-5):
+        wrong = [b for b in range(4) if not torch.allclose(out[b], expected[b], atol=1e-5)]
+        problems.append(f"rows {wrong} do not match their own adapter's output")
+    return report(
+        problems,
+        "One frozen base, many adapters, one batch: the idea behind serving systems such as "
+        "S-LoRA and Punica (chapter 8 builds it into the package).",
+    )

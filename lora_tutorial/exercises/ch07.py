@@ -221,3 +221,42 @@ def _linear(W: torch.Tensor) -> nn.Linear:
     with torch.no_grad():
         linear.weight.copy_(W)
     return linear
+
+
+def check_pissa_to_lora(
+    fn: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ],
+) -> bool:
+    """Check ``fn(A, B, A0, B0)``: a plain LoRA pair for the *original* base from a PiSSA pair.
+
+    PiSSA trains ``A, B`` from ``A0, B0`` on the residual ``W - s (A0 B0)^T``, so its update to the
+    original ``W`` is ``s (A B - A0 B0)^T``: rank up to ``2 r``. The answer ``(A2, B2)`` has shapes
+    ``(in, 2r)`` and ``(2r, out)`` with ``A2 @ B2 == A @ B - A0 @ B0``.
+    """
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, r = 10, 7, 3
+    A, B = torch.randn(d_in, r, generator=g), torch.randn(r, d_out, generator=g)
+    A0, B0 = torch.randn(d_in, r, generator=g), torch.randn(r, d_out, generator=g)
+    out, err = call(fn, A.clone(), B.clone(), A0.clone(), B0.clone())
+    if err:
+        return report([f"your function raised {err}"], "")
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return report([f"return a pair (A2, B2), not {type(out).__name__}"], "")
+    A2, B2 = out
+    problems: list[str] = []
+    if tuple(A2.shape) != (d_in, 2 * r) or tuple(B2.shape) != (2 * r, d_out):
+        problems.append(
+            f"A2 is {tuple(A2.shape)} and B2 {tuple(B2.shape)}; expected {(d_in, 2 * r)} and "
+            f"{(2 * r, d_out)}: the difference of two rank-{r} products needs rank {2 * r}"
+        )
+    elif not torch.allclose(A2 @ B2, A @ B - A0 @ B0, atol=1e-5):
+        hint = ""
+        if torch.allclose(A2 @ B2, A @ B + A0 @ B0, atol=1e-5):
+            hint = " (a sign: the initial product must be subtracted)"
+        problems.append(f"A2 @ B2 is not A @ B - A0 @ B0{hint}")
+    return report(
+        problems,
+        "The PiSSA adapter now loads as an ordinary LoRA adapter on the original weights, at twice "
+        "the rank; PEFT offers the same conversion when it saves a PiSSA model.",
+    )
