@@ -281,7 +281,12 @@ def prepare_splits(
     """
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
-    settings = {"source_sha256": _sha256(path), "seed": seed, "train_frac": 0.7, "valid_frac": 0.1}
+    settings = {
+        "source_sha256": _sha256(path),
+        "seed": seed,
+        "train_frac": 0.7,
+        "validation_frac": 0.1,
+    }
     manifest = _read_manifest(folder)
     files = manifest.get("files", {})
     cached = set(files) == {f"{name}.csv" for name in SPLIT_NAMES} and all(
