@@ -7,6 +7,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import pytest
@@ -143,8 +144,8 @@ def test_loaders_are_seeded_and_share_the_training_length(
     order = [batch[0] for batch in first.train]
     assert all(torch.equal(a, b[0]) for a, b in zip(order, second.train, strict=True))
     assert len(order) == len(splits.train) // 4  # drop_last: only full batches
-    lengths = {loader.dataset.max_length for loader in first}
-    assert lengths == {first.train.dataset.max_length}
+    datasets = [cast(data.SpamDataset, loader.dataset) for loader in first]
+    assert {dataset.max_length for dataset in datasets} == {datasets[0].max_length}
 
 
 def test_subset_keeps_both_classes(messages: pd.DataFrame) -> None:
