@@ -261,17 +261,28 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
             "projected_full_train_seconds": step_seconds * len(loaders.train) * args.epochs,
         }
         if out is not None:
-            weights, contents = _save_weights(model, args.method, out.path)
-            metrics["weights"] = {"file": weights.name, "contents": contents}
-            for name, plot in (
-                ("loss.png", plots.plot_losses),
-                ("accuracy.png", plots.plot_accuracy),
-            ):
-                plots.plt.close(plot(history, path=out.path / name))
-            _write_json(out.path / "metrics.json", metrics)
-            out.commit()
+            try:
+                _write_results(args, model, history, metrics, out)
+            except OSError as err:  # a full disk, a folder removed under the run ...
+                raise OutputFolderError(f"the results could not be written: {err}") from None
             _report(args, metrics, digests)
     return metrics
+
+
+def _write_results(
+    args: argparse.Namespace,
+    model: GPTClassifier,
+    history: train.History,
+    metrics: dict,
+    out: OutputFolder,
+) -> None:
+    """Weights, plots and metrics into the temporary folder, then the folder into place."""
+    weights, contents = _save_weights(model, args.method, out.path)
+    metrics["weights"] = {"file": weights.name, "contents": contents}
+    for name, plot in (("loss.png", plots.plot_losses), ("accuracy.png", plots.plot_accuracy)):
+        plots.plt.close(plot(history, path=out.path / name))
+    _write_json(out.path / "metrics.json", metrics)
+    out.commit()
 
 
 def _report(args: argparse.Namespace, metrics: dict, digests: list) -> None:

@@ -186,6 +186,18 @@ def test_quick_and_rehearsal_are_one_mode_each(
     assert "ask for two modes" in capsys.readouterr().err
 
 
+def test_a_data_folder_that_is_a_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "d").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(
+            ["--quick", "--output-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "d")]
+        )
+    assert exit_info.value.code == 2 and "--data-dir:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 def _output_problem(tmp_path: Path, kind: str) -> Path:
     if kind == "a file":
         (tmp_path / "results").write_text("mine")
