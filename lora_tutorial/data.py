@@ -220,14 +220,15 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def save_splits(
-    splits: Splits, folder: str | Path, *, settings: dict | None = None
+    splits: Splits, folder: str | Path, *, settings: dict | None = None, owned: bool = False
 ) -> dict[str, Path]:
     """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv``; return the paths.
 
     Beside them goes ``splits.json``: the ``settings`` that made them and each CSV's sha256.
     A file of those names is replaced only if that manifest says this module wrote it (and it is
     unchanged since) or it already holds exactly the new content; any other file is the user's,
-    and ``FileExistsError`` names it. Each file is written atomically.
+    and ``FileExistsError`` names it (``owned``: the package's own cache, where older versions
+    left splits without a manifest). Each file is written atomically.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,8 @@ def save_splits(
     }
     hashes = {path.name: hashlib.sha256(blob).hexdigest() for path, blob in blobs.items()}
     for path in blobs:
-        if path.exists() and _sha256(path) not in {recorded.get(path.name, ""), hashes[path.name]}:
+        listed = {recorded.get(path.name, ""), hashes[path.name]}
+        if path.exists() and not (owned and path.is_file()) and _sha256(path) not in listed:
             raise FileExistsError(
                 f"{path} exists and was not written by lora_tutorial.data (or was changed "
                 "since); it is left alone: move it away or choose another data folder"
@@ -279,14 +281,10 @@ def prepare_splits(
     says so), are read back instead of written again; see :func:`save_splits` for the files
     that are never replaced.
     """
+    owned = folder is None  # the package's own cache folder
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
-    settings = {
-        "source_sha256": _sha256(path),
-        "seed": seed,
-        "train_frac": 0.7,
-        "validation_frac": 0.1,
-    }
+    settings = {"source_sha256": _sha256(path), "seed": seed, "train_validation_frac": [0.7, 0.1]}
     manifest = _read_manifest(folder)
     files = manifest.get("files", {})
     cached = set(files) == {f"{name}.csv" for name in SPLIT_NAMES} and all(
@@ -295,7 +293,7 @@ def prepare_splits(
     if cached and manifest["settings"] == settings:
         return load_splits(folder)
     splits = split(balance_classes(read_messages(path), seed=seed), seed=seed)
-    save_splits(splits, folder, settings=settings)
+    save_splits(splits, folder, settings=settings, owned=owned)
     return splits
 
 

@@ -92,8 +92,10 @@ def _tokenizer() -> tiktoken.Encoding:
 def _splits(args: argparse.Namespace, info: DistInfo) -> data.Splits:
     folder = args.data_dir if args.data_dir is not None else config.cache_dir() / data.SHARED_FOLDER
     progress = not args.no_progress
-    try:
-        _main_first(info, lambda: data.prepare_splits(folder, seed=args.seed, progress=progress))
+    try:  # data_dir None: the package's own cache folder (prepare_splits may replace old splits)
+        _main_first(
+            info, lambda: data.prepare_splits(args.data_dir, seed=args.seed, progress=progress)
+        )
         splits = data.load_splits(folder)
     except (ValueError, FileExistsError) as err:  # a malformed SMS file, a user's file in the way
         raise BadInput(str(err)) from None

@@ -184,4 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for path in [args.data_dir, *args.data_dir.absolute().parents]:
             if path.exists() and not path.is_dir():
                 parser.error(f"--data-dir: {path} is a file, not a folder")
+        data_dir, out = args.data_dir.resolve(), args.output_dir.resolve()
+        if data_dir == out or out in data_dir.parents:
+            parser.error("--data-dir lies inside --output-dir, which each run replaces whole")
     return args

@@ -221,6 +221,17 @@ def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path, data_dir: P
         data.prepare_splits(third, progress=False)
 
 
+def test_splits_left_in_the_packages_cache_by_older_versions_are_replaced(
+    data_dir: Path,
+) -> None:
+    cache = config.cache_dir() / data.SHARED_FOLDER  # each test has its own cache (conftest)
+    cache.mkdir(parents=True)
+    (cache / "train.csv").write_text("Label,Text\n0,old\n")  # no splits.json: an old version's
+    splits = data.prepare_splits(progress=False)
+    assert data.load_splits(cache).train["Text"].tolist() == splits.train["Text"].tolist()
+    assert (cache / data.SPLITS_MANIFEST).is_file()
+
+
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / data.SMS_FILE
     path.write_bytes(b"ham\tfine\nham\tstill fine\nspam\tcaf\xe9 prize\n")

@@ -196,6 +196,11 @@ def test_a_data_folder_that_is_a_file_is_a_usage_error(
         )
     assert exit_info.value.code == 2 and "--data-dir:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    inside = ["--output-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "o" / "data")]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--quick", *inside])
+    assert "--data-dir lies inside --output-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def _output_problem(tmp_path: Path, kind: str) -> Path:
