@@ -37,7 +37,12 @@ class OutputFolderError(ValueError):
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's sha256, read in pieces (full fine-tuning of gpt2-xl writes gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _previous_run(folder: Path) -> dict[str, str] | None:
