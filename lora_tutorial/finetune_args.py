@@ -173,6 +173,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.lr = args.lr if args.lr is not None else train.default_lr(args.method, quick=args.quick)
     args.alpha = args.alpha if args.alpha is not None else train.default_alpha(quick=args.quick)
     args.eval_every = args.eval_every if args.eval_every is not None else (4 if args.quick else 50)
+    width = gpt.GPT_CONFIGS["tiny" if args.quick else args.model]["emb_dim"]
+    if args.method == "lora" and args.rank > width:  # a rank above a layer's size adds nothing
+        parser.error(f"--rank {args.rank} exceeds the model's layer width {width}; lower it")
     problem = _check_device(args.device)
     if problem:
         parser.error(f"--device: {problem}")

@@ -177,6 +177,9 @@ def test_quick_and_rehearsal_are_one_mode_each(
     with pytest.raises(SystemExit):
         finetune.parse_args(["--quick", "--rehearsal"])
     assert "not allowed with argument --quick" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--quick", "--rank", "65"])  # the tiny model's layers are 64 wide
+    assert "--rank 65 exceeds the model's layer width 64" in capsys.readouterr().err
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
     args = finetune.parse_args([])
     assert (args.mode, args.rehearsal, args.quick) == ("rehearsal", True, False)
