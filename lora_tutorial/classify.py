@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lora_tutorial.data import LABELS, PAD_TOKEN_ID
+from lora_tutorial.gpt import GPTModel
 
 POOLINGS = ("last_real", "last")
 
@@ -27,16 +28,17 @@ def pool(
     rows have no padding, so the last position is the last real token); ``"last"`` takes
     position ``-1`` whatever it holds.
     """
-    if pooling == "last" or (pooling == "last_real" and lengths is None):
-        return hidden[:, -1, :]
-    if pooling != "last_real":
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    if pooling == "last" or lengths is None:
+        return hidden[:, -1, :]
     lengths = lengths.to(hidden.device)
     if lengths.shape != hidden.shape[:1] or bool(
         ((lengths < 1) | (lengths > hidden.shape[1])).any()
     ):
         raise ValueError(
-            f"lengths must hold one value in 1..{hidden.shape[1]} per row of the batch of {hidden.shape[0]}, got {lengths.tolist()}"
+            f"lengths must hold one value in 1..{hidden.shape[1]} per row of the batch of "
+            f"{hidden.shape[0]}, got {lengths.tolist()}"
         )
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, lengths - 1]
@@ -50,13 +52,13 @@ class GPTClassifier(nn.Module):
     choosing which parameters to train).
     """
 
-    def __init__(self, gpt: nn.Module, num_classes: int = 2, pooling: str = "last_real") -> None:
+    def __init__(self, gpt: GPTModel, num_classes: int = 2, pooling: str = "last_real") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
-        old = gpt.out_head.weight  # the new head lives where the backbone lives (a GPU, bf16 ...)
+        old: torch.Tensor = gpt.out_head.weight  # the new head lives where the backbone does
         gpt.out_head = nn.Linear(old.shape[1], num_classes, device=old.device, dtype=old.dtype)
         self.gpt = gpt
         self.pooling = pooling
@@ -64,7 +66,7 @@ class GPTClassifier(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.gpt.pos_emb.num_embeddings
+        return int(self.gpt.pos_emb.num_embeddings)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.gpt.out_head(pool(self.gpt.hidden_states(input_ids), lengths, self.pooling))
@@ -87,11 +89,18 @@ def classify_text(
     ``pooling="last"`` it is also padded to ``max_length``, reproducing what that pooling sees
     in a padded batch; ``"last_real"`` needs no padding.
     """
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
+        raise ValueError(
+            f"max_length={max_length!r}: give a whole number of tokens, at least 1 (or None for "
+            "the model's context length)"
+        )
     encode = getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode
     ids = encode(text)
     if not ids:
         raise ValueError("the text has no tokens; give a non-empty message")
-    limit = min(max_length or model.context_length, model.context_length)
+    limit = min(max_length or model.context_length, model.context_length)  # 0 is refused above
     ids = ids[:limit]
     length = len(ids)
     if model.pooling == "last" and max_length is not None:

@@ -1,4 +1,4 @@
-"""The SMS Spam Collection: fetch, read, balance, split, tokenize, batch.
+"""The SMS Spam Collection: read, balance, split, save (with a manifest), tokenize, batch.
 
 One run of the book's experiment starts here::
 
@@ -16,11 +16,9 @@ rule-based second task, and every function that looks at labels takes a ``label_
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import json
 import re
-import shutil
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,12 +26,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lora_tutorial import config, download
+from lora_tutorial import config
 from lora_tutorial.files import atomic_write
+from lora_tutorial.sms_download import SHARED_FOLDER as SHARED_FOLDER  # re-exported: the
+from lora_tutorial.sms_download import SMS_FILE as SMS_FILE  # file's names belong to the data
+from lora_tutorial.sms_download import ZIP_NAME as ZIP_NAME
+from lora_tutorial.sms_download import extract_zip as extract_zip
+from lora_tutorial.sms_download import sms_spam_file as sms_spam_file
 
-SMS_FILE = "SMSSpamCollection"
-SHARED_FOLDER = "sms-spam-collection"  # the folder name inside config.data_dir()
-ZIP_NAME = "sms-spam-zip"  # the key of the UCI zip in download.KNOWN_FILES
 LABELS = ("ham", "spam")  # index = class id
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
 SEED = 123
@@ -53,105 +53,48 @@ class Loaders(NamedTuple):
     test: DataLoader
 
 
-# --- getting the file --------------------------------------------------------------------------
-
-
-def extract_zip(zip_path: str | Path, target_dir: str | Path) -> Path:
-    """Extract ``zip_path`` into ``target_dir``, refusing members that would land outside it.
-
-    Members with absolute paths or ``..`` that resolve outside the target raise ``ValueError``
-    before anything is written. Extraction goes to a temporary sibling folder that is renamed
-    into place, so ``target_dir`` is either absent or complete. An existing ``target_dir`` is
-    left as it is and returned.
-    """
-    zip_path, target_dir = Path(zip_path), Path(target_dir)
-    if target_dir.is_dir():
-        return target_dir
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(zip_path) as archive:
-        root = target_dir.resolve()
-        for member in archive.infolist():
-            name = member.filename
-            resolved = (root / name).resolve()
-            if (
-                name.startswith(("/", "\\"))
-                or re.match(r"^[A-Za-z]:", name)
-                or not resolved.is_relative_to(root)
-            ):
-                raise ValueError(
-                    f"unsafe archive {zip_path}: member {name!r} would be written outside {target_dir}; "
-                    "refusing to extract it (use the original UCI zip)"
-                )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}-", dir=target_dir.parent))
-        try:
-            archive.extractall(tmp)
-            tmp.rename(target_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if target_dir.is_dir():  # another process finished first
-                return target_dir
-            raise
-    return target_dir
-
-
-def sms_spam_file(folder: str | Path | None = None, *, progress: bool = True) -> Path:
-    """The path of ``SMSSpamCollection``, downloading the UCI zip only when no copy is at hand.
-
-    Looks, in order, for ``folder/SMSSpamCollection``, for the offline copy in
-    :func:`config.shared_file`, and finally downloads the zip with :func:`download.fetch` and
-    extracts it (safely) into ``folder`` (default: ``<cache>/sms-spam-collection``).
-    Raises :class:`download.DownloadError` when offline with no copy; its message says where
-    to put the file.
-    """
-    folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
-    if (folder / SMS_FILE).is_file():
-        return folder / SMS_FILE
-    shared = config.shared_file(SHARED_FOLDER, SMS_FILE)
-    if shared is not None:
-        return shared
-    try:
-        zip_path = download.fetch(ZIP_NAME, progress=progress)
-    except download.DownloadError as err:
-        raise download.DownloadError(
-            f"{err}\nThe SMS data can also be supplied by hand: put the file {SMS_FILE} from the UCI zip "
-            f"into {folder}, or set {config.DATA_ENV} to a folder containing {SHARED_FOLDER}/{SMS_FILE}."
-        ) from err
-    extracted = extract_zip(zip_path, folder / "extracted")
-    matches = sorted(extracted.rglob(SMS_FILE))
-    if not matches:
-        raise FileNotFoundError(
-            f"{zip_path} has no member named {SMS_FILE}; is it the UCI SMS Spam Collection zip?"
-        )
-    return matches[0]
-
-
 # --- reading, labelling, balancing, splitting --------------------------------------------------
 
 
 def read_messages(path: str | Path | None = None) -> pd.DataFrame:
     """All messages as a DataFrame with columns ``Label`` (0 = ham, 1 = spam) and ``Text``.
 
-    The file is ``label<TAB>text`` with no quoting: some messages hold a stray ``"``, and the
-    default CSV quoting would merge lines (5,572 rows instead of 5,574), hence ``QUOTE_NONE``.
+    The file is ``label<TAB>text``, one message per line, with no quoting: some messages hold a
+    stray ``"``, and the default CSV quoting would merge lines (5,572 rows instead of 5,574).
+    Reading it line by line, with quoting off, lets every error name the file and its line.
     """
     path = Path(path) if path is not None else sms_spam_file()
-    df = pd.read_csv(
-        path,
-        sep="\t",
-        header=None,
-        names=["Label", "Text"],
-        quoting=csv.QUOTE_NONE,
-        keep_default_na=False,
-        dtype=str,
-        encoding="utf-8",
-    )
-    unknown = sorted(set(df["Label"]) - set(LABEL_IDS))
-    if unknown:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
         raise ValueError(
-            f"{path}: unexpected labels {unknown}; expected {list(LABELS)} in the first column"
-        )
-    df["Label"] = df["Label"].map(LABEL_IDS).astype("int64")
-    return df
+            f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 text; the SMS file "
+            "must be UTF-8 (download it again, or save it as UTF-8)"
+        ) from None
+    labels, texts = [], []
+    for number, row in enumerate(text.split("\n"), start=1):
+        if not row.removesuffix("\r"):
+            continue  # blank lines (the end of the file) hold no message
+        label, _, message = row.removesuffix("\r").partition("\t")
+        problem = _line_problem(label, message)
+        if problem:
+            raise ValueError(f"{path}, line {number}: {problem}")
+        labels.append(LABEL_IDS[label])
+        texts.append(message)
+    return pd.DataFrame({"Label": pd.Series(labels, dtype="int64"), "Text": texts})
+
+
+def _line_problem(label: str, message: str) -> str | None:
+    """What is wrong with one ``label<TAB>text`` line of the SMS file, or None."""
+    if label not in LABEL_IDS:
+        return f"unexpected label {label!r}; expected one of {list(LABELS)} and a tab"
+    if not message:
+        return "no message after the label; remove the line or give it text"
+    if "\t" in message:
+        return "more than one tab; expected label<TAB>text"
+    return None
 
 
 _CALL_TO_ACTION = re.compile(
@@ -175,7 +118,7 @@ def calls_to_action(text: str) -> bool:
 
 
 def with_call_to_action_labels(df: pd.DataFrame, column: str = "CallToAction") -> pd.DataFrame:
-    """A copy of ``df`` with an integer ``column``: 1 where :func:`calls_to_action` holds, else 0."""
+    """A copy of ``df`` with an integer ``column``: 1 where :func:`calls_to_action` holds."""
     out = df.copy()
     out[column] = out["Text"].map(calls_to_action).astype("int64")
     return out
@@ -222,7 +165,7 @@ def split(
     if not (0 < train_frac < 1 and 0 <= validation_frac < 1 and train_frac + validation_frac < 1):
         raise ValueError(
             f"train_frac={train_frac}, validation_frac={validation_frac}: need 0 < train_frac, "
-            "0 <= validation_frac and train_frac + validation_frac < 1 so the test split is not empty"
+            "0 <= validation_frac and train_frac + validation_frac < 1 (the test split needs rows)"
         )
     shuffled = df.sample(frac=1, random_state=seed).reset_index(drop=True)
     train_end = int(len(shuffled) * train_frac)
@@ -252,16 +195,63 @@ def subset(df: pd.DataFrame, n: int, label_column: str = "Label", seed: int = SE
     )
 
 
-def save_splits(splits: Splits, folder: str | Path) -> dict[str, Path]:
-    """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv`` (atomically); return the paths."""
+SPLITS_MANIFEST = "splits.json"  # written beside the CSVs: what made them, and their sha256
+
+
+def _sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes; None when ``path`` is no file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The ``splits.json`` in ``folder`` ({} when there is none); anything else there is refused."""
+    path = folder / SPLITS_MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest["written_by"] == "lora_tutorial.data" and isinstance(manifest["files"], dict):
+            return manifest
+    except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not our layout
+        pass
+    raise FileExistsError(
+        f"{path} was not written by lora_tutorial.data; move it away or use another folder"
+    )
+
+
+def save_splits(
+    splits: Splits, folder: str | Path, *, settings: dict | None = None, owned: bool = False
+) -> dict[str, Path]:
+    """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv``; return the paths.
+
+    Beside them goes ``splits.json``: the ``settings`` that made them and each CSV's sha256.
+    A file of those names is replaced only if that manifest says this module wrote it (and it is
+    unchanged since) or it already holds exactly the new content; any other file is the user's,
+    and ``FileExistsError`` names it (``owned``: the package's own cache, where older versions
+    left splits without a manifest). Each file is written atomically.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, frame in zip(SPLIT_NAMES, splits):
-        path = folder / f"{name}.csv"
+    recorded = _read_manifest(folder).get("files", {})
+    paths = {name: folder / f"{name}.csv" for name in SPLIT_NAMES}
+    blobs = {
+        path: frame.to_csv(index=False).encode()
+        for path, frame in zip(paths.values(), splits, strict=True)
+    }
+    hashes = {path.name: hashlib.sha256(blob).hexdigest() for path, blob in blobs.items()}
+    for path in blobs:
+        listed = {recorded.get(path.name, ""), hashes[path.name]}
+        if path.exists() and not (owned and path.is_file()) and _sha256(path) not in listed:
+            raise FileExistsError(
+                f"{path} exists and was not written by lora_tutorial.data (or was changed "
+                "since); it is left alone: move it away or choose another data folder"
+            )
+    for path, blob in blobs.items():
         with atomic_write(path) as tmp:
-            frame.to_csv(tmp, index=False)
-        paths[name] = path
+            tmp.write_bytes(blob)
+    manifest = {"written_by": "lora_tutorial.data", "settings": settings or {}, "files": hashes}
+    with atomic_write(folder / SPLITS_MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return paths
 
 
@@ -287,11 +277,23 @@ def prepare_splits(
 
     ``folder`` defaults to ``<cache>/sms-spam-collection``; ``source`` is an explicit
     ``SMSSpamCollection`` path (otherwise :func:`sms_spam_file` finds or downloads it).
+    Splits already there, made from the same data with the same settings (``splits.json``
+    says so), are read back instead of written again; see :func:`save_splits` for the files
+    that are never replaced.
     """
+    owned = folder is None  # the package's own cache folder
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
+    settings = {"source_sha256": _sha256(path), "seed": seed, "train_validation_frac": [0.7, 0.1]}
+    manifest = _read_manifest(folder)
+    files = manifest.get("files", {})
+    cached = set(files) == {f"{name}.csv" for name in SPLIT_NAMES} and all(
+        _sha256(folder / name) == sha for name, sha in files.items()
+    )
+    if cached and manifest["settings"] == settings:
+        return load_splits(folder)
     splits = split(balance_classes(read_messages(path), seed=seed), seed=seed)
-    save_splits(splits, folder)
+    save_splits(splits, folder, settings=settings, owned=owned)
     return splits
 
 
@@ -335,7 +337,7 @@ class SpamDataset(Dataset):
         self.lengths = [min(len(ids), max_length) for ids in encoded]
         self.truncated = sum(len(ids) > max_length for ids in encoded)
         self.input_ids = torch.full((len(encoded), max_length), pad_token_id, dtype=torch.long)
-        for row, (ids, n) in enumerate(zip(encoded, self.lengths)):
+        for row, (ids, n) in enumerate(zip(encoded, self.lengths, strict=True)):
             self.input_ids[row, :n] = torch.tensor(ids[:n], dtype=torch.long)
         self.labels = torch.tensor(df[label_column].to_numpy(), dtype=torch.long)
         self.length_tensor = torch.tensor(self.lengths, dtype=torch.long)
@@ -360,7 +362,7 @@ def make_loaders(
     label_column: str = "Label",
     num_workers: int = 0,
 ) -> Loaders:
-    """DataLoaders over the three splits; the training one shuffles with a generator seeded by ``seed``.
+    """DataLoaders over the three splits; the training one shuffles, seeded by ``seed``.
 
     All splits are padded to ``max_length`` (default: the longest training message, capped at
     the model's ``context_length`` when given). The training loader drops its last partial
@@ -373,7 +375,8 @@ def make_loaders(
         train_ds = SpamDataset(train, tokenizer, context_length, label_column=label_column)
     if len(train_ds) < batch_size:
         raise ValueError(
-            f"{len(train_ds)} training messages make no full batch of {batch_size}; lower batch_size"
+            f"{len(train_ds)} training messages make no full batch of {batch_size}; "
+            "lower batch_size"
         )
     val_ds, test_ds = (
         SpamDataset(d, tokenizer, train_ds.max_length, label_column=label_column)

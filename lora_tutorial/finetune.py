@@ -1,19 +1,26 @@
 """Fine-tune GPT-2 to tell spam from ham: ``python -m lora_tutorial.finetune --help``.
 
-One run reads and splits the SMS data, loads the pretrained model, adds the classification
-head, adapts it with the chosen method, trains, evaluates on the test split and writes to
-``--output-dir``:
+One run checks every option and the output folder, reads and splits the SMS data, loads the
+pretrained model, adds the classification head, adapts it with the chosen method, trains,
+evaluates on the test split and writes to ``--output-dir``:
 
 - ``adapter.safetensors`` (``--method lora``): the LoRA matrices and the classification head,
   loadable with :func:`lora_tutorial.adapters.load_adapter` into ``GPTClassifier(GPTModel(...))``;
   ``weights.safetensors`` (``full`` or ``last-block``): every parameter that the method
   trained, under its name in the classifier;
-- ``metrics.json``: the settings, parameter counts, training history, validation and test
-  scores, time per epoch, peak memory, and a digest of the final weights from every process;
-- ``loss.png`` and ``accuracy.png``: the training curves.
+- ``metrics.json`` (strict JSON): the settings, parameter counts, training history, validation
+  and test scores, time per epoch, peak memory, and a digest of the final weights per process;
+- ``loss.png`` and ``accuracy.png``: the training curves;
+- ``manifest.json``: the files above with their sha256 (see :mod:`lora_tutorial.output_folder`:
+  the folder must be new, empty, or hold a previous run's results; the set is swapped in whole).
 
-``--quick`` (or ``LORA_TUTORIAL_QUICK=1``) trains a tiny randomly initialised model on a few
-messages: it checks that everything runs, needs no GPT-2 download, and takes seconds on a CPU.
+A run whose loss or weights become non-finite stops with a message and exit status 1 and
+writes nothing. Ctrl-C stops with one line and status 130.
+
+Modes: ``--quick`` (or ``LORA_TUTORIAL_QUICK=1``) trains a tiny randomly initialised model on a
+few messages: seconds on a CPU, no GPT-2 download. ``--rehearsal`` (or
+``LORA_TUTORIAL_REHEARSAL=1``) runs full mode at full size with GPT-2's architecture and random
+weights, stopped after a few steps: it proves that full mode runs here and projects its time.
 
 Under ``torchrun --nproc_per_node=N -m lora_tutorial.finetune ...`` the same command trains
 with ``DistributedDataParallel`` (``gloo`` on CPUs, ``nccl`` on GPUs); ``--batch-size`` is per
@@ -23,23 +30,30 @@ process, and only rank 0 downloads, prints and writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
 import tiktoken
+import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lora_tutorial import adapters, config, data, download, gpt, lora, plots, train
+from lora_tutorial import adapters, config, data, download, gpt, plots, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.distributed import DistInfo, distributed, gather
 from lora_tutorial.files import atomic_write
+from lora_tutorial.finetune_args import PROG, parse_args
+from lora_tutorial.output_folder import OutputFolder, OutputFolderError
 
-PRETRAINED = [name for name in gpt.GPT_CONFIGS if name in download.KNOWN_FILES]
+__all__ = ["main", "parse_args", "run"]
+
 QUICK_SIZES = {"train": 96, "validation": 32, "test": 32}  # messages per split in quick mode
 
 
@@ -47,115 +61,12 @@ class MissingInput(RuntimeError):
     """Data, weights or tokenizer files are missing and cannot be downloaded."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line's options, with the defaults that depend on quick mode filled in and checked."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lora_tutorial.finetune",
-        description="Fine-tune GPT-2 to classify SMS messages as spam or ham, with LoRA or a baseline method.",
-    )
-    parser.add_argument(
-        "--model",
-        default="gpt2-small",
-        choices=PRETRAINED,
-        help="pretrained GPT-2 size (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny random model, few messages and steps: a fast check that needs no download (also LORA_TUTORIAL_QUICK=1)",
-    )
-    parser.add_argument(
-        "--method",
-        default="lora",
-        choices=train.METHODS,
-        help="what to train (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--rank", type=int, default=train.LORA_RANK, help="LoRA rank (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help=f"LoRA alpha; scaling = alpha / rank (default: {train.LORA_ALPHA:g}, or {train.QUICK_LORA_ALPHA:g} with --quick)",
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="epochs (default: 5, or 1 with --quick)"
-    )
-    defaults = ", ".join(f"{m} {lr:g}" for m, lr in train.DEFAULT_LR.items())
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"AdamW learning rate (default: the method's, {defaults}; {train.QUICK_LR:g} with --quick)",
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="messages per step and process (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many optimizer steps"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        help="steps between loss evaluations (default: 50, or 4 with --quick)",
-    )
-    parser.add_argument(
-        "--pooling",
-        default="last_real",
-        choices=["last_real", "last"],
-        help="which token's hidden state the head reads (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=123,
-        help="seed for splits, initialisation and shuffling (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder for SMSSpamCollection and the split CSVs (default: <cache>/sms-spam-collection)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("finetune-output"),
-        help="where results are written (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, mps ... (default: the best available)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    args.quick = args.quick or config.is_quick()
-    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
-    args.lr = args.lr if args.lr is not None else train.default_lr(args.method, quick=args.quick)
-    args.alpha = args.alpha if args.alpha is not None else train.default_alpha(quick=args.quick)
-    args.eval_every = args.eval_every if args.eval_every is not None else (4 if args.quick else 50)
-    for name in ("rank", "epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.method == "lora":
-        try:
-            lora.check_alpha(
-                args.alpha
-            )  # here, before data and weights are fetched, not deep inside training
-        except ValueError as err:
-            parser.error(f"--alpha: {err}")
-    return args
+class BadInput(RuntimeError):
+    """The data cannot be used as given (a malformed file, too few messages for a batch ...)."""
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights."""
 
 
 def _main_first(info: DistInfo, step: Callable[[], object]) -> None:
@@ -172,22 +83,27 @@ def _tokenizer() -> tiktoken.Encoding:
         return gpt.get_tokenizer()
     except Exception as err:  # tiktoken raises requests' errors when it cannot download offline
         raise MissingInput(
-            f"the GPT-2 tokenizer files could not be loaded ({type(err).__name__}: {err}). Offline, put encoder.json "
-            f"and vocab.bpe into <data>/gpt2-bpe/ and point {config.DATA_ENV} at <data>."
+            f"the GPT-2 tokenizer files could not be loaded ({type(err).__name__}: {err}). "
+            "Offline, put encoder.json and vocab.bpe into <data>/gpt2-bpe/ and point "
+            f"{config.DATA_ENV} at <data>."
         ) from None
 
 
 def _splits(args: argparse.Namespace, info: DistInfo) -> data.Splits:
     folder = args.data_dir if args.data_dir is not None else config.cache_dir() / data.SHARED_FOLDER
-    _main_first(
-        info, lambda: data.prepare_splits(folder, seed=args.seed, progress=not args.no_progress)
-    )
-    splits = data.load_splits(folder)
+    progress = not args.no_progress
+    try:  # data_dir None: the package's own cache folder (prepare_splits may replace old splits)
+        _main_first(
+            info, lambda: data.prepare_splits(args.data_dir, seed=args.seed, progress=progress)
+        )
+        splits = data.load_splits(folder)
+    except (ValueError, FileExistsError) as err:  # a malformed SMS file, a user's file in the way
+        raise BadInput(str(err)) from None
     if args.quick:
         splits = data.Splits(
             *(
                 data.subset(df, QUICK_SIZES[name], seed=args.seed)
-                for name, df in zip(data.SPLIT_NAMES, splits)
+                for name, df in zip(data.SPLIT_NAMES, splits, strict=True)
             )
         )
     return splits
@@ -196,6 +112,8 @@ def _splits(args: argparse.Namespace, info: DistInfo) -> data.Splits:
 def _backbone(args: argparse.Namespace, info: DistInfo) -> gpt.GPTModel:
     if args.quick:
         return gpt.GPTModel("tiny")
+    if args.rehearsal:  # GPT-2's architecture and size with random weights: nothing to download
+        return gpt.GPTModel(args.model).eval()
     _main_first(
         info, lambda: download.fetch(args.model, progress=info.is_main and not args.no_progress)
     )
@@ -208,10 +126,7 @@ def _save_weights(model: GPTClassifier, method: str, folder: Path) -> tuple[Path
         path = adapters.save_adapter(
             model, folder / "adapter.safetensors", extra_modules=train.HEAD
         )
-        return (
-            path,
-            f"LoRA matrices and the classification head ({train.HEAD}); load with adapters.load_adapter",
-        )
+        return path, f"LoRA matrices and the head ({train.HEAD}); load with adapters.load_adapter"
     path = folder / "weights.safetensors"
     tensors = {
         name: t.to("cpu", copy=True).contiguous()
@@ -219,105 +134,240 @@ def _save_weights(model: GPTClassifier, method: str, folder: Path) -> tuple[Path
     }
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={"method": method})
-    return (
-        path,
-        f"every parameter trained by --method {method}, by name in GPTClassifier (load_state_dict(strict=False))",
-    )
+    return path, f"every parameter --method {method} trained, by name in GPTClassifier"
+
+
+def _strict(value: object) -> object:
+    """``value`` with every NaN or infinity replaced by None, so that it is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def _write_json(path: Path, content: dict) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        tmp.write_text(json.dumps(_strict(content), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def _diverged(args: argparse.Namespace, detail: str) -> Diverged:
+    return Diverged(
+        f"training diverged ({detail}); nothing was written. Lower --lr (it was {args.lr:g}) "
+        "and run again"
+    )
+
+
+def _train(
+    args: argparse.Namespace, model: GPTClassifier, loaders: data.Loaders, device: torch.device
+) -> train.History:
+    """Train; raise :class:`Diverged` when the loss or the weights become NaN or infinite."""
+    eval_batches = config.REHEARSAL_EVAL_BATCHES if args.rehearsal else None
+    max_steps = args.max_steps
+    if args.rehearsal:
+        max_steps = min(max_steps or config.REHEARSAL_TRAIN_STEPS, config.REHEARSAL_TRAIN_STEPS)
+    try:
+        history = train.train_classifier(
+            model,
+            loaders.train,
+            loaders.validation,
+            epochs=args.epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            eval_every=args.eval_every,
+            eval_batches=eval_batches or 5,
+            accuracy_batches=eval_batches,
+            max_steps=max_steps,
+            device=device,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except Exception as err:  # train.py may stop on a non-finite loss itself
+        text = str(err).lower()
+        if _finite(model) and not any(word in text for word in ("finite", "nan")):
+            raise
+        raise _diverged(args, str(err)) from None
+    losses = [*history.train_losses, *history.val_losses]
+    if not all(math.isfinite(x) for x in losses):
+        raise _diverged(args, f"losses {losses}")
+    if not _finite(model):
+        raise _diverged(args, "the trained weights hold NaN or infinite values")
+    return history
+
+
+def _evaluate(args: argparse.Namespace, model: GPTClassifier, loader, device) -> train.Evaluation:
+    batches = config.REHEARSAL_EVAL_BATCHES if args.rehearsal else None
+    result = train.evaluate(model, loader, device=device, num_batches=batches)
+    if not math.isfinite(result.loss):
+        raise _diverged(args, f"evaluation loss {result.loss}")
+    return result
+
+
+def _say(*lines: str) -> None:
+    print(*lines, sep="\n", flush=True)
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict:
     """One fine-tuning run with parsed ``args``; returns the metrics (written by rank 0)."""
     device = info.device(args.device)
-    show = info.is_main and not args.no_progress
     if info.is_main:
-        what = (
-            "a tiny random model on a few messages (quick mode: checks that it runs)"
-            if args.quick
-            else args.model
+        what = {"quick": "a tiny random model on a few messages", "full": args.model}
+        _say(
+            config.mode_banner(),
+            f"Fine-tuning {what.get(args.mode, f'{args.model} (random weights)')} with "
+            f"--method {args.method} on {device}, {info.world_size} process(es)",
         )
-        print(
-            f"Fine-tuning {what} with --method {args.method} on {device}, {info.world_size} process(es)"
-        )
-    splits = _splits(args, info)
-    tokenizer = _tokenizer()
-    train.set_seed(
-        args.seed
-    )  # the same tiny model, head and LoRA matrices on every run and process
-    model = GPTClassifier(_backbone(args, info), pooling=args.pooling)
-    train.prepare_model(model, args.method, rank=args.rank, alpha=args.alpha)
-    loaders = data.make_loaders(
-        *splits,
-        tokenizer,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        context_length=model.context_length,
-    )
-    history = train.train_classifier(
-        model,
-        loaders.train,
-        loaders.validation,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every,
-        max_steps=args.max_steps,
-        device=device,
-        seed=args.seed,
-        progress=show,
-    )
-    validation = train.evaluate(model, loaders.validation, device=device)
-    test = train.evaluate(model, loaders.test, device=device)
-    digests = gather(train.weights_digest(model))
-    result = train.summarize(args.method, model, history, test)
-    metrics = {
-        "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model": "tiny (random init)" if args.quick else args.model,
-        },
-        "device": str(device),
-        "world_size": info.world_size,
-        "examples": {name: len(df) for name, df in zip(data.SPLIT_NAMES, splits)},
-        "max_length": loaders.train.dataset.max_length,
-        "summary": result.to_dict(),
-        "validation": asdict(validation),
-        "test": asdict(test),
-        "history": history.to_dict(),
-        "weights_digest_per_rank": digests,
-    }
-    if info.is_main:
-        out = args.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        weights, contents = _save_weights(model, args.method, out)
-        metrics["weights"] = {"file": weights.name, "contents": contents}
-        for name, plot in (("loss.png", plots.plot_losses), ("accuracy.png", plots.plot_accuracy)):
-            plots.plt.close(plot(history, path=out / name))
-        _write_json(out / "metrics.json", metrics)
-        print(
-            f"test accuracy {test.accuracy:.1%} (validation {validation.accuracy:.1%}); "
-            f"{result.trainable_params:,} of {result.total_params:,} parameters trained; results in {out}"
-        )
-        if len(set(digests)) > 1:
-            print(
-                f"warning: the processes ended with different weights: {digests}", file=sys.stderr
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(OutputFolder(args.output_dir)) if info.is_main else None
+        splits = _splits(args, info)
+        tokenizer = _tokenizer()
+        train.set_seed(args.seed)  # the same model, head and LoRA matrices on every process
+        model = GPTClassifier(_backbone(args, info), pooling=args.pooling)
+        train.prepare_model(model, args.method, rank=args.rank, alpha=args.alpha)
+        try:
+            loaders = data.make_loaders(
+                *splits,
+                tokenizer,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                context_length=model.context_length,
             )
+        except ValueError as err:  # e.g. fewer messages than one batch
+            raise BadInput(str(err)) from None
+        history = _train(args, model, loaders, device)
+        validation = _evaluate(args, model, loaders.validation, device)
+        test = _evaluate(args, model, loaders.test, device)
+        digests = gather(train.weights_digest(model))
+        result = train.summarize(args.method, model, history, test)
+        steps = history.steps[-1] if history.steps else 0
+        step_seconds = sum(history.epoch_seconds) / max(steps, 1)
+        metrics = {
+            "mode": args.mode,
+            "settings": {**vars(args), "model": "tiny (random init)" if args.quick else args.model},
+            "device": str(device),
+            "world_size": info.world_size,
+            "examples": {name: len(df) for name, df in zip(data.SPLIT_NAMES, splits, strict=True)},
+            "max_length": loaders.train.dataset.max_length,  # type: ignore[attr-defined]
+            "summary": result.to_dict(),
+            "validation": asdict(validation),
+            "test": asdict(test),
+            "history": history.to_dict(),
+            "weights_digest_per_rank": digests,
+            "seconds_per_step": step_seconds,
+            "projected_full_train_seconds": step_seconds * len(loaders.train) * args.epochs,
+        }
+        if out is not None:
+            try:
+                _write_results(args, model, history, metrics, out)
+            except OSError as err:  # a full disk, a folder removed under the run ...
+                raise OutputFolderError(f"the results could not be written: {err}") from None
+            _report(args, metrics, digests)
     return metrics
 
 
+def _write_results(
+    args: argparse.Namespace,
+    model: GPTClassifier,
+    history: train.History,
+    metrics: dict,
+    out: OutputFolder,
+) -> None:
+    """Weights, plots and metrics into the temporary folder, then the folder into place."""
+    weights, contents = _save_weights(model, args.method, out.path)
+    metrics["weights"] = {"file": weights.name, "contents": contents}
+    for name, plot in (("loss.png", plots.plot_losses), ("accuracy.png", plots.plot_accuracy)):
+        plots.plt.close(plot(history, path=out.path / name))
+    _write_json(out.path / "metrics.json", metrics)
+    out.commit()
+
+
+def _report(args: argparse.Namespace, metrics: dict, digests: list) -> None:
+    summary = metrics["summary"]
+    _say(
+        f"test accuracy {metrics['test']['accuracy']:.1%} (validation "
+        f"{metrics['validation']['accuracy']:.1%}); {summary['trainable_params']:,} of "
+        f"{summary['total_params']:,} parameters trained; results in {args.output_dir}"
+    )
+    if args.rehearsal:
+        minutes = metrics["projected_full_train_seconds"] / 60
+        _say(
+            "REHEARSAL: random weights and "
+            f"{config.REHEARSAL_TRAIN_STEPS} steps, so these accuracies are meaningless.",
+            f"Projected full-mode training time here: about {minutes:.1f} min "
+            f"({metrics['seconds_per_step']:.2f} s per step).",
+        )
+    if len(set(digests)) > 1:
+        print(f"warning: the processes ended with different weights: {digests}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _mode_environment(mode: str) -> Iterator[None]:
+    """The mode in the environment while the run lasts, so that the whole package follows it."""
+    saved = {name: os.environ.get(name) for name in (config.QUICK_ENV, config.REHEARSAL_ENV)}
+    os.environ[config.QUICK_ENV] = "1" if mode == "quick" else "0"
+    os.environ[config.REHEARSAL_ENV] = "1" if mode == "rehearsal" else "0"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+USER_ERRORS = (
+    download.DownloadError,
+    MissingInput,
+    BadInput,
+    FileNotFoundError,
+    OutputFolderError,
+    Diverged,
+)
+
+
+def _peer_stopped(err: Exception) -> bool:
+    """True for the error a process gets when another one left the group (it said why)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or "closed by peer" in text or "remote worker" in text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (1, with advice on stderr, when inputs are missing)."""
+    """Run the command line; return the exit status: 0, 1 with a message on stderr, 130 on Ctrl-C.
+
+    Under torchrun only rank 0 prints the message; the other processes exit quietly, also when
+    rank 0's exit breaks the process group under them.
+    """
     args = parse_args(argv)
     matplotlib.use("Agg")  # files only, no windows
+    is_main = os.environ.get("RANK", "0") == "0"
     try:
-        with distributed() as info:
+        with _mode_environment(args.mode), distributed() as info:
             run(args, info)
-    except (download.DownloadError, MissingInput, FileNotFoundError) as err:
-        hint = "" if args.quick else "\nTo try the pipeline without GPT-2 weights, add --quick."
-        print(f"python -m lora_tutorial.finetune: cannot start: {err}{hint}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"{PROG}: interrupted; {args.output_dir} was left as it was", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if is_main:
+            hint = (
+                "\nTo try the pipeline without GPT-2 weights, add --quick."
+                if (isinstance(err, (download.DownloadError, MissingInput)) and args.mode == "full")
+                else ""
+            )
+            print(f"{PROG}: stopped: {err}{hint}", file=sys.stderr)
+        return 1
+    except (dist.DistError, RuntimeError) as err:
+        if not _peer_stopped(err):
+            raise
+        if is_main:
+            print(f"{PROG}: stopped: another process failed; see its message", file=sys.stderr)
         return 1
     return 0
 

@@ -82,3 +82,11 @@ def test_classify_text_truncates_to_max_length(classifier: GPTClassifier, gpt2_t
     classifier.train()
     classify_text(classifier, gpt2_tokenizer, text)
     assert classifier.training  # the model's mode is restored
+
+
+@pytest.mark.parametrize("max_length", [0, -1, 2.5, True])
+def test_classify_text_refuses_impossible_max_length(
+    classifier: GPTClassifier, gpt2_tokenizer, max_length: object
+) -> None:
+    with pytest.raises(ValueError, match=r"max_length=.*at least 1"):
+        classify_text(classifier, gpt2_tokenizer, "hi there", max_length=max_length)  # type: ignore[arg-type]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import zipfile
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import pytest
@@ -12,7 +15,11 @@ import torch
 
 from lora_tutorial import config, data, download
 
-SAMPLE = 'ham\tOk lar... Joking wif u oni...\nspam\tWINNER!! Call 09061701461 to claim "your" prize\nham\tSee you at 5\n'
+SAMPLE = (
+    "ham\tOk lar... Joking wif u oni...\n"
+    'spam\tWINNER!! Call 09061701461 to claim "your" prize\n'
+    "ham\tSee you at 5\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def test_balanced_split_sizes_and_determinism(messages: pd.DataFrame) -> None:
     splits = data.split(balanced)
     assert [len(s) for s in splits] == [1045, 149, 300]
     again = data.split(data.balance_classes(messages))
-    for first, second in zip(splits, again):
+    for first, second in zip(splits, again, strict=True):
         pd.testing.assert_frame_equal(first, second)
     other = data.split(data.balance_classes(messages, seed=7), seed=7)
     assert not other.train["Text"].equals(splits.train["Text"])
@@ -42,9 +49,10 @@ def test_balanced_split_sizes_and_determinism(messages: pd.DataFrame) -> None:
 
 def test_prepare_splits_writes_csvs(tmp_path: Path, data_dir: Path) -> None:
     splits = data.prepare_splits(tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+    names = ["splits.json", "test.csv", "train.csv", "validation.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     loaded = data.load_splits(tmp_path)
-    for written, read in zip(splits, loaded):
+    for written, read in zip(splits, loaded, strict=True):
         assert written["Text"].tolist() == read["Text"].tolist()
         assert written["Label"].tolist() == read["Label"].tolist()
 
@@ -134,10 +142,10 @@ def test_loaders_are_seeded_and_share_the_training_length(
     first = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)
     second = data.make_loaders(*splits, gpt2_tokenizer, batch_size=4, seed=5)
     order = [batch[0] for batch in first.train]
-    assert all(torch.equal(a, b[0]) for a, b in zip(order, second.train))
+    assert all(torch.equal(a, b[0]) for a, b in zip(order, second.train, strict=True))
     assert len(order) == len(splits.train) // 4  # drop_last: only full batches
-    lengths = {loader.dataset.max_length for loader in first}
-    assert lengths == {first.train.dataset.max_length}
+    datasets = [cast(data.SpamDataset, loader.dataset) for loader in first]
+    assert {dataset.max_length for dataset in datasets} == {datasets[0].max_length}
 
 
 def test_subset_keeps_both_classes(messages: pd.DataFrame) -> None:
@@ -172,3 +180,75 @@ def test_call_to_action_task_uses_the_same_machinery(messages: pd.DataFrame) -> 
     assert len(train) + len(validation) + len(test) == 2 * positives
     with pytest.raises(ValueError, match="no column 'Spammy'"):
         data.balance_classes(labelled, label_column="Spammy")
+
+
+def test_cached_splits_are_reused_and_rewritten_only_when_ours(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    data.prepare_splits(tmp_path, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    data.prepare_splits(tmp_path, progress=False)  # same data, same settings: read back
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    other = data.prepare_splits(tmp_path, seed=7, progress=False)  # our own files: replaced
+    assert data.load_splits(tmp_path).train["Text"].tolist() == other.train["Text"].tolist()
+    manifest = json.loads((tmp_path / data.SPLITS_MANIFEST).read_text())
+    assert manifest["settings"]["seed"] == 7 and set(manifest["files"]) == {
+        "train.csv",
+        "validation.csv",
+        "test.csv",
+    }
+
+
+def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path, data_dir: Path) -> None:
+    mine = tmp_path / "train.csv"
+    mine.write_text("my,own\n1,2\n")
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(mine))}.*move it away"):
+        data.prepare_splits(tmp_path, progress=False)
+    assert mine.read_text() == "my,own\n1,2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]
+
+    # A split file changed after it was written is the user's too; so is a foreign splits.json.
+    other = tmp_path / "other"
+    data.prepare_splits(other, progress=False)
+    (other / "test.csv").write_text("edited\n")
+    with pytest.raises(FileExistsError, match=r"test\.csv"):
+        data.prepare_splits(other, seed=7, progress=False)
+    assert (other / "test.csv").read_text() == "edited\n"
+    third = tmp_path / "third"
+    third.mkdir()
+    (third / data.SPLITS_MANIFEST).write_text('{"my": "settings"}')
+    with pytest.raises(FileExistsError, match=r"splits\.json was not written"):
+        data.prepare_splits(third, progress=False)
+
+
+def test_splits_left_in_the_packages_cache_by_older_versions_are_replaced(
+    data_dir: Path,
+) -> None:
+    cache = config.cache_dir() / data.SHARED_FOLDER  # each test has its own cache (conftest)
+    cache.mkdir(parents=True)
+    (cache / "train.csv").write_text("Label,Text\n0,old\n")  # no splits.json: an old version's
+    splits = data.prepare_splits(progress=False)
+    assert data.load_splits(cache).train["Text"].tolist() == splits.train["Text"].tolist()
+    assert (cache / data.SPLITS_MANIFEST).is_file()
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / data.SMS_FILE
+    path.write_bytes(b"ham\tfine\nham\tstill fine\nspam\tcaf\xe9 prize\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: byte 0xe9 is not UTF-8")):
+        data.read_messages(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("ham\thello\n\nspam\t\nham\tbye\n", "line 3: no message"),
+        ("ham\thello\nspam no tab\n", "line 2: unexpected label 'spam no tab'"),
+        ("ham\thello\nspam\ta\tb\n", "line 2: more than one tab"),
+    ],
+)
+def test_malformed_lines_name_the_file_line(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / data.SMS_FILE
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}, {problem}")):
+        data.read_messages(path)

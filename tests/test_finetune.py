@@ -1,12 +1,15 @@
-"""The command line end to end (in a subprocess, as users run it, and in-process where that is enough):
-quick mode, baseline methods, missing inputs, and two processes under torchrun."""
+"""The command line end to end, in a subprocess as users run it and in-process where that is
+enough: quick mode, baseline methods, missing inputs, checks before any work, the output folder
+as a unit, diverged runs, Ctrl-C, rehearsal, and two processes under torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,17 +17,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_tutorial import adapters, config, data, download, finetune, gpt, train
+from lora_tutorial import adapters, config, data, download, finetune, gpt, plots, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.finetune import QUICK_SIZES
 
-OUTPUTS = {"adapter.safetensors", "metrics.json", "loss.png", "accuracy.png"}
+OUTPUTS = {"adapter.safetensors", "metrics.json", "loss.png", "accuracy.png", "manifest.json"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+]
 
 
 def _env(data_dir: Path | str, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != config.QUICK_ENV}
+    modes = (config.QUICK_ENV, config.REHEARSAL_ENV)
+    env = {key: value for key, value in os.environ.items() if key not in modes}
     return {**env, config.DATA_ENV: str(data_dir), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _no_nan(token: str) -> None:
+    raise AssertionError(f"metrics.json holds {token}, which is not JSON")
 
 
 def _run(
@@ -50,12 +66,13 @@ def test_quick_run_writes_adapter_metrics_and_plots(
     ]
     result = _run(args, _env(data_dir))
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("QUICK MODE")  # the run says which mode it is in
     assert {p.name for p in out.iterdir()} == OUTPUTS
     assert all(
         (out / name).read_bytes().startswith(PNG_MAGIC) for name in ("loss.png", "accuracy.png")
     )
 
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
     assert metrics["examples"] == QUICK_SIZES
     assert metrics["weights"]["file"] == "adapter.safetensors"
     assert metrics["summary"]["trainable_params"] < metrics["summary"]["total_params"] / 10
@@ -76,35 +93,6 @@ def test_quick_run_writes_adapter_metrics_and_plots(
     assert train.weights_digest(model) == metrics["weights_digest_per_rank"][0]
 
 
-def test_learning_rate_defaults_to_the_methods_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(config.QUICK_ENV, raising=False)
-    for method in train.METHODS:
-        assert finetune.parse_args(["--method", method]).lr == train.DEFAULT_LR[method]
-        assert finetune.parse_args(["--method", method, "--quick"]).lr == train.QUICK_LR
-    assert finetune.parse_args(["--method", "full", "--lr", "2e-4"]).lr == 2e-4
-    args = finetune.parse_args([])
-    assert (args.method, args.lr, args.rank, args.alpha) == (
-        "lora",
-        train.DEFAULT_LR["lora"],
-        train.LORA_RANK,
-        train.LORA_ALPHA,
-    )
-    assert finetune.parse_args(["--quick"]).alpha == train.QUICK_LORA_ALPHA
-    assert finetune.parse_args(["--quick", "--alpha", "8"]).alpha == 8
-
-
-def test_bad_alpha_is_rejected_before_anything_is_fetched(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        finetune.parse_args(["--quick", "--alpha", "0"])
-    assert exit_info.value.code == 2
-    assert "--alpha: alpha must be a positive number, got 0.0" in capsys.readouterr().err
-    assert (
-        finetune.parse_args(["--quick", "--method", "full", "--alpha", "0"]).alpha == 0
-    )  # unused by full
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process runs of a tiny model: one thread beats cores shared with other work."""
@@ -112,6 +100,93 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_a_diverged_run_fails_and_writes_nothing(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--quick", "--lr", "1e30", "--max-steps", "2", "--no-progress"]
+    assert finetune.main([*argv, "--output-dir", str(out), "--data-dir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "Lower --lr" in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folder left
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_output_set_is_replaced_as_a_unit_and_never_mixed(
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    out = tmp_path / "out"
+    common = ["--quick", "--max-steps", "2", "--no-progress", "--data-dir", str(tmp_path / "d")]
+    assert finetune.main([*common, "--rank", "4", "--output-dir", str(out)]) == 0
+    first = _files(out)
+    assert set(first) == OUTPUTS
+
+    # Ctrl-C after the adapter is written: one line, status 130, the first run's set untouched.
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "plot_accuracy", interrupted)
+        assert finetune.main([*common, "--rank", "8", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err
+    assert _files(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "out"]
+
+    # A finished run replaces the whole set: no file of the rank-4 run is left beside it.
+    assert finetune.main([*common, "--rank", "8", "--output-dir", str(out)]) == 0
+    second = _files(out)
+    assert set(second) == OUTPUTS and second["adapter.safetensors"] != first["adapter.safetensors"]
+    assert json.loads(second["metrics.json"])["settings"]["rank"] == 8
+
+    # A file the runs did not write stops the next run, and stays as it was.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        finetune.main([*common, "--output-dir", str(out)])
+    assert "notes.txt" in capsys.readouterr().err
+    assert _files(out) == {**second, "notes.txt": b"mine"}
+
+
+def test_a_users_file_in_the_data_folder_is_left_alone(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "train.csv").write_text("my own table\n")
+    out = tmp_path / "out"
+    assert finetune.main(["--quick", "--output-dir", str(out), "--data-dir", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert str(folder / "train.csv") in err and "Traceback" not in err
+    assert (folder / "train.csv").read_text() == "my own table\n" and not out.exists()
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--quick", "--epochs", "200", "--output-dir", str(out), "--data-dir", str(tmp_path)]
+    command = [sys.executable, "-u", "-m", "lora_tutorial.finetune", *args, "--no-progress"]
+    process = subprocess.Popen(
+        command, env=_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("Fine-tuning"):
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err == f"python -m lora_tutorial.finetune: interrupted; {out} was left as it was\n"
+    assert not out.exists()
 
 
 def test_quick_mode_from_the_environment_and_baseline_weights(
@@ -168,18 +243,40 @@ def test_offline_without_data_stops_with_advice(
     assert data.SMS_FILE in message and str(tmp_path / "d") in message
 
 
+def test_torchrun_stops_cleanly_when_data_is_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    env = _env(empty, **{download.MIRROR_ENV: "http://127.0.0.1:9"})
+    args = ["--quick", "--output-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d")]
+    result = _run(args, env, TORCHRUN)
+    assert result.returncode != 0
+    assert result.stderr.count("lora_tutorial.finetune: stopped:") == 1
+    assert data.SMS_FILE in result.stderr
+    assert "[rank1]" not in result.stderr and "closed by peer" not in result.stderr
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_full_mode_at_full_size_without_downloads(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    env = _env(data_dir, **{download.MIRROR_ENV: "http://127.0.0.1:9"})
+    args = ["--rehearsal", "--batch-size", "2", "--output-dir", str(out), "--no-progress"]
+    result = _run([*args, "--data-dir", str(tmp_path / "d")], env)
+    assert result.returncode == 0, result.stderr
+    assert "REHEARSAL" in result.stdout and "meaningless" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
+    assert metrics["mode"] == "rehearsal"
+    assert metrics["examples"] == {"train": 1045, "validation": 149, "test": 300}
+    assert metrics["summary"]["total_params"] > 124_000_000  # GPT-2 small's size
+    assert metrics["history"]["steps"][-1] == config.REHEARSAL_TRAIN_STEPS
+    assert metrics["projected_full_train_seconds"] > 0
+
+
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "out"
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-    ]
     args = ["--quick", "--output-dir", str(out), "--data-dir", str(tmp_path / "d"), "--no-progress"]
-    result = _run(args, _env(data_dir), launcher)
+    result = _run(args, _env(data_dir), TORCHRUN)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == OUTPUTS
     metrics = json.loads((out / "metrics.json").read_text())
