@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 from lora_tutorial.lora import (
     LinearWithLoRA,
-    _get_submodule,
-    _set_submodule,
     adapter_layers,
+    find_submodule,
     merge_and_unload,
     merge_lora,
+    set_submodule,
     unmerge_lora,
 )
 
@@ -113,7 +113,7 @@ def _stack_lora(name: str, base_linear: nn.Linear, adapted: Sequence[nn.Module])
     """Stack every adapted model's LoRA factors for layer ``name`` (zeros where one has none)."""
     found = [adapter_layers(m).get(name) for m in adapted]
     layers = [layer if isinstance(layer, LinearWithLoRA) else None for layer in found]
-    rank = max(layer.lora.rank for layer in layers if layer is not None)
+    rank = max(layer.lora.A.shape[1] for layer in layers if layer is not None)
     n, in_dim, out_dim = len(adapted), base_linear.in_features, base_linear.out_features
     like = base_linear.weight
     A = torch.zeros(n, in_dim, rank, dtype=like.dtype, device=like.device)
@@ -121,14 +121,14 @@ def _stack_lora(name: str, base_linear: nn.Linear, adapted: Sequence[nn.Module])
     for k, layer in enumerate(layers):
         if layer is None:
             continue
-        r = layer.lora.rank
+        r = layer.lora.A.shape[1]
         A[k, :, :r] = layer.lora.A.detach()
         B[k, :r, :] = layer.lora.B.detach() * layer.lora.scaling
     return MultiLoRALinear(base_linear, A, B)
 
 
 def _stack_linear(name: str, adapted: Sequence[nn.Module]) -> MultiLinear:
-    found = [_get_submodule(m, name, "extra module") for m in adapted]
+    found = [find_submodule(m, name, "extra module") for m in adapted]
     modules = [m for m in found if isinstance(m, nn.Linear)]
     if len(modules) != len(found):
         raise TypeError(f"extra module {name!r} must be an nn.Linear in every adapted model")
@@ -198,13 +198,13 @@ class MultiAdapterModel(nn.Module):
         self.base = copy.deepcopy(base).requires_grad_(False)
         self.num_adapters = len(adapted)
         for name in names:
-            linear = _get_submodule(self.base, name, "adapted layer")
+            linear = find_submodule(self.base, name, "adapted layer")
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"{name!r} in the base model is a {type(linear).__name__}")
-            _set_submodule(self.base, name, _stack_lora(name, linear, adapted))
+            set_submodule(self.base, name, _stack_lora(name, linear, adapted))
         for name in extras:
-            _get_submodule(self.base, name, "extra module")
-            _set_submodule(self.base, name, _stack_linear(name, adapted))
+            find_submodule(self.base, name, "extra module")
+            set_submodule(self.base, name, _stack_linear(name, adapted))
         self._selected = [m for m in self.base.modules() if isinstance(m, _RowSelected)]
 
     def forward(self, *inputs: Tensor, adapter_ids: Tensor | Sequence[int]) -> Tensor:

@@ -138,7 +138,7 @@ class Sweep:
         )
         if use_rslora:  # prepare_model uses alpha / rank; rsLoRA only changes that multiplier
             for layer in _lora_layers(model):
-                layer.lora.use_rslora = True
+                layer.lora.scaling_rule = "alpha/sqrt(rank)"
                 layer.lora.scaling = scaling(rank, alpha, True)
         return model
 

@@ -127,11 +127,11 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
 # The layers of README's import-flow paragraph, bottom first: a module imports only from its own
 # layer or below. (serving and classroom are planned modules; they join when they land.)
 IMPORT_LAYERS = [
-    {"__init__", "config", "files", "download", "display"},
-    {"lowrank", "lora", "gpt", "data"},
-    {"adapters", "variants", "quantize", "serving", "classify"},
-    {"train", "distributed", "memory"},
-    {"finetune", "plots", "exercises", "classroom"},
+    {"__init__", "config", "files", "download", "display", "provenance", "output_folder"},
+    {"lowrank", "lora", "gpt", "data", "sms_download"},
+    {"adapters", "variants", "quantize", "serving", "classify", "toy_tasks", "analysis", "hf"},
+    {"sizing", "train", "distributed", "memory"},
+    {"finetune", "finetune_args", "plots", "diagrams", "sweeps", "exercises", "classroom"},
 ]
 
 

@@ -5,8 +5,8 @@
 The book's page for teachers (``book/teachers.md``) shows both at work.
 """
 
-from .grading import STATUSES, Grade, grade, grade_submission, summary, write_csv
-from .notebooks import (
+from lora_tutorial.classroom.grading import STATUSES, Grade, grade, grade_submission, summary, write_csv
+from lora_tutorial.classroom.notebooks import (
     Exercise,
     chapter_paths,
     chapters_dir,

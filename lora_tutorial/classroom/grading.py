@@ -40,9 +40,9 @@ from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
-from .. import config
-from ..files import atomic_write
-from .notebooks import META, Exercise, answer_cell_source, chapter_paths, exercises
+from lora_tutorial import config
+from lora_tutorial.files import atomic_write
+from lora_tutorial.classroom.notebooks import META, Exercise, answer_cell_source, chapter_paths, exercises
 
 STATUSES = ("pass", "fail", "raised", "timeout", "not-attempted", "broken")
 _TIMEOUT = "CellTimeout"

@@ -149,7 +149,7 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
         u1, u2 = _column_basis(first, i), _column_basis(second, j)
         expected = float((u1.T @ u2).square().sum() / min(i, j))
         try:
-            value = float(out)  # type: ignore[arg-type]
+            value = float(out)
         except (TypeError, ValueError):
             return report([f"for {what} your function returned {out!r}, not a number"], "")
         if abs(value - expected) > 1e-4:

@@ -133,7 +133,7 @@ def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
     out, err = call(layer, ids)
     if err:
         return report([*problems, f"layer(ids) raised {err}"], "")
-    if not problems and not torch.equal(out, embedding(ids)):  # type: ignore[arg-type]
+    if not problems and not torch.equal(out, embedding(ids)):
         problems.append(
             "at the start the layer must return exactly the embedding (start A or B at 0)"
         )
@@ -150,12 +150,12 @@ def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
     expected = original[ids] + 2.0 * A.detach()[ids] @ B.detach()
     if err:
         problems.append(f"with non-zero A and B, layer(ids) raised {err}")
-    elif not torch.allclose(out, expected, atol=1e-5):  # type: ignore[arg-type]
+    elif not torch.allclose(out, expected, atol=1e-5):
         problems.append(
             "with non-zero A and B the output is not embedding(ids) + scaling * A[ids] @ B"
         )
     else:
-        out.square().sum().backward()  # type: ignore[union-attr]
+        out.square().sum().backward()
         if A.grad is None or B.grad is None:
             problems.append("no gradient reached A or B")
         elif A.grad[torch.tensor([1, 2, 4])].abs().sum() != 0:
