@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tutorial import config, gpt, memory, train
+from lora_tutorial import config, evaluation, gpt, memory, train
 from lora_tutorial.classify import GPTClassifier
 
 CANDIDATES = ("full", "lora", "peft")
@@ -80,7 +80,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with train.autocast(device):
+        with evaluation.autocast(device):
             loss = loss_fn(ids, labels, lengths)
         loss.backward()
         optimizer.step()
@@ -102,7 +102,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
         "candidate": candidate,
         "seconds_per_step": statistics.median(times),
         "peak_memory_bytes": peak.peak_bytes,
-        "peak.measure": memory.measure,
+        "memory_measure": peak.measure,
         "trainable_params": sum(p.numel() for p in params),
     }
 
