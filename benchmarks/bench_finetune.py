@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tutorial import config, gpt, memory, train
+from lora_tutorial import config, evaluation, gpt, memory, train
 from lora_tutorial.classify import GPTClassifier
 
 CANDIDATES = ("full", "lora", "peft")
@@ -80,7 +80,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with train.autocast(device):
+        with evaluation.autocast(device):
             loss = loss_fn(ids, labels, lengths)
         loss.backward()
         optimizer.step()
@@ -102,7 +102,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
         "candidate": candidate,
         "seconds_per_step": statistics.median(times),
         "peak_memory_bytes": peak.peak_bytes,
-        "peak.measure": memory.measure,
+        "memory_measure": peak.measure,
         "trainable_params": sum(p.numel() for p in params),
     }
 
@@ -130,8 +130,8 @@ def main() -> None:
         return
 
     print(
-        f"batch {BATCH} x {TOKENS} tokens, gpt2-small shapes, LoRA rank {RANK} alpha {ALPHA}, device {device}, "
-        f"{args.steps} timed steps per candidate, torch {torch.__version__}"
+        f"batch {BATCH} x {TOKENS} tokens, gpt2-small shapes, LoRA rank {RANK} alpha {ALPHA}, "
+        f"device {device}, {args.steps} timed steps per candidate, torch {torch.__version__}"
     )
     results = {}
     for candidate in CANDIDATES:
@@ -151,21 +151,24 @@ def main() -> None:
         results[candidate] = json.loads(out.strip().splitlines()[-1])
     full, ours, peft = (results[c] for c in CANDIDATES)
     print(f"memory measured as: {full['memory_measure']}\n")
+    header = ("candidate", "trainable", "s/step", "peak MiB", "time/full", "mem/full")
     print(
-        f"{'candidate':<10}{'trainable':>14}{'s/step':>10}{'peak MiB':>10}{'time/full':>11}{'mem/full':>10}"
+        f"{header[0]:<10}{header[1]:>14}{header[2]:>10}{header[3]:>10}{header[4]:>11}{header[5]:>10}"
     )
     for r in results.values():
+        seconds, peak = r["seconds_per_step"], r["peak_memory_bytes"]
         print(
-            f"{r['candidate']:<10}{r['trainable_params']:>14,}{r['seconds_per_step']:>10.3f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
-            f"{r['seconds_per_step'] / full['seconds_per_step']:>11.2f}{r['peak_memory_bytes'] / full['peak_memory_bytes']:>10.2f}"
+            f"{r['candidate']:<10}{r['trainable_params']:>14,}{seconds:>10.3f}{peak / 2**20:>10.0f}"
+            f"{seconds / full['seconds_per_step']:>11.2f}{peak / full['peak_memory_bytes']:>10.2f}"
         )
+    time_ratio = ours["seconds_per_step"] / full["seconds_per_step"]
+    memory_ratio = ours["peak_memory_bytes"] / full["peak_memory_bytes"]
     print(
-        f"\nours lora / full: time {ours['seconds_per_step'] / full['seconds_per_step']:.2f} (aim <= 0.6), "
-        f"memory {ours['peak_memory_bytes'] / full['peak_memory_bytes']:.2f} (aim <= 0.8)"
+        f"\nours lora / full: time {time_ratio:.2f} (aim <= 0.6), "
+        f"memory {memory_ratio:.2f} (aim <= 0.8)"
     )
-    print(
-        f"ours lora / peft lora: time {ours['seconds_per_step'] / peft['seconds_per_step']:.2f} (aim <= 1.0)"
-    )
+    peft_ratio = ours["seconds_per_step"] / peft["seconds_per_step"]
+    print(f"ours lora / peft lora: time {peft_ratio:.2f} (aim <= 1.0)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Environment variables:
   the mode on, ``0`` (or ``false``/``no``/``off``/empty) leaves it off; anything else is an error.
 - ``LORA_TUTORIAL_DATA``: a folder laid out like ``../shared/data`` (offline copies).
 - ``LORA_TUTORIAL_CACHE``: where downloads are kept (default ``~/.cache/lora_tutorial``).
+- ``LORA_TUTORIAL_RECORD``: a file to which every training run appends one JSON line of timings
+  (see :mod:`lora_tutorial.train`); unset, nothing is recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ QUICK_ENV = "LORA_TUTORIAL_QUICK"
 REHEARSAL_ENV = "LORA_TUTORIAL_REHEARSAL"
 DATA_ENV = "LORA_TUTORIAL_DATA"
 CACHE_ENV = "LORA_TUTORIAL_CACHE"
+RECORD_ENV = "LORA_TUTORIAL_RECORD"
 
 Mode = Literal["full", "quick", "rehearsal"]
 REHEARSAL_TRAIN_STEPS = 2  # optimizer steps per training run in rehearsal mode
@@ -121,6 +124,12 @@ def shared_file(*parts: str) -> Path | None:
         return None
     path = root.joinpath(*parts)
     return path if path.is_file() else None
+
+
+def record_path() -> Path | None:
+    """The file training runs append their timing records to: ``$LORA_TUTORIAL_RECORD`` or None."""
+    env = os.environ.get(RECORD_ENV, "").strip()
+    return Path(env).expanduser() if env else None
 
 
 def cache_dir() -> Path:

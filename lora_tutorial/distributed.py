@@ -1,8 +1,9 @@
 """Training on several processes: the helpers ``torchrun`` runs need.
 
-:func:`distributed` joins the process group that ``torchrun`` describes; :class:`DistInfo` says
-where this process stands; :func:`gather` collects a value from every process.
-:func:`lora_tutorial.train.train_classifier` then trains with ``DistributedDataParallel``.
+:func:`distributed` joins the process group that ``torchrun`` describes; :func:`dist_info` says
+where this process stands (a :class:`DistInfo`); :func:`gather` collects a value from every process.
+:func:`lora_tutorial.train.train_classifier` then trains with ``DistributedDataParallel``
+(:func:`wrap_model`), each process on its shard of the training set (:func:`shard_loader`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lora_tutorial import config
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands among those that ``torchrun`` started (one process: rank 0 of 1)."""
+    """Where this process stands among those ``torchrun`` started (one process: rank 0 of 1)."""
 
     rank: int = 0
     world_size: int = 1
@@ -32,7 +36,7 @@ class DistInfo:
         return self.rank == 0
 
     def device(self, prefer: str | None = None) -> torch.device:
-        """This process's device: its own GPU under ``torchrun`` on CUDA, else :func:`config.get_device`."""
+        """This process's device: its own GPU under ``torchrun``, else ``config.get_device()``."""
         device = config.get_device(prefer)
         if device.type == "cuda" and self.world_size > 1:
             return torch.device("cuda", self.local_rank)
@@ -48,7 +52,7 @@ def distributed() -> Iterator[DistInfo]:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or dist.is_initialized():
-        yield _dist_info()
+        yield dist_info()
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -56,12 +60,13 @@ def distributed() -> Iterator[DistInfo]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     try:
-        yield _dist_info()
+        yield dist_info()
     finally:
         dist.destroy_process_group()
 
 
-def _dist_info() -> DistInfo:
+def dist_info() -> DistInfo:
+    """This process's place among the processes (rank 0 of 1 without a process group)."""
     if not dist.is_initialized():
         return DistInfo()
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -74,3 +79,34 @@ def gather(value: object) -> list[object]:
     values: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` when several processes train, else ``model``."""
+    if info.world_size <= 1:
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def shard_loader(loader: DataLoader, seed: int) -> tuple[DataLoader, DistributedSampler | None]:
+    """The training loader, reseeded; under DDP, the same data sharded with a DistributedSampler.
+
+    Call ``sampler.set_epoch(epoch)`` on the returned sampler (when there is one) every epoch.
+    """
+    if not dist.is_initialized():
+        if loader.generator is not None:
+            loader.generator.manual_seed(seed)
+        return loader, None
+    sampler: DistributedSampler = DistributedSampler(
+        loader.dataset, shuffle=True, seed=seed, drop_last=True
+    )
+    sharded = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+    )
+    return sharded, sampler

@@ -12,8 +12,9 @@ safetensors (nothing is unpickled) and mapped by :func:`load_hf_state_dict`.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import tiktoken
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lora_tutorial import download
+from lora_tutorial import config, download
 
 CONFIG_KEYS = (
     "vocab_size",
@@ -69,22 +70,22 @@ class MultiHeadAttention(nn.Module):
     """Causal self-attention: each position attends to itself and the positions before it."""
 
     def __init__(
-        self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True
+        self, in_dim: int, out_dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True
     ) -> None:
         super().__init__()
-        if d_out % num_heads:
-            raise ValueError(f"d_out={d_out} must be divisible by num_heads={num_heads}")
+        if out_dim % num_heads:
+            raise ValueError(f"out_dim={out_dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
+        self.head_dim = out_dim // num_heads
         self.dropout = dropout
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_query = nn.Linear(in_dim, out_dim, bias=qkv_bias)
+        self.W_key = nn.Linear(in_dim, out_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(in_dim, out_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        # (b, t, d_out) -> (b, heads, t, head_dim): every head attends independently.
+        # (b, t, out_dim) -> (b, heads, t, head_dim): every head attends independently.
         q, k, v = (
             proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.W_query, self.W_key, self.W_value)
@@ -160,7 +161,8 @@ class GPTModel(nn.Module):
         t = in_idx.shape[1]
         if t > self.cfg["context_length"]:
             raise ValueError(
-                f"sequence of {t} tokens is longer than context_length={self.cfg['context_length']}; crop or split it"
+                f"sequence of {t} tokens is longer than "
+                f"context_length={self.cfg['context_length']}; crop or split it"
             )
         positions = torch.arange(t, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
@@ -240,7 +242,8 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
             else ""
         )
         raise ValueError(
-            f"unexpected key {unexpected[0]!r} in the GPT-2 state dict{hint}; {len(unexpected)} unexpected in all"
+            f"unexpected key {unexpected[0]!r} in the GPT-2 state dict{hint}; "
+            f"{len(unexpected)} unexpected in all"
         )
     missing = [key for key in key_map if key not in sd]
     if missing:
@@ -260,7 +263,9 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
                 )
             if conv1d:
                 tensor = tensor.t()
-            for param, piece in zip(targets, tensor.split([p.shape[0] for p in targets], dim=0)):
+            for param, piece in zip(
+                targets, tensor.split([p.shape[0] for p in targets], dim=0), strict=True
+            ):
                 param.copy_(piece)
         if model.out_head.weight is not model.tok_emb.weight:
             model.out_head.weight.copy_(model.tok_emb.weight)
@@ -273,15 +278,40 @@ def load_gpt2(
     """GPT-2 with OpenAI's pretrained weights, in eval mode.
 
     Downloads (once, verified) the Hugging Face ``model.safetensors`` for ``name`` via
-    :func:`lora_tutorial.download.fetch` and reads it with safetensors.
+    :func:`lora_tutorial.download.fetch` and reads it with safetensors. In rehearsal mode
+    (:func:`lora_tutorial.config.is_rehearsal`) it builds the same model with the same code but
+    keeps its random initial weights and downloads nothing: full size, meaningless outputs.
     """
     if name not in GPT_CONFIGS or name not in download.KNOWN_FILES:
         choices = [key for key in GPT_CONFIGS if key in download.KNOWN_FILES]
         raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(choices)}")
+    if config.is_rehearsal():
+        model = GPTModel(name)
+        count = sum(p.numel() for p in model.parameters())
+        print(
+            f"REHEARSAL: {name} built with random weights ({count:,} parameters); "
+            "nothing downloaded"
+        )
+        return model.eval()
     path = download.fetch(name, cache_dir=cache_dir, progress=progress)
     model = GPTModel(name)
     load_hf_state_dict(model, load_file(path))
     return model.eval()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """In the block, ``model`` in eval mode (no dropout) without gradients; its mode restored after.
+
+    Generation and evaluation both run this way, and training can go on afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,7 +320,7 @@ def load_gpt2(
 
 
 def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's byte-pair encoding (50,257 tokens), from local files when the data folder has them."""
+    """GPT-2's byte-pair encoding (50,257 tokens), from local files if the data folder has them."""
     download.use_offline_tiktoken()
     return tiktoken.get_encoding("gpt2")
 
@@ -312,7 +342,6 @@ def token_ids_to_text(token_ids: Tensor, tokenizer: tiktoken.Encoding) -> str:
     return tokenizer.decode(ids.tolist())
 
 
-@torch.no_grad()
 def generate(
     model: GPTModel,
     token_ids: Tensor,
@@ -337,9 +366,7 @@ def generate(
         raise ValueError(f"top_k={top_k} must be a positive integer or None")
     context_length = model.pos_emb.num_embeddings
     idx = token_ids.to(model.pos_emb.weight.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             logits = model(idx[:, -context_length:])[:, -1, :]
             if top_k is not None:
@@ -354,6 +381,4 @@ def generate(
             idx = torch.cat([idx, next_id], dim=1)
             if eos_id is not None and bool((next_id == eos_id).all()):
                 break
-    finally:
-        model.train(was_training)
     return idx

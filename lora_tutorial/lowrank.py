@@ -1,11 +1,14 @@
 """Low-rank arithmetic: SVD helpers, the best rank-r approximation, and parameter and memory counts.
 
 Chapter 1 uses the first half (singular values, Eckart-Young truncation and its error), chapter 2
-the second half (how many numbers LoRA trains and stores, how many bytes training keeps, and a
-measurement of one training step to hold those predictions against).
+the second half (how many numbers LoRA trains and stores, how many bytes training keeps);
+:mod:`lora_tutorial.memory` measures a training step to hold those predictions against.
 
-Conventions: a weight matrix ``W`` has shape ``(d_out, d_in)`` as in ``nn.Linear.weight`` and the
-LoRA paper, so the low-rank factors are ``B`` of shape ``(d_out, r)`` and ``A`` of shape ``(r, d_in)``.
+Conventions, shared with :mod:`lora_tutorial.lora`: a weight matrix ``W`` has shape
+``(out_dim, in_dim)`` as in ``nn.Linear.weight``; its low-rank factors are stored as appendix E of
+LLMs-from-scratch and ``lora.LoRALayer`` store them, ``A`` of shape ``(in_dim, rank)`` and ``B`` of
+shape ``(rank, out_dim)``, so that the update of a batch of rows ``x`` is ``x @ A @ B`` and
+``W`` is approximated by ``(A @ B).T``.
 """
 
 from __future__ import annotations
@@ -27,19 +30,25 @@ def _as_matrix(W: Tensor) -> Tensor:
         )
     if W.ndim != 2:
         raise ValueError(
-            f"expected a 2-D matrix, got a tensor of shape {tuple(W.shape)}; reshape it to (rows, cols)"
+            f"expected a 2-D matrix, got a tensor of shape {tuple(W.shape)}; "
+            "reshape it to (rows, cols)"
         )
     return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
-def _check_rank(r: int, max_rank: int) -> None:
+def _check_kept(r: int, max_rank: int) -> None:
+    """``r`` singular values kept: a whole number from 0 (keep none) to ``max_rank``.
+
+    Unlike a LoRA rank (at least 1), 0 is allowed here: the rank-0 approximation is the zero matrix.
+    """
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
         raise ValueError(
-            f"rank must be a non-negative integer, got {r!r}; use a whole number from 0 to {max_rank}"
+            f"r (singular values kept) must be a non-negative integer, got {r!r}; "
+            f"use a whole number from 0 to {max_rank}"
         )
     if r > max_rank:
         raise ValueError(
-            f"rank {r} is larger than min(rows, cols) = {max_rank}; use a rank of at most {max_rank}"
+            f"r={r} is larger than min(rows, cols) = {max_rank}; keep at most {max_rank} values"
         )
 
 
@@ -49,7 +58,7 @@ def singular_values(W: Tensor) -> Tensor:
 
 
 def numerical_rank(W: Tensor, rtol: float | None = None) -> int:
-    """The number of singular values above ``rtol * largest`` (NumPy's default tolerance when None)."""
+    """The number of singular values above ``rtol * largest`` (NumPy's default ``rtol`` if None)."""
     s = singular_values(W)
     if s.numel() == 0 or s[0] == 0:
         return 0
@@ -59,31 +68,32 @@ def numerical_rank(W: Tensor, rtol: float | None = None) -> int:
 
 
 def low_rank_factors(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Factors ``B (d_out, r)`` and ``A (r, d_in)`` with ``B @ A`` the best rank-``r`` approximation of ``W``.
+    """Factors ``A (in_dim, r)`` and ``B (r, out_dim)`` of the best rank-``r`` approximation of W.
 
-    The singular values are split evenly (``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``), which is
-    how a LoRA adapter would store the same matrix.
+    ``W`` is ``(out_dim, in_dim)`` like ``nn.Linear.weight``; the approximation is ``(A @ B).T``,
+    the layout of a LoRA adapter (``x @ A @ B``). The singular values are split evenly:
+    ``A = V_r sqrt(S_r)`` and ``B = sqrt(S_r) U_r^T``.
     """
     M = _as_matrix(W)
-    _check_rank(r, min(M.shape))
+    _check_kept(r, min(M.shape))
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     root = S[:r].sqrt()
-    return U[:, :r] * root, root[:, None] * Vh[:r]
+    return Vh[:r].T * root, root[:, None] * U[:, :r].T
 
 
 def best_rank_r(W: Tensor, r: int) -> Tensor:
-    """The best rank-``r`` approximation of ``W`` (Eckart-Young): keep the ``r`` largest singular values."""
-    B, A = low_rank_factors(W, r)
-    return B @ A
+    """The best rank-``r`` approximation of ``W`` (Eckart-Young): r largest singular values."""
+    A, B = low_rank_factors(W, r)
+    return (A @ B).T
 
 
 def rank_r_error(W: Tensor, r: int, norm: str = "fro") -> float:
-    """The error ``||W - best_rank_r(W, r)||`` predicted by Eckart-Young from the singular values alone.
+    """The error ``||W - best_rank_r(W, r)||``, predicted by Eckart-Young from the singular values.
 
     Frobenius norm: ``sqrt(s_{r+1}^2 + s_{r+2}^2 + ...)``; spectral norm (``"2"``): ``s_{r+1}``.
     """
     s = singular_values(W)
-    _check_rank(r, s.numel())
+    _check_kept(r, s.numel())
     tail = s[r:]
     if norm == "fro":
         return float(tail.square().sum().sqrt())
@@ -98,21 +108,25 @@ def _energy_shares(s: Tensor) -> Tensor:
     total = energy.sum()
     if total == 0:
         raise ValueError(
-            "all singular values are zero: a zero matrix has no energy to share; pass the singular values of a nonzero matrix"
+            "all singular values are zero: a zero matrix has no energy to share; "
+            "pass the singular values of a nonzero matrix"
         )
     return energy.cumsum(0) / total
 
 
 def energy_captured(s: Tensor, r: int) -> float:
-    """The share of ``sum(s**2)`` (the squared Frobenius norm) held by the ``r`` largest singular values."""
+    """The share of ``sum(s**2)`` (the squared Frobenius norm) held by the ``r`` largest values."""
     s = torch.as_tensor(s, dtype=torch.float64)
-    _check_rank(r, s.numel())
+    _check_kept(r, s.numel())
     shares = _energy_shares(s)
     return float(shares[r - 1]) if r else 0.0
 
 
 def rank_for_energy(s: Tensor, fraction: float) -> int:
-    """The smallest rank whose singular values hold at least ``fraction`` of the energy (0 < fraction <= 1)."""
+    """The smallest rank whose singular values hold ``fraction`` of the energy (0 < fraction <= 1).
+
+    The energy is ``sum(s**2)``, as in :func:`energy_captured`.
+    """
     if not 0 < fraction <= 1:
         raise ValueError(
             f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.9 for 90% of the energy"
@@ -121,7 +135,7 @@ def rank_for_energy(s: Tensor, fraction: float) -> int:
 
 
 def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
-    """A Gaussian matrix of ``W``'s shape scaled to ``W``'s Frobenius norm: the no-structure baseline."""
+    """A Gaussian matrix of ``W``'s shape and Frobenius norm: the baseline without structure."""
     M = _as_matrix(W)
     g = torch.Generator().manual_seed(seed)
     R = torch.randn(M.shape, generator=g, dtype=M.dtype).to(M.device)
@@ -135,29 +149,30 @@ def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(
-                f"{name} must be a positive integer, got {value!r}; pass a whole number of at least 1"
+                f"{name} must be a positive integer, got {value!r}; "
+                "pass a whole number of at least 1"
             )
 
 
-def full_param_count(d_in: int, d_out: int) -> int:
-    """Numbers in a dense ``d_out x d_in`` weight: ``d_in * d_out`` (what full fine-tuning trains)."""
-    _check_dims(d_in=d_in, d_out=d_out)
-    return d_in * d_out
+def full_param_count(in_dim: int, out_dim: int) -> int:
+    """Numbers in a dense ``(out_dim, in_dim)`` weight: what full fine-tuning trains."""
+    _check_dims(in_dim=in_dim, out_dim=out_dim)
+    return in_dim * out_dim
 
 
-def lora_param_count(d_in: int, d_out: int, rank: int) -> int:
-    """Numbers in a LoRA adapter for that weight: ``rank * (d_in + d_out)`` (``A`` plus ``B``)."""
-    _check_dims(d_in=d_in, d_out=d_out, rank=rank)
-    return rank * (d_in + d_out)
+def lora_param_count(in_dim: int, out_dim: int, rank: int) -> int:
+    """Numbers in a LoRA adapter for that weight: ``rank * (in_dim + out_dim)`` (A plus B)."""
+    _check_dims(in_dim=in_dim, out_dim=out_dim, rank=rank)
+    return rank * (in_dim + out_dim)
 
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One ``nn.Linear`` of a model: its name (as in ``named_modules``), sizes and whether it has a bias."""
+    """One ``nn.Linear`` of a model: name (as in ``named_modules``), sizes, whether it has bias."""
 
     name: str
-    d_in: int
-    d_out: int
+    in_dim: int
+    out_dim: int
     bias: bool
 
 
@@ -184,7 +199,7 @@ def gpt_linear_shapes(cfg: Mapping, num_classes: int | None = None) -> list[Line
 
 
 def gpt_param_count(cfg: Mapping, num_classes: int | None = None, *, tied_head: bool = True) -> int:
-    """All parameters of ``gpt.GPTModel(cfg)``: embeddings, blocks, norms and head, without building it.
+    """All parameters of ``gpt.GPTModel(cfg)`` (embeddings, blocks, norms, head), unbuilt.
 
     GPT-2's vocabulary head shares its weight with the token embedding (``tied_head=True``, as
     ``GPTModel`` does), so it adds nothing; ``tied_head=False`` counts it separately, as untied
@@ -198,7 +213,7 @@ def gpt_param_count(cfg: Mapping, num_classes: int | None = None, *, tied_head: 
     shapes = gpt_linear_shapes(cfg, num_classes)
     if num_classes is None and tied_head:
         shapes = [s for s in shapes if s.name != "out_head"]
-    linears = sum(s.d_in * s.d_out + (s.d_out if s.bias else 0) for s in shapes)
+    linears = sum(s.in_dim * s.out_dim + (s.out_dim if s.bias else 0) for s in shapes)
     return embeddings + norms + linears
 
 
@@ -207,7 +222,9 @@ def lora_params_for(
 ) -> int:
     """LoRA parameters for the layers in ``shapes`` whose name passes ``select`` (all when None)."""
     return sum(
-        lora_param_count(s.d_in, s.d_out, rank) for s in shapes if select is None or select(s.name)
+        lora_param_count(s.in_dim, s.out_dim, rank)
+        for s in shapes
+        if select is None or select(s.name)
     )
 
 

@@ -4,23 +4,36 @@
   the process's resident memory elsewhere).
 - :func:`measure_training_step`: time, training-state bytes and activation bytes of a training step,
   to set beside chapter 2's predictions in :mod:`lora_tutorial.lowrank`.
+- :class:`Projection`: what a run that was stopped early (rehearsal mode) measured, and how long
+  the full run would take at that pace; :func:`run_record` and :func:`append_record` write it as one
+  JSON line (the format is described in :mod:`lora_tutorial.train`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from lora_tutorial import config
 from lora_tutorial.lowrank import TrainingStateBytes
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory (RSS) this process has held so far, from ``getrusage``, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def _rss_bytes() -> int:
@@ -29,8 +42,7 @@ def _rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return peak_rss_bytes()
 
 
 class PeakMemory:
@@ -69,7 +81,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
+        elif self._thread is not None:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, _rss_bytes())
@@ -81,7 +93,7 @@ def _storage_key(t: Tensor) -> tuple[int, int]:
 
 
 def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingStateBytes:
-    """Bytes actually held right now by the model's parameters, their gradients and the optimizer state."""
+    """Bytes held right now by the model's parameters, their gradients and the optimizer state."""
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
@@ -118,7 +130,7 @@ def count_saved_activations(model: nn.Module) -> Iterator[dict[str, int]]:
 
 @dataclass(frozen=True)
 class StepMeasurement:
-    """One measured training step: time, bytes of training state and activations, device peak if known."""
+    """One measured training step: time, state and activation bytes, device peak if known."""
 
     seconds: float
     state: TrainingStateBytes
@@ -133,7 +145,7 @@ def measure_training_step(
     *,
     repeats: int = 3,
 ) -> StepMeasurement:
-    """Run ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``) and measure them.
+    """Measure ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``).
 
     The first step is a warm-up (it creates the optimizer state); the time is the median of the
     others. On CUDA the peak of allocated memory during the steps is recorded too.
@@ -165,3 +177,105 @@ def measure_training_step(
         activation_bytes=activations,
         device_peak_bytes=peak,
     )
+
+
+def median_step_seconds(step_seconds: Sequence[float]) -> float:
+    """The typical time of a step: the median, leaving out the first (warm-up) step if others exist.
+
+    The first step also allocates the optimizer state and warms caches: it is slower than the rest.
+    """
+    timed = list(step_seconds[1:]) or list(step_seconds)
+    return statistics.median(timed) if timed else 0.0
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a training run measured, and how long the run would take without being stopped early.
+
+    ``full_steps`` and ``full_eval_batches`` count the optimizer steps and evaluation batches that
+    the same call makes in full mode (per process); the projection multiplies them by the measured
+    time of one step and of one evaluation batch.
+    """
+
+    steps_done: int
+    full_steps: int
+    median_step_seconds: float
+    eval_batches_done: int
+    full_eval_batches: int
+    eval_seconds_per_batch: float
+
+    @property
+    def projected_full_seconds(self) -> float:
+        """Median step time x full-mode steps + evaluation time per batch x full-mode batches."""
+        training = self.median_step_seconds * self.full_steps
+        return training + self.eval_seconds_per_batch * self.full_eval_batches
+
+
+def full_run_counts(
+    steps_per_epoch: int,
+    epochs: int,
+    max_steps: int | None,
+    eval_every: int,
+    eval_batches: int,
+    accuracy_batches: int,
+) -> tuple[int, int]:
+    """Optimizer steps and evaluation batches of a training run that is not stopped early.
+
+    The run trains ``epochs`` x ``steps_per_epoch`` steps (or ``max_steps``), records its losses
+    every ``eval_every`` steps (and at ``max_steps``) reading ``eval_batches`` batches, and
+    measures accuracy after each epoch reading ``accuracy_batches`` batches.
+    """
+    planned = epochs * steps_per_epoch
+    steps = planned if max_steps is None else min(max_steps, planned)
+    stops_early = max_steps is not None and max_steps <= planned
+    records = steps // eval_every + int(stops_early and steps % eval_every > 0)
+    epochs_run = -(-steps // steps_per_epoch) if steps_per_epoch else 0  # rounded up
+    return steps, records * eval_batches + epochs_run * accuracy_batches
+
+
+def run_record(
+    projection: Projection,
+    *,
+    mode: str,
+    method: str | None,
+    elapsed_seconds: float,
+    device: torch.device,
+) -> dict[str, object]:
+    """One training run's record: its mode, method, steps, times, peak memory and device."""
+    return {
+        "mode": mode,
+        "method": method,
+        "steps_done": projection.steps_done,
+        "full_steps": projection.full_steps,
+        "median_step_seconds": projection.median_step_seconds,
+        "projected_full_seconds": projection.projected_full_seconds,
+        "elapsed_seconds": elapsed_seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+        "device": str(device),
+    }
+
+
+def record_run(
+    projection: Projection, *, method: str | None, elapsed_seconds: float, device: torch.device
+) -> None:
+    """Append the run's record to ``config.record_path()``, if that names a file."""
+    path = config.record_path()
+    if path is not None:
+        record = run_record(
+            projection,
+            mode=config.mode(),
+            method=method,
+            elapsed_seconds=elapsed_seconds,
+            device=device,
+        )
+        append_record(path, record)
+
+
+def append_record(path: Path, record: dict[str, object]) -> None:
+    """Append ``record`` to ``path`` as one line of strict JSON (the file is created if missing)."""
+    line = json.dumps(record, allow_nan=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)

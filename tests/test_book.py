@@ -130,7 +130,8 @@ IMPORT_LAYERS = [
     {"__init__", "config", "files", "download", "display", "provenance", "output_folder"},
     {"lowrank", "lora", "gpt", "data", "sms_download"},
     {"adapters", "variants", "quantize", "serving", "classify", "toy_tasks", "analysis", "hf"},
-    {"sizing", "train", "distributed", "memory"},
+    {"sizing", "methods", "evaluation", "distributed", "memory"},
+    {"train"},
     {"finetune", "finetune_args", "plots", "diagrams", "sweeps", "exercises", "classroom"},
 ]
 

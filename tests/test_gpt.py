@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_tutorial import download, gpt
+from lora_tutorial import config, download, gpt
 from lora_tutorial.gpt import (
     GPTModel,
     generate,
@@ -57,7 +57,7 @@ def _max_logit_gap(ours: GPTModel, hf_model: nn.Module, ids: torch.Tensor) -> fl
 
 
 def _serve(http_server, monkeypatch, hf_model: nn.Module, name: str) -> None:
-    """Publish ``hf_model`` as ``name.safetensors`` on the loopback server and register it as a known file."""
+    """Publish ``hf_model`` as ``name.safetensors`` on the loopback server, registered as known."""
     path = http_server.root / f"{name}.safetensors"
     save_file(_as_published_file(hf_model), str(path))
     data = path.read_bytes()
@@ -245,3 +245,32 @@ def test_generation_crops_to_context_length() -> None:
         assert out[0, 10].item() == model(prompt[:, -8:])[0, -1].argmax().item()
     with pytest.raises(ValueError, match="temperature"):
         generate(model, prompt, 1, temperature=-1.0)
+
+
+def test_rehearsal_builds_gpt2_with_random_weights_and_downloads_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rehearsal mode must not download")
+
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    monkeypatch.setattr(download, "fetch", no_download)
+    model = gpt.load_gpt2("gpt2-small")
+    assert type(model) is GPTModel and model.cfg == gpt.GPT_CONFIGS["gpt2-small"]
+    assert not model.training
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # GPT-2 small's "124M"
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "REHEARSAL" in line and "124,439,808" in line and "random weights" in line
+    with pytest.raises(ValueError, match="no pretrained weights for 'tiny'"):
+        gpt.load_gpt2("tiny")
+
+
+def test_eval_mode_switches_dropout_and_gradients_off_and_restores_the_mode() -> None:
+    model = GPTModel(SMALL_OURS).train()
+    with gpt.eval_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError), gpt.eval_mode(model):
+        raise RuntimeError("inside")
+    assert model.training

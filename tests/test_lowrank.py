@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import gpt, lora, lowrank, memory
+from lora_tutorial import gpt, lora, lowrank
 
 GPT2_SMALL = gpt.GPT_CONFIGS["gpt2-small"]
 
@@ -57,10 +57,12 @@ def test_truncated_svd_beats_other_rank_r_matrices():
 
 
 def test_low_rank_factors_have_lora_shapes_and_reproduce_the_approximation():
-    W = _matrix()
-    B, A = lowrank.low_rank_factors(W, 5)
-    assert B.shape == (30, 5) and A.shape == (5, 20)
-    assert torch.allclose(B @ A, lowrank.best_rank_r(W, 5))
+    W = _matrix()  # (out_dim, in_dim) = (30, 20), like nn.Linear(20, 30).weight
+    A, B = lowrank.low_rank_factors(W, 5)
+    assert A.shape == (20, 5) and B.shape == (5, 30)  # appendix E's layout, as in lora.py
+    assert torch.allclose((A @ B).T, lowrank.best_rank_r(W, 5))
+    x = torch.randn(3, 20, dtype=W.dtype)
+    assert torch.allclose(x @ A @ B, x @ lowrank.best_rank_r(W, 5).T)  # the update of a LoRA layer
     assert torch.allclose(lowrank.best_rank_r(W, 20), W)
 
 
@@ -90,12 +92,14 @@ def test_random_like_has_same_shape_and_norm_but_flat_spectrum():
 def test_bad_matrix_and_rank_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="2-D"):
         lowrank.singular_values(torch.zeros(2, 3, 4))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         lowrank.singular_values([[1.0, 2.0]])
     with pytest.raises(ValueError, match="at most 20"):
         lowrank.best_rank_r(_matrix(), 21)
     with pytest.raises(ValueError, match="non-negative integer"):
         lowrank.best_rank_r(_matrix(), 2.5)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        lowrank.rank_r_error(_matrix(), -1)
     with pytest.raises(ValueError, match="norm"):
         lowrank.rank_r_error(_matrix(), 2, norm="nuclear")
 
@@ -106,7 +110,7 @@ def test_parameter_counts():
     assert lowrank.lora_param_count(768, 3072, 16) == 61_440
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         lowrank.lora_param_count(768, 768, 0)
-    with pytest.raises(ValueError, match="d_in"):
+    with pytest.raises(ValueError, match="in_dim"):
         lowrank.full_param_count(-1, 3)
 
 
@@ -135,7 +139,7 @@ def test_gpt_counts_match_a_built_model():
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
     }
-    assert built == {s.name: (s.d_in, s.d_out, s.bias) for s in lowrank.gpt_linear_shapes(cfg)}
+    assert built == {s.name: (s.in_dim, s.out_dim, s.bias) for s in lowrank.gpt_linear_shapes(cfg)}
     model.out_head = nn.Linear(cfg["emb_dim"], 2)
     assert lowrank.gpt_param_count(cfg, num_classes=2) == lora.count_parameters(model).total
 
@@ -152,47 +156,3 @@ def test_bytes_arithmetic():
     with pytest.raises(ValueError, match="n_trainable"):
         lowrank.training_state_bytes(10, 11)
     assert lowrank.megabytes(2_000_000) == 2.0 and lowrank.gigabytes(3e9) == 3.0
-
-
-def _small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
-
-
-def test_measured_state_bytes_match_the_prediction_after_a_step():
-    model = _small_model()
-    model[0].weight.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
-    x = torch.randn(8, 16)
-    m = memory.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
-    n_total, n_trainable = lora.count_parameters(model)
-    assert n_trainable == sum(p.numel() for p in trainable)
-    assert m.state == lowrank.training_state_bytes(n_total, n_trainable)
-    assert m.seconds > 0 and m.device_peak_bytes is None
-    assert m.activation_bytes > 0
-
-
-def test_saved_activations_grow_with_the_batch_and_exclude_parameters():
-    model = _small_model()
-    counts = []
-    for batch in (4, 40):
-        with memory.count_saved_activations(model) as saved:
-            model(torch.randn(batch, 16)).sum()
-        counts.append(saved["bytes"])
-    # Parameters (16*32 + 32*4 weights) would be counted in both; activations scale with the batch.
-    assert counts[1] == 10 * counts[0]
-    with memory.count_saved_activations(model) as saved, torch.no_grad():
-        model(torch.randn(4, 16))
-    assert saved["bytes"] == 0
-
-
-def test_measure_training_step_needs_a_timed_step():
-    model = _small_model()
-    with pytest.raises(ValueError, match="repeats"):
-        memory.measure_training_step(
-            model,
-            lambda n: n(torch.randn(2, 16)).sum(),
-            torch.optim.SGD(model.parameters(), 0.1),
-            repeats=1,
-        )

@@ -1,9 +1,8 @@
-"""Training loop, evaluation, the three methods and peak-memory measurement, on a tiny model."""
+"""The training loop on a tiny model: learning, seeding, optimizers, divergence, rehearsal mode."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_tutorial import distributed, gpt, lora, train, variants
+from lora_tutorial import config, gpt, train, variants
 from lora_tutorial.classify import GPTClassifier
 
 TINY = gpt.GPT_CONFIGS["tiny"]
@@ -27,7 +26,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def separable(n: int, seed: int, width: int = 12) -> TensorDataset:
-    """Right-padded messages of 3..width tokens: class 0 uses tokens 100-109, class 1 tokens 1100-1109."""
+    """Right-padded messages of 3..width tokens: class 0 uses tokens 100-109, class 1 1100-1109."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     lengths = torch.randint(3, width + 1, (n,), generator=g)
@@ -50,58 +49,6 @@ def loaders(batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
 def tiny_classifier(seed: int = 0) -> GPTClassifier:
     torch.manual_seed(seed)
     return GPTClassifier(gpt.GPTModel("tiny"))
-
-
-def test_prepare_model_trains_what_each_method_says() -> None:
-    emb, hidden, layers = TINY["emb_dim"], 4 * TINY["emb_dim"], TINY["n_layers"]
-    head = emb * 2 + 2
-    linear = emb * emb + emb
-    block = (
-        4 * linear + (emb * hidden + hidden) + (hidden * emb + emb) + 2 * 2 * emb
-    )  # + two LayerNorms
-    rank = 4
-    lora_per_block = 4 * rank * (emb + emb) + rank * (emb + hidden) + rank * (hidden + emb)
-
-    full = train.prepare_model(tiny_classifier(), "full")
-    counts = lora.count_parameters(full)
-    assert counts.trainable == counts.total
-
-    last = train.prepare_model(tiny_classifier(), "last-block")
-    assert lora.count_parameters(last).trainable == block + 2 * emb + head
-    assert not any(p.requires_grad for p in last.gpt.trf_blocks[0].parameters())
-
-    adapted = train.prepare_model(tiny_classifier(), "lora", rank=rank, alpha=8)
-    assert lora.count_parameters(adapted).trainable == layers * lora_per_block + head
-    assert len(lora.adapter_layers(adapted)) == 6 * layers
-    assert isinstance(adapted.gpt.out_head, nn.Linear) and adapted.gpt.out_head.weight.requires_grad
-
-    only_query = train.prepare_model(
-        tiny_classifier(), "lora", rank=rank, alpha=8, targets=("W_query",)
-    )
-    assert lora.count_parameters(only_query).trainable == layers * rank * 2 * emb + head
-
-    with pytest.raises(ValueError, match="method='prefix'"):
-        train.prepare_model(tiny_classifier(), "prefix")
-
-
-def test_default_learning_rates_and_lora_settings() -> None:
-    assert (
-        train.default_lr("lora", quick=False) == train.DEFAULT_LR["lora"] > train.DEFAULT_LR["full"]
-    )
-    assert [train.default_lr(m, quick=False) for m in train.METHODS] == [
-        train.DEFAULT_LR[m] for m in train.METHODS
-    ]
-    assert {train.default_lr(m, quick=True) for m in train.METHODS} == {train.QUICK_LR}
-    with pytest.raises(ValueError, match="method='prefix'"):
-        train.default_lr("prefix", quick=False)
-    layer = train.prepare_model(tiny_classifier(), "lora").gpt.trf_blocks[0].att.W_query.lora
-    assert (
-        layer.A.shape[1] == train.LORA_RANK and layer.scaling == train.LORA_ALPHA / train.LORA_RANK
-    )
-    assert (train.default_alpha(quick=False), train.default_alpha(quick=True)) == (
-        train.LORA_ALPHA,
-        train.QUICK_LORA_ALPHA,
-    )
 
 
 @pytest.mark.parametrize(("method", "lr"), [("lora", 3e-3), ("full", 1e-3)])
@@ -213,78 +160,126 @@ def test_make_optimizer_that_is_no_optimizer_factory_is_refused(
         train.train_classifier(model, *loaders(), make_optimizer=make_optimizer, progress=False)
 
 
-class FixedPredictions(nn.Module):
-    """A stand-in classifier that predicts the class written in the first token."""
-
-    num_classes = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(4.0))
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return nn.functional.one_hot(input_ids[:, 0], 2).float() * self.scale
-
-
-def test_evaluate_reports_confusion_precision_recall() -> None:
-    labels = torch.tensor([0, 0, 0, 0, 1, 1])
-    predictions = torch.tensor([0, 0, 1, 0, 1, 0])
-    dataset = TensorDataset(predictions[:, None], labels, torch.ones(6, dtype=torch.long))
-    result = train.evaluate(FixedPredictions(), DataLoader(dataset, batch_size=4))
-    assert result.confusion == [[3, 1], [1, 1]]
-    assert result.accuracy == pytest.approx(4 / 6)
-    assert result.precision == pytest.approx([3 / 4, 1 / 2])
-    assert result.recall == pytest.approx([3 / 4, 1 / 2])
-    assert result.examples == 6
-    assert (
-        train.evaluate(
-            FixedPredictions(), DataLoader(dataset, batch_size=4), num_batches=1
-        ).examples
-        == 4
-    )
-
-
 def test_training_without_trainable_parameters_is_refused() -> None:
     model = tiny_classifier().requires_grad_(False)
     with pytest.raises(ValueError, match="prepare_model"):
         train.train_classifier(model, *loaders(), progress=False)
 
 
-PEAK_MEMORY_PROBE = """
-import torch
-from lora_tutorial import memory
-size = 200 * 2**20
-with memory.PeakMemory(torch.device("cpu")) as peak:
-    start = memory._rss_bytes()
-    block = torch.ones(size // 4)  # written, so resident
-print(peak.peak_bytes - start)
-"""
+def recording_optimizer(built: list[torch.optim.Optimizer], lr: float):
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        built.append(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr))
+        return built[-1]
+
+    return make
 
 
-def test_peak_memory_sees_a_large_allocation() -> None:
-    """In a fresh process, so that no freed memory the allocator kept can hide the allocation."""
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK_MEMORY_PROBE], capture_output=True, text=True, check=True
+@pytest.mark.parametrize("lr", [float("inf"), 1e30])
+def test_a_diverging_run_stops_before_stepping_on_a_non_finite_loss(lr: float) -> None:
+    model = train.prepare_model(tiny_classifier(), "last-block")
+    built: list[torch.optim.Optimizer] = []
+    with pytest.raises(train.TrainingDiverged, match="Lower the learning rate") as caught:
+        train.train_classifier(
+            model,
+            *loaders(),
+            epochs=2,
+            eval_every=100,
+            make_optimizer=recording_optimizer(built, lr),
+            progress=False,
+        )
+    error = caught.value
+    assert isinstance(error, ValueError) and not torch.isfinite(torch.tensor(error.loss))
+    assert f"step {error.step} (epoch {error.epoch})" in str(error)
+    (optimizer,) = built
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {error.step - 1}  # every step before the bad loss, none on it
+
+
+def test_a_loss_that_is_nan_from_the_start_changes_nothing() -> None:
+    model = train.prepare_model(tiny_classifier(), "full")
+    with torch.no_grad():
+        model.gpt.final_norm.weight.fill_(float("nan"))
+    before = train.weights_digest(model)
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 1 \(epoch 1\)"):
+        train.train_classifier(model, *loaders(), epochs=1, lr=1e-3, progress=False)
+    assert train.weights_digest(model) == before
+
+
+@pytest.fixture
+def rehearsal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> object:
+    """Rehearsal mode with a record file; returns the record file's path."""
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    path = tmp_path / "runs.jsonl"
+    monkeypatch.setenv(config.RECORD_ENV, str(path))
+    return path
+
+
+def counting(loader: DataLoader, counter: list[int]) -> DataLoader:
+    """``loader`` whose dataset counts the examples read (to see how many batches were used)."""
+
+    class Counted(TensorDataset):
+        def __getitem__(self, index):
+            counter.append(index)
+            return super().__getitem__(index)
+
+    dataset = Counted(*loader.dataset.tensors)
+    return DataLoader(dataset, loader.batch_size, drop_last=loader.drop_last)
+
+
+def test_rehearsal_stops_after_a_few_steps_and_projects_the_full_run(rehearsal) -> None:
+    train_loader, val_loader = loaders()  # 8 training batches, 4 validation batches
+    read: list[int] = []
+    val_loader = counting(val_loader, read)
+    model = train.prepare_model(tiny_classifier(), "lora", rank=4, alpha=8)
+    history = train.train_classifier(
+        model, train_loader, val_loader, epochs=3, eval_every=5, progress=False, label="lora"
     )
-    assert int(result.stdout) >= 0.9 * 200 * 2**20
+    steps = config.REHEARSAL_TRAIN_STEPS
+    assert history.steps_done == steps and history.steps == [steps]
+    assert history.examples_seen == [8 * steps] and len(history.val_accuracy) == 1
+    # one loss record and one accuracy pass, each capped at REHEARSAL_EVAL_BATCHES batches of 8
+    assert len(read) == 2 * 8 * config.REHEARSAL_EVAL_BATCHES
+    assert history.full_steps == 3 * len(train_loader)
+    assert history.median_step_seconds > 0
+    assert history.projected_full_seconds > history.median_step_seconds * history.full_steps
+    (line,) = rehearsal.read_text().splitlines()
+    record = json.loads(line)
+    assert list(record) == [
+        "mode",
+        "method",
+        "steps_done",
+        "full_steps",
+        "median_step_seconds",
+        "projected_full_seconds",
+        "elapsed_seconds",
+        "peak_rss_bytes",
+        "cuda_peak_bytes",
+        "device",
+    ]
+    assert (record["mode"], record["method"], record["device"]) == ("rehearsal", "lora", "cpu")
+    assert (record["steps_done"], record["full_steps"]) == (steps, history.full_steps)
+    assert record["projected_full_seconds"] == history.projected_full_seconds
+    assert record["cuda_peak_bytes"] is None and record["peak_rss_bytes"] > 0
 
 
-@pytest.mark.parametrize(("capability", "bf16"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_bf16_autocast_only_on_gpus_with_native_bf16(
-    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], bf16: bool
+def test_every_run_appends_its_record_and_quick_mode_is_not_capped(
+    rehearsal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A T4 (7.5) only emulates bf16, so it trains in float32; A100 (8.0) and H100 (9.0) use bf16."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(
-        torch, "autocast", lambda device_type, dtype, enabled: calls.append((device_type, enabled))
-    )
-    train.autocast(torch.device("cuda"))
-    train.autocast(torch.device("cpu"))
-    assert calls == [("cuda", bf16), ("cpu", False)]
-
-
-def test_outside_torchrun_there_is_one_process() -> None:
-    with distributed.distributed() as info:
-        assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
-        assert distributed.gather("x") == ["x"]
+    monkeypatch.setenv(config.REHEARSAL_ENV, "0")
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    for max_steps in (3, 5):
+        history = train.train_classifier(
+            train.prepare_model(tiny_classifier(), "last-block"),
+            *loaders(),
+            epochs=1,
+            max_steps=max_steps,
+            eval_every=100,
+            progress=False,
+        )
+        assert history.steps_done == history.full_steps == max_steps
+    records = [json.loads(line) for line in rehearsal.read_text().splitlines()]
+    assert [(r["mode"], r["method"], r["steps_done"]) for r in records] == [
+        ("quick", None, 3),
+        ("quick", None, 5),
+    ]
