@@ -89,7 +89,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(
-        f"device={device}, threads={torch.get_num_threads()}, rank={args.rank}, alpha={args.alpha}, "
+        f"device={device}, threads={torch.get_num_threads()}, rank={args.rank}, "
+        f"alpha={args.alpha}, "
         f"batch={BATCH}x{TOKENS} tokens, float32, {args.rounds} interleaved rounds, medians"
     )
 
@@ -108,7 +109,8 @@ def main() -> None:
             {"ours": train_step(ours, x), "peft": train_step(peft, x)}, device, args.rounds
         )
         print(
-            f"{d_in:>5}->{d_out:<5} {t['ours'] * 1e3:9.3f} {t['peft'] * 1e3:9.3f} {t['ours'] / t['peft']:10.3f}"
+            f"{d_in:>5}->{d_out:<5} {t['ours'] * 1e3:9.3f} {t['peft'] * 1e3:9.3f} "
+            f"{t['ours'] / t['peft']:10.3f}"
         )
 
     print("\ninference (torch.inference_mode), relative to a plain nn.Linear of the same shape")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A new temporary file beside ``path`` to write to; it replaces ``path`` only if the block succeeds.
+    """A temporary file beside ``path`` to write to; it replaces ``path`` if the block succeeds.
 
     On any error the temporary file is removed and ``path`` is left as it was. The temporary name
     keeps the suffix (some writers pick the format from it) and is unique, so processes writing at

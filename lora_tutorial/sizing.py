@@ -51,7 +51,7 @@ def llama_linear_shapes(cfg: Mapping[str, int]) -> list[lowrank.LinearShape]:
 def llama_param_count(cfg: Mapping[str, int]) -> tuple[int, int]:
     """(all parameters, of which in the blocks' linear layers) of a LLaMA-shaped model."""
     d = cfg["emb_dim"]
-    linear = sum(s.d_in * s.d_out for s in llama_linear_shapes(cfg))
+    linear = sum(s.in_dim * s.out_dim for s in llama_linear_shapes(cfg))
     embeddings_and_head = 2 * cfg["vocab_size"] * d
     norms = (2 * cfg["n_layers"] + 1) * d  # RMSNorm: one scale vector per norm
     return linear + embeddings_and_head + norms, linear

@@ -31,7 +31,7 @@ def test_ch01_rank_r_approx_rejects_typical_mistakes(capsys):
         return U[:, :r] @ torch.diag(S[:r]) @ Vh[:, :r].T
 
     def no_singular_values(W, r):
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[:, :r] @ Vh[:r, :]
 
     def smallest_values(W, r):
@@ -39,7 +39,7 @@ def test_ch01_rank_r_approx_rejects_typical_mistakes(capsys):
         return U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:, :]
 
     def returns_factors(W, r):
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
         return U[:, :r] * S[:r]
 
     ok, out = _verdict(capsys, ch01.check_rank_r_approx, wrong_slice)
@@ -52,23 +52,6 @@ def test_ch01_rank_r_approx_rejects_typical_mistakes(capsys):
     assert not ok and "shape" in out
     ok, out = _verdict(capsys, ch01.check_rank_r_approx, lambda W, r: W)
     assert not ok and "rank" in out
-
-
-def test_ch01_tail_error(capsys):
-    ok, _ = _verdict(capsys, ch01.check_tail_error, lambda s, r: s[r:].square().sum().sqrt().item())
-    assert ok
-    ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: s[r:].square().sum().item())
-    assert not ok and "square root" in out
-    ok, out = _verdict(
-        capsys, ch01.check_tail_error, lambda s, r: s[r + 1 :].square().sum().sqrt().item()
-    )
-    assert not ok and "off by one" in out
-    ok, out = _verdict(
-        capsys, ch01.check_tail_error, lambda s, r: s[:r].square().sum().sqrt().item()
-    )
-    assert not ok and "kept values" in out
-    ok, out = _verdict(capsys, ch01.check_tail_error, lambda s, r: "oops")
-    assert not ok and "not a number" in out
 
 
 # --------------------------------------------------------------------------- chapter 2
@@ -107,24 +90,6 @@ def test_ch02_training_bytes(capsys):
 
 
 # --------------------------------------------------------------------------- chapter 3
-
-
-def test_ch03_merge(capsys):
-    ok, _ = _verdict(capsys, ch03.check_merge, lambda W, A, B, s: W + s * (A @ B).T)
-    assert ok
-
-    def in_place(W, A, B, s):
-        W += s * (A @ B).T
-        return W
-
-    ok, out = _verdict(capsys, ch03.check_merge, in_place)
-    assert not ok and "changed the weight" in out
-    ok, out = _verdict(capsys, ch03.check_merge, lambda W, A, B, s: W + s * (A @ B))
-    assert not ok and "transpose" in out
-    ok, out = _verdict(capsys, ch03.check_merge, lambda W, A, B, s: W + (A @ B).T)
-    assert not ok and "scaling is missing" in out
-    ok, out = _verdict(capsys, ch03.check_merge, lambda W, A, B, s: W.clone())
-    assert not ok and "did not change" in out
 
 
 def test_ch03_freeze(capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_tutorial.exercises.ch07 import check_dora_weight, check_nf4_roundtrip, check_pissa_init
+from lora_tutorial.exercises.ch07 import check_dora_weight, check_nf4_roundtrip
 from lora_tutorial.quantize import nf4_levels
 
 # ----------------------------------------------------------------------------- DoRA
@@ -38,9 +38,14 @@ def test_dora_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize(
     "wrong, hint",
-    [(dora_column_norm, "each row"), (dora_no_scaling, "multiplied by `scaling`"), (dora_update_outside, "normalising W0"),
-     (lambda *args: torch.zeros(3), "shape"), (lambda *args: 1 / 0, "ZeroDivisionError")],
-)  # fmt: skip
+    [
+        (dora_column_norm, "each row"),
+        (dora_no_scaling, "multiplied by `scaling`"),
+        (dora_update_outside, "normalising W0"),
+        (lambda *args: torch.zeros(3), "shape"),
+        (lambda *args: 1 / 0, "ZeroDivisionError"),
+    ],
+)
 def test_dora_check_rejects_typical_mistakes(
     wrong, hint: str, capsys: pytest.CaptureFixture
 ) -> None:
@@ -81,49 +86,3 @@ def test_nf4_check_rejects_typical_mistakes(
 
 
 # ----------------------------------------------------------------------------- PiSSA
-
-
-def pissa_solution(W, rank, scaling):
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    root = (S[:rank] / scaling).sqrt()
-    A = Vh[:rank].T * root
-    B = root[:, None] * U[:, :rank].T
-    return A, B, W - scaling * (A @ B).T
-
-
-def pissa_smallest(W, rank, scaling):
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    root = (S[-rank:] / scaling).sqrt()
-    A = Vh[-rank:].T * root
-    B = root[:, None] * U[:, -rank:].T
-    return A, B, W - scaling * (A @ B).T
-
-
-def pissa_no_scaling(W, rank, scaling):
-    A, B, _ = pissa_solution(W, rank, 1.0)
-    return A, B, W - (A @ B).T
-
-
-def pissa_unbalanced(W, rank, scaling):
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    A = Vh[:rank].T * (S[:rank] / scaling)
-    B = U[:, :rank].T
-    return A, B, W - scaling * (A @ B).T
-
-
-def test_pissa_check_accepts_the_solution(capsys: pytest.CaptureFixture) -> None:
-    assert check_pissa_init(pissa_solution)
-    assert "Correct!" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "wrong, hint",
-    [(pissa_smallest, "largest singular values"), (pissa_no_scaling, "divide S by scaling"),
-     (pissa_unbalanced, "split sqrt(S)"), (lambda W, r, s: tuple(t.T for t in pissa_solution(W, r, s)), "shape"),
-     (lambda W, r, s: W, "three tensors")],
-)  # fmt: skip
-def test_pissa_check_rejects_typical_mistakes(
-    wrong, hint: str, capsys: pytest.CaptureFixture
-) -> None:
-    assert not check_pissa_init(wrong)
-    assert hint in capsys.readouterr().out

@@ -5,7 +5,14 @@
 The book's page for teachers (``book/teachers.md``) shows both at work.
 """
 
-from lora_tutorial.classroom.grading import STATUSES, Grade, grade, grade_submission, summary, write_csv
+from lora_tutorial.classroom.grading import (
+    STATUSES,
+    Grade,
+    grade,
+    grade_submission,
+    summary,
+    write_csv,
+)
 from lora_tutorial.classroom.notebooks import (
     Exercise,
     chapter_paths,

@@ -41,8 +41,14 @@ from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
 from lora_tutorial import config
+from lora_tutorial.classroom.notebooks import (
+    META,
+    Exercise,
+    answer_cell_source,
+    chapter_paths,
+    exercises,
+)
 from lora_tutorial.files import atomic_write
-from lora_tutorial.classroom.notebooks import META, Exercise, answer_cell_source, chapter_paths, exercises
 
 STATUSES = ("pass", "fail", "raised", "timeout", "not-attempted", "broken")
 _TIMEOUT = "CellTimeout"

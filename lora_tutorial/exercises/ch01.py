@@ -73,48 +73,6 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     return report(problems, "Your function gives the best rank-r approximation (Eckart-Young).")
 
 
-def check_tail_error(fn: Callable[[torch.Tensor, int], float]) -> bool:
-    """Check ``fn(s, r)``: the Frobenius error of the best rank-``r`` approximation, from the
-    singular values ``s``."""
-    problems: list[str] = []
-    s = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    for r in (0, 1, 2, 4):
-        out, err = call(fn, s.clone(), r)
-        if err:
-            problems.append(f"for s={s.tolist()} and r={r} your function raised {err}")
-            break
-        expected = float(s[r:].square().sum().sqrt())
-        try:
-            value = float(out)
-        except (TypeError, ValueError):
-            problems.append(f"for r={r} your function returned {out!r}, which is not a number")
-            break
-        if abs(value - expected) > 1e-4:
-            hint = ""
-            if r < 4 and abs(value - float(s[r:].square().sum())) < 1e-4:
-                hint = " (that is the squared error: take the square root)"
-            elif r < 3 and abs(value - float(s[r + 1 :].square().sum().sqrt())) < 1e-4:
-                hint = (
-                    " (off by one: the first dropped singular value is s[r], Python counts from 0)"
-                )
-            elif r < 4 and abs(value - float(s[r])) < 1e-4:
-                hint = (
-                    " (that is the spectral-norm error; the Frobenius error adds up all dropped"
-                    " values)"
-                )
-            elif abs(value - float(s[:r].square().sum().sqrt())) < 1e-4:
-                hint = " (those are the kept values; the error comes from the dropped ones)"
-            problems.append(
-                f"for s={s.tolist()} and r={r} you returned {value:.4f}, "
-                f"expected {expected:.4f}{hint}"
-            )
-            break
-    return report(
-        problems,
-        "The error of the best rank-r approximation is the root of the sum of the dropped s_i^2.",
-    )
-
-
 def _column_basis(A: torch.Tensor, k: int) -> torch.Tensor:
     """An orthonormal basis of the span of A's top-``k`` left singular vectors."""
     return torch.linalg.svd(A, full_matrices=False).U[:, :k]
@@ -168,4 +126,4 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
     )
 
 
-__all__ = ["check_rank_r_approx", "check_subspace_similarity", "check_tail_error"]
+__all__ = ["check_rank_r_approx", "check_subspace_similarity"]

@@ -11,64 +11,6 @@ from lora_tutorial import lora
 from lora_tutorial.exercises._feedback import call, report
 
 
-def check_merge(
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
-) -> bool:
-    """Check ``fn(weight, A, B, scaling)``: the merged weight ``weight + scaling * (A @ B).T``.
-
-    The result must be a new tensor. ``weight`` is ``(out, in)`` like ``nn.Linear.weight``; ``A``
-    is ``(in, rank)`` and ``B`` ``(rank, out)``
-    as in ``LoRALayer``.
-    """
-    problems: list[str] = []
-    g = torch.Generator().manual_seed(0)
-    d_in, d_out, rank, scaling = 6, 4, 2, 0.5
-    weight = torch.randn(d_out, d_in, generator=g)
-    A, B = torch.randn(d_in, rank, generator=g), torch.randn(rank, d_out, generator=g)
-    original = weight.clone()
-    merged, err = call(fn, weight, A, B, scaling)
-    if err:
-        hint = (
-            " (A @ B is (in, out); nn.Linear's weight is (out, in): transpose it)"
-            if "size" in err
-            else ""
-        )
-        return report([f"your function raised {err}{hint}"], "")
-    expected = original + scaling * (A @ B).T
-    if not isinstance(merged, torch.Tensor):
-        problems.append(f"your function returned {type(merged).__name__}, not a tensor")
-    elif tuple(merged.shape) != (d_out, d_in):
-        hint = (
-            " (A @ B is (in, out); transpose it to (out, in))"
-            if tuple(merged.shape) == (d_in, d_out)
-            else ""
-        )
-        problems.append(
-            f"the merged weight has shape {tuple(merged.shape)}, expected {(d_out, d_in)}{hint}"
-        )
-    elif not torch.allclose(merged, expected, atol=1e-5):
-        if torch.allclose(merged, original + (A @ B).T, atol=1e-5):
-            problems.append("the scaling is missing: the adapter adds scaling * (x @ A @ B)")
-        elif torch.allclose(merged, original, atol=1e-5):
-            problems.append("the weight did not change: add the update")
-        else:
-            problems.append("the merged weight is not weight + scaling * (A @ B).T")
-    if not torch.equal(weight, original):
-        problems.append(
-            "your function changed the weight it was given; return a new tensor (the base must "
-            "stay intact to unmerge)"
-        )
-    if not problems and isinstance(merged, torch.Tensor):
-        x = torch.randn(3, d_in, generator=g)
-        layer_out = x @ original.T + scaling * (x @ A @ B)
-        if not torch.allclose(x @ merged.T, layer_out, atol=1e-5):
-            problems.append("x @ merged.T does not reproduce linear(x) + lora(x)")
-    return report(
-        problems,
-        "The merged layer computes in one matrix product what the wrapped layer computed in three.",
-    )
-
-
 class _Toy(nn.Module):
     """Two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
 
@@ -167,4 +109,4 @@ def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
     )
 
 
-__all__ = ["check_embedding_lora", "check_freeze", "check_merge"]
+__all__ = ["check_embedding_lora", "check_freeze"]

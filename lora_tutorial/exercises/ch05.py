@@ -31,41 +31,6 @@ def expected_lora_parameters(cfg: dict, rank: int) -> int:
     return 18 * rank * d * cfg["n_layers"]
 
 
-def check_lora_param_count(fn: Callable[[dict, int], int]) -> bool:
-    """Check ``fn(cfg, rank)`` counts LoRA's trainable numbers on all attention and feed-forward
-    layers."""
-    problems: list[str] = []
-    for cfg in _CONFIGS:
-        for rank in (1, 16):
-            want = expected_lora_parameters(cfg, rank)
-            try:
-                got = fn(dict(cfg), rank)
-            except Exception as exc:  # a learner's bug: report it in words instead of a traceback
-                problems.append(f"fn({cfg}, rank={rank}) raised {type(exc).__name__}: {exc}")
-                break
-            if got != want:
-                hint = ""
-                if got == 8 * rank * cfg["emb_dim"] * cfg["n_layers"]:
-                    hint = (
-                        " (that counts only the four attention layers: "
-                        "the feed-forward pair is adapted too)"
-                    )
-                elif got == 10 * rank * cfg["emb_dim"] * cfg["n_layers"]:
-                    hint = (
-                        " (that counts only the feed-forward layers: "
-                        "query, key, value and output are adapted too)"
-                    )
-                elif got == want // cfg["n_layers"]:
-                    hint = " (that is one block: multiply by the number of layers)"
-                problems.append(
-                    f"for emb_dim={cfg['emb_dim']}, n_layers={cfg['n_layers']}, rank={rank} "
-                    f"you return {got:,}, expected {want:,}{hint}. "
-                    "Remember: a d_in -> d_out layer gets A (d_in x r) and B (r x d_out)."
-                )
-                break
-    return report(problems, "rank * (d_in + d_out) per adapted layer, summed over all blocks.")
-
-
 def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
     """Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
 

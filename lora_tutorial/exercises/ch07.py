@@ -9,7 +9,7 @@ from torch import nn
 
 from lora_tutorial.exercises._feedback import call, report
 from lora_tutorial.quantize import quantize_blockwise
-from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA
+from lora_tutorial.variants import LinearWithDoRA
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -153,67 +153,6 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
 
 
 # ----------------------------------------------------------------------------- PiSSA
-
-
-def check_pissa_init(
-    fn: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> bool:
-    """Check ``fn(W, rank, scaling) -> (A, B, residual)``: PiSSA's start.
-
-    A is ``(in, r)``, B ``(r, out)`` and the frozen residual ``(out, in)``.
-    """
-    problems: list[str] = []
-    g = torch.Generator().manual_seed(4)
-    W, rank, scaling = torch.randn(6, 9, generator=g), 2, 0.5
-    out, err = call(fn, W.clone(), rank, scaling)
-    if err:
-        return report([f"your function raised {err}"], "")
-    if not (
-        isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
-    ):
-        return report(["return three tensors: (A, B, residual)"], "")
-    A, B, residual = (t.detach() for t in out)
-    shapes = {
-        "A": (tuple(A.shape), (9, rank)),
-        "B": (tuple(B.shape), (rank, 6)),
-        "residual": (tuple(residual.shape), (6, 9)),
-    }
-    wrong = [
-        f"{name} has shape {got}, expected {want}"
-        for name, (got, want) in shapes.items()
-        if got != want
-    ]
-    if wrong:
-        return report(
-            [*wrong, "A is (in, rank), B is (rank, out), the residual is (out, in) like W"], ""
-        )
-    reference = LinearWithPiSSA(_linear(W), rank, scaling * rank)
-    principal = reference.delta_weight().detach()
-    update = scaling * (A @ B).T
-    if not _close(residual + update, W):
-        if _close(residual + (A @ B).T, W):
-            problems.append(
-                "residual + (A @ B).T gives W, but the layer adds scaling * (A @ B).T: divide S "
-                "by scaling"
-            )
-        else:
-            problems.append(
-                "residual + scaling * (A @ B).T must give W back exactly: the model must not "
-                "change at initialisation"
-            )
-    elif not _close(update, principal):
-        problems.append(
-            "scaling * (A @ B).T should be the top-rank part U_r S_r V_r^T: use the largest "
-            "singular values"
-        )
-    elif not _close(A.norm(dim=0), B.norm(dim=1)):
-        problems.append(
-            "split sqrt(S) between A and B (column i of A and row i of B equally long), as PiSSA "
-            "does"
-        )
-    return report(
-        problems, "A and B hold the principal part of W and the residual the rest: PiSSA's start."
-    )
 
 
 def _linear(W: torch.Tensor) -> nn.Linear:
