@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,16 @@ def test_readme_layout_names_every_module() -> None:
         if name != "__init__" and f"{path.name}{'/' if path.is_dir() else ''}" not in layout
     ]
     assert not missing, f"README's layout section does not list {missing}"
+
+
+def test_student_links_follow_the_configured_repository() -> None:
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        from student_links import student_url
+    finally:
+        sys.path.pop(0)
+    url = student_url("https://github.com/someone/fork.git", "chapters/03_lora_from_scratch")
+    assert url == (
+        "https://colab.research.google.com/github/someone/fork/blob/notebooks/students/"
+        "03_lora_from_scratch.ipynb"
+    )

@@ -74,6 +74,17 @@ def test_every_toc_page_was_built(site: LocalServer) -> None:
     assert not missing, f"pages in book/_toc.yml missing from the site: {missing}"
 
 
+def test_every_chapter_links_its_student_version(site: LocalServer) -> None:
+    chapters = [page for page in toc_pages() if page.startswith("chapters/")]
+    missing = [
+        page
+        for page in chapters
+        if f"/blob/notebooks/students/{page.split('/')[-1]}.ipynb"
+        not in (SITE / f"{page}.html").read_text()
+    ]
+    assert chapters and not missing, f"chapter pages without a student-version link: {missing}"
+
+
 @pytest.mark.parametrize("page", toc_pages())
 def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page: str) -> None:
     if not (SITE / f"{page}.html").is_file():
