@@ -131,14 +131,22 @@ def test_rehearsal_projects_full_mode_from_the_training_records(tmp_path: Path) 
 
 
 def test_a_missing_parameter_count_fails_only_when_required(tmp_path: Path) -> None:
-    chapter = notebook(tmp_path / "02_demo.ipynb", BANNER_CELL, "print('no count here')")
+    # A chapter that loads GPT-2 must show its size; one that never loads it (chapter 1's byte
+    # model, chapter 2's arithmetic) has no GPT-2 count to show.
+    loads = "load_gpt2 = None  # stands for a chapter that loads GPT-2\nprint('no count here')"
+    chapter = notebook(tmp_path / "05_demo.ipynb", BANNER_CELL, loads)
     rehearsal = {config.REHEARSAL_ENV: "1"}
     failed = run_script(
         "execute-chapter", chapter, tmp_path / "a", "--require-param-count", env=rehearsal
     )
     assert failed.returncode == 1 and "124,439,808" in failed.stderr
-    assert not (tmp_path / "a" / "02_demo.ipynb").exists()
+    assert not (tmp_path / "a" / "05_demo.ipynb").exists()
     assert run_script("execute-chapter", chapter, tmp_path / "b", env=rehearsal).returncode == 0
+    no_gpt2 = notebook(tmp_path / "02_demo.ipynb", BANNER_CELL, "print('no count here')")
+    required = run_script(
+        "execute-chapter", no_gpt2, tmp_path / "c", "--require-param-count", env=rehearsal
+    )
+    assert required.returncode == 0, required.stderr
 
 
 def test_a_cell_that_raises_fails_and_keeps_the_partial_notebook(tmp_path: Path) -> None:
