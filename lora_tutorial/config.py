@@ -23,9 +23,11 @@ Environment variables:
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -36,6 +38,7 @@ CACHE_ENV = "LORA_TUTORIAL_CACHE"
 RECORD_ENV = "LORA_TUTORIAL_RECORD"
 
 Mode = Literal["full", "quick", "rehearsal"]
+T = TypeVar("T")
 REHEARSAL_TRAIN_STEPS = 2  # optimizer steps per training run in rehearsal mode
 REHEARSAL_EVAL_BATCHES = 2  # batches per evaluation in rehearsal mode
 
@@ -93,6 +96,24 @@ def mode_banner() -> str:
         "FULL MODE: the real GPT-2 and the full data.\n"
         f"A GPU makes this much faster; on a CPU, set {QUICK_ENV}=1 for a quick run."
     )
+
+
+def rehearsal_steps(steps: int) -> int:
+    """``steps`` training steps, or at most ``REHEARSAL_TRAIN_STEPS`` in rehearsal mode.
+
+    For the chapters' own small training loops: like every training run, they stop early in a
+    rehearsal, which only has to prove that full mode runs.
+    """
+    return min(steps, REHEARSAL_TRAIN_STEPS) if is_rehearsal() else steps
+
+
+def rehearsal_batches(batches: Iterable[T]) -> Iterator[T]:
+    """All of ``batches``, or only the first ``REHEARSAL_EVAL_BATCHES`` in rehearsal mode.
+
+    For the chapters' own passes over a data loader (logits, timings): like every evaluation,
+    they look at two batches in a rehearsal.
+    """
+    return itertools.islice(batches, REHEARSAL_EVAL_BATCHES if is_rehearsal() else None)
 
 
 def repo_root() -> Path:

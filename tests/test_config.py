@@ -128,3 +128,12 @@ def test_get_device_prefers_what_it_is_told_then_cuda_then_mps_then_cpu(
     assert config.get_device() == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert config.get_device() == torch.device("cuda")
+
+
+def test_rehearsal_caps_the_chapters_own_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.rehearsal_steps(1000) == 1000
+    assert list(config.rehearsal_batches(range(10))) == list(range(10))
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    assert config.rehearsal_steps(1000) == config.REHEARSAL_TRAIN_STEPS
+    assert config.rehearsal_steps(1) == 1
+    assert list(config.rehearsal_batches(range(10))) == list(range(config.REHEARSAL_EVAL_BATCHES))
