@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lora_tutorial import __version__
 from lora_tutorial.files import atomic_write
-from lora_tutorial.lora import LinearWithLoRA, adapter_layers
+from lora_tutorial.lora import LinearWithLoRA, adapter_layers, find_submodule, set_submodule
 from lora_tutorial.quantize import LinearWithQLoRA
 from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
 
@@ -93,28 +93,13 @@ def _kind(layer: nn.Module) -> str | None:  # the key of its exact class in ADAP
     return next((kind for kind, cls in ADAPTER_KINDS.items() if type(layer) is cls), None)
 
 
-def _get_submodule(model: nn.Module, name: str, what: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        known = [n for n, _ in model.named_modules() if n][:8]
-        raise ValueError(
-            f"{what} {name!r} is not a module of this model; modules include {known}"
-        ) from None
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)
-
-
 def _check_extras_outside_layers(
     model: nn.Module, extras: list[str], error: type[ValueError] = ValueError
 ) -> None:
     """Refuse extra modules that are, sit inside, or hold an adapter layer or its base weights."""
     inside = {id(m): name for name, layer in adapter_layers(model).items() for m in layer.modules()}
     for extra in extras:
-        for module in _get_submodule(model, extra, "extra module").modules():
+        for module in find_submodule(model, extra, "extra module").modules():
             if id(module) in inside:
                 raise error(
                     f"extra module {extra!r} overlaps the adapter layer {inside[id(module)]!r}; "
@@ -311,7 +296,7 @@ def _build_layer(
     model: nn.Module, name: str, record: dict[str, Any], existing: dict[str, Any]
 ) -> nn.Module | None:
     """A new adapter layer for the plain nn.Linear at ``name``; None if a matching one is there."""
-    current: Any = _get_submodule(model, name, "adapted layer")  # an adapter layer or nn.Linear
+    current: Any = find_submodule(model, name, "adapted layer")  # an adapter layer or nn.Linear
     kind, config = record["kind"], record["config"]
     if name in existing:
         if current.config() != config or type(current) is not ADAPTER_KINDS[kind]:
@@ -354,7 +339,7 @@ def load_adapter(
             layer = _build_layer(model, name, record, existing)
             if layer is not None:
                 replaced.append((name, model.get_submodule(name)))
-                _set_submodule(model, name, layer)
+                set_submodule(model, name, layer)
         layers = {name: model.get_submodule(name) for name in info["layers"]}
         _check_extras_outside_layers(model, info["extra_modules"], AdapterFileError)
         state = model.state_dict(keep_vars=True)
@@ -371,7 +356,7 @@ def load_adapter(
                 state[key].copy_(tensor)
     except BaseException:
         for name, original in reversed(replaced):
-            _set_submodule(model, name, original)
+            set_submodule(model, name, original)
         raise
     return model
 
