@@ -49,10 +49,20 @@ def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
 
 
 def rank_for_budget(cfg: Mapping, preset: str | tuple[str, ...], budget: int) -> int:
-    """The rank (at least 1) whose LoRA on ``preset``'s layers comes closest to ``budget``."""
+    """The rank (at least 1) whose LoRA on ``preset``'s layers comes closest to ``budget``.
+
+    A rank cannot exceed a layer's smaller side (then the update is full rank anyway), so a small
+    model's few layers may get less than the budget: the rank stops at that side.
+    """
     if budget < 1:
         raise ValueError(f"budget={budget}: give the number of trainable LoRA parameters (>= 1)")
-    return max(1, round(budget / lora_params_per_rank(cfg, preset)))
+    targets = _preset(preset)
+    largest = min(
+        min(s.in_dim, s.out_dim)
+        for s in lowrank.gpt_linear_shapes(cfg)
+        if any(s.name.endswith("." + t) for t in targets)
+    )
+    return min(largest, max(1, round(budget / lora_params_per_rank(cfg, preset))))
 
 
 def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:

@@ -33,6 +33,9 @@ def test_presets_cost_what_the_chapter_says_per_block() -> None:
     budget = 16 * sweeps.lora_params_per_rank(cfg, "all linear")
     ranks = {p: sweeps.rank_for_budget(cfg, p, budget) for p in sweeps.LAYER_PRESETS}
     assert ranks == {"query+value": 72, "all attention": 36, "feed-forward": 29, "all linear": 16}
+    tiny = GPT_CONFIGS["tiny"]  # a small model's few layers cannot take the whole budget
+    tiny_budget = 16 * sweeps.lora_params_per_rank(tiny, "all linear")
+    assert sweeps.rank_for_budget(tiny, "query+value", tiny_budget) == tiny["emb_dim"]
     with pytest.raises(ValueError, match="unknown layer preset"):
         sweeps.rank_for_budget(cfg, "mlp", budget)
     with pytest.raises(ValueError, match="budget"):
