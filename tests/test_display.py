@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from lora_tutorial import config
+from lora_tutorial import config, display
 from lora_tutorial.display import show_source
 
 pytest.importorskip("IPython")  # the notebook kernel's library (the `book` extra)
@@ -43,3 +44,18 @@ def test_shows_it_as_highlighted_python() -> None:
 def test_an_object_without_python_source_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="show_source cannot show <built-in function len>"):
         show_source(len)
+
+
+def test_glue_stores_plain_numbers_for_the_prose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    stored: dict = {}
+    myst_nb = pytest.importorskip("myst_nb")
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: stored.update({name: value}))
+    display.glue("x", np.float64(0.25))
+    assert stored == {"x": 0.25} and type(stored["x"]) is float
+
+
+def test_glue_does_nothing_without_myst_nb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # import fails as on a plain Colab
+    display.glue("x", 1.0)  # no error
