@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,15 +90,6 @@ def test_quick_run_writes_adapter_metrics_and_plots(
     evaluation = train.evaluate(model, loaders.test)
     assert evaluation.confusion == metrics["test"]["confusion"]
     assert train.weights_digest(model) == metrics["weights_digest_per_rank"][0]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """In-process runs of a tiny model: one thread beats cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_diverged_run_fails_and_writes_nothing(
