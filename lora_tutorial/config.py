@@ -113,7 +113,16 @@ def rehearsal_batches(batches: Iterable[T]) -> Iterator[T]:
     For the chapters' own passes over a data loader (logits, timings): like every evaluation,
     they look at two batches in a rehearsal.
     """
-    return itertools.islice(batches, REHEARSAL_EVAL_BATCHES if is_rehearsal() else None)
+    return rehearsal_first(batches, REHEARSAL_EVAL_BATCHES)
+
+
+def rehearsal_first(items: Iterable[T], n: int) -> Iterator[T]:
+    """All of ``items``, or only the first ``n`` in rehearsal mode.
+
+    For the chapters' loops over parts of the same shapes (the layers of each of GPT-2's twelve
+    blocks): a rehearsal proves the code on the first of them.
+    """
+    return itertools.islice(items, n if is_rehearsal() else None)
 
 
 def repo_root() -> Path:

@@ -13,6 +13,7 @@ safetensors (nothing is unpickled) and mapped by :func:`load_hf_state_dict`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -272,6 +273,9 @@ def load_hf_state_dict(model: GPTModel, state_dict: Mapping[str, Tensor]) -> GPT
     return model
 
 
+_REHEARSAL_WEIGHTS: dict[str, GPTModel] = {}  # rehearsal mode's stand-in for each checkpoint
+
+
 def load_gpt2(
     name: str = "gpt2-small", *, cache_dir: Path | None = None, progress: bool = True
 ) -> GPTModel:
@@ -280,13 +284,17 @@ def load_gpt2(
     Downloads (once, verified) the Hugging Face ``model.safetensors`` for ``name`` via
     :func:`lora_tutorial.download.fetch` and reads it with safetensors. In rehearsal mode
     (:func:`lora_tutorial.config.is_rehearsal`) it builds the same model with the same code but
-    keeps its random initial weights and downloads nothing: full size, meaningless outputs.
+    keeps its random initial weights and downloads nothing: full size, meaningless outputs. Like
+    a checkpoint, those weights are drawn once (per process and name) and every call returns a
+    copy of them.
     """
     if name not in GPT_CONFIGS or name not in download.KNOWN_FILES:
         choices = [key for key in GPT_CONFIGS if key in download.KNOWN_FILES]
         raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(choices)}")
     if config.is_rehearsal():
-        model = GPTModel(name)
+        if name not in _REHEARSAL_WEIGHTS:
+            _REHEARSAL_WEIGHTS[name] = GPTModel(name).eval()
+        model = copy.deepcopy(_REHEARSAL_WEIGHTS[name])
         count = sum(p.numel() for p in model.parameters())
         print(
             f"REHEARSAL: {name} built with random weights ({count:,} parameters); "

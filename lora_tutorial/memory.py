@@ -6,7 +6,9 @@
   to set beside chapter 2's predictions in :mod:`lora_tutorial.lowrank`.
 - :class:`Projection`: what a run that was stopped early (rehearsal mode) measured, and how long
   the full run would take at that pace; :func:`run_record` and :func:`append_record` write it as one
-  JSON line (the format is described in :mod:`lora_tutorial.train`).
+  JSON line (the format is described in :mod:`lora_tutorial.train`); :func:`record_repeats` counts
+  runs that a rehearsal did not repeat.
+- :func:`timed_steps`: the steps of a chapter's own training loop, timed and recorded the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from lora_tutorial import config
 from lora_tutorial.lowrank import TrainingStateBytes
@@ -279,3 +283,70 @@ def append_record(path: Path, record: dict[str, object]) -> None:
     line = json.dumps(record, allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
+
+
+class Projected(Protocol):
+    """What a finished run knows of its full-mode length (:class:`~lora_tutorial.train.History`)."""
+
+    full_steps: int
+    median_step_seconds: float
+    projected_full_seconds: float
+
+
+def record_repeats(
+    run: Projected, times: int, *, method: str | None, device: torch.device | str
+) -> None:
+    """Record ``times`` more runs like ``run`` that this rehearsal does not train.
+
+    Other seeds, or another learning rate at the same shapes, take as long as the run that was
+    measured; a rehearsal trains one of them and counts the others here (0 steps done, 0 seconds
+    elapsed, the measured run's projection), so that a chapter's projected full-mode time still
+    counts every run that full mode trains. Outside rehearsal mode it records nothing.
+    """
+    path = config.record_path()
+    if path is None or times < 1 or not config.is_rehearsal():
+        return
+    record: dict[str, object] = {
+        "mode": config.mode(),
+        "method": method,
+        "steps_done": 0,
+        "full_steps": run.full_steps,
+        "median_step_seconds": run.median_step_seconds,
+        "projected_full_seconds": run.projected_full_seconds,
+        "elapsed_seconds": 0.0,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cuda_peak_bytes": None,
+        "device": str(device),
+        "repeat": True,
+    }
+    for _ in range(times):
+        append_record(path, record)
+
+
+def timed_steps(
+    steps: int, *, desc: str, device: torch.device | str = "cpu", method: str | None = None
+) -> Iterator[int]:
+    """``range(steps)`` with a progress bar, for a chapter's own training loop; each pass is a step.
+
+    In rehearsal mode it stops after ``config.REHEARSAL_TRAIN_STEPS`` steps. It times the steps and,
+    when the loop ends, appends the run's record (see :func:`record_run`) with its projection to
+    ``steps`` steps, as :func:`~lora_tutorial.train.train_classifier` does for its runs.
+    """
+    done = config.rehearsal_steps(steps)
+    seconds: list[float] = []
+    start = tick = time.perf_counter()
+    for step in tqdm(range(done), desc=desc):
+        yield step
+        now = time.perf_counter()
+        seconds.append(now - tick)
+        tick = now
+    projection = Projection(
+        steps_done=done,
+        full_steps=steps,
+        median_step_seconds=median_step_seconds(seconds),
+        eval_batches_done=0,
+        full_eval_batches=0,
+        eval_seconds_per_batch=0.0,
+    )
+    elapsed = time.perf_counter() - start
+    record_run(projection, method=method, elapsed_seconds=elapsed, device=torch.device(device))

@@ -276,12 +276,17 @@ def forward_per_task_models(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, rounds: int = 7, device: torch.device | None = None
+    fns: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 7,
+    device: torch.device | None = None,
+    warm_up: bool = True,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating rounds after one warm-up call.
 
     Interleaving means a burst of load from other processes slows every candidate alike, and the
     median ignores the rounds it spoiled; compare the results as ratios from the same call.
+    ``warm_up=False`` leaves out the warm-up calls, for functions that have just been called.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: time at least one round")
@@ -290,7 +295,7 @@ def time_interleaved(
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for fn in fns.values():
+    for fn in fns.values() if warm_up else ():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):

@@ -6,11 +6,13 @@
   adds per unit of rank, and the rank that spends a given budget.
 - :class:`Sweep` trains one LoRA classifier per setting, seeded alike, and remembers each result, so
   that settings shared by two experiments (the same layers, rank, scaling and learning rate) train
-  once. It counts optimizer steps, so a chapter can check its training budget.
+  once. It counts optimizer steps, so a chapter can check its training budget. A rehearsal trains
+  each (layers, rank) once: other scalings and learning rates at those shapes cost the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lora_tutorial import lowrank, train
+from lora_tutorial import config, lowrank, memory, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.lora import LinearWithLoRA, adapter_layers, count_parameters
 
@@ -119,6 +121,11 @@ class Sweep:
     remembered by (layers, rank, scaling, learning rate): a second request for the same setting
     returns the first result. The trained tensors (LoRA factors and head) are kept, so
     :meth:`model` rebuilds any run's classifier.
+
+    In rehearsal mode a setting with the layers and rank of one already trained (another alpha,
+    learning rate or scaling rule: the same shapes, the same cost) is not trained again: its
+    result repeats the trained one's with 0 steps, and :func:`~lora_tutorial.memory.record_repeats`
+    counts it in the projected full-mode time.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class Sweep:
         self.epochs, self.device, self.seed, self.eval_every = epochs, device, seed, eval_every
         self.runs: dict[tuple, SweepRun] = {}
         self._states: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._trained: dict[tuple[str, int], tuple[tuple, train.History]] = {}  # by layers, rank
 
     @staticmethod
     def _key(layers: str, rank: int, alpha: float, use_rslora: bool, lr: float) -> tuple:
@@ -158,6 +166,19 @@ class Sweep:
         """Train (or recall) LoRA of ``rank`` and ``alpha`` on ``layers`` (a preset) at ``lr``."""
         key = self._key(layers, rank, alpha, use_rslora, lr)
         if key in self.runs:
+            return self.runs[key]
+        if config.is_rehearsal() and (layers, rank) in self._trained:
+            trained_key, history = self._trained[layers, rank]
+            memory.record_repeats(history, 1, method=None, device=self.device or "cpu")
+            self.runs[key] = dataclasses.replace(
+                self.runs[trained_key],
+                alpha=alpha,
+                use_rslora=use_rslora,
+                lr=lr,
+                steps=0,
+                seconds=0.0,
+            )
+            self._states[key] = self._states[trained_key]
             return self.runs[key]
         model = self._prepared(layers, rank, alpha, use_rslora)
         make_optimizer = CountingAdamW(lr)
@@ -190,6 +211,7 @@ class Sweep:
         self._states[key] = {
             k: v.cpu().clone() for k, v in train.trainable_state_dict(model).items()
         }
+        self._trained[layers, rank] = key, history
         return result
 
     def model(self, run: SweepRun) -> GPTClassifier:

@@ -137,3 +137,13 @@ def test_rehearsal_caps_the_chapters_own_loops(monkeypatch: pytest.MonkeyPatch) 
     assert config.rehearsal_steps(1000) == config.REHEARSAL_TRAIN_STEPS
     assert config.rehearsal_steps(1) == 1
     assert list(config.rehearsal_batches(range(10))) == list(range(config.REHEARSAL_EVAL_BATCHES))
+
+
+def test_rehearsal_first_keeps_the_first_items_in_a_rehearsal_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "0")
+    assert list(config.rehearsal_first(range(72), 6)) == list(range(72))
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    assert list(config.rehearsal_first(range(72), 6)) == list(range(6))

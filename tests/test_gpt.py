@@ -264,6 +264,13 @@ def test_rehearsal_builds_gpt2_with_random_weights_and_downloads_nothing(
     assert "REHEARSAL" in line and "124,439,808" in line and "random weights" in line
     with pytest.raises(ValueError, match="no pretrained weights for 'tiny'"):
         gpt.load_gpt2("tiny")
+    # Like a checkpoint, the random weights are drawn once: every call returns a copy of them.
+    again = gpt.load_gpt2("gpt2-small")
+    assert again is not model and torch.equal(again.tok_emb.weight, model.tok_emb.weight)
+    assert again.out_head.weight is again.tok_emb.weight  # the copy keeps the tied head
+    with torch.no_grad():
+        model.trf_blocks[0].att.W_query.weight.zero_()
+    assert gpt.load_gpt2("gpt2-small").trf_blocks[0].att.W_query.weight.abs().sum() > 0
 
 
 def test_eval_mode_switches_dropout_and_gradients_off_and_restores_the_mode() -> None:

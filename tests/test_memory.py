@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,3 +142,37 @@ def test_record_lines_are_strict_json(tmp_path, monkeypatch) -> None:
     assert first["peak_rss_bytes"] > 10 * 2**20 and second["method"] is None
     with pytest.raises(ValueError, match="JSON"):
         memory.append_record(path, {"loss": float("nan")})
+
+
+def test_timed_steps_times_and_records_a_chapters_own_loop(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "runs.jsonl"
+    monkeypatch.setenv(config.RECORD_ENV, str(path))
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    assert list(memory.timed_steps(50, desc="rehearsed", method="toy")) == [0, 1]
+    monkeypatch.setenv(config.REHEARSAL_ENV, "0")
+    assert list(memory.timed_steps(3, desc="whole")) == [0, 1, 2]
+    rehearsed, whole = (json.loads(line) for line in path.read_text().splitlines())
+    assert (rehearsed["mode"], rehearsed["method"]) == ("rehearsal", "toy")
+    assert (rehearsed["steps_done"], rehearsed["full_steps"]) == (2, 50)
+    expected = 50 * rehearsed["median_step_seconds"]
+    assert rehearsed["projected_full_seconds"] == pytest.approx(expected)
+    assert (whole["mode"], whole["steps_done"], whole["full_steps"]) == ("full", 3, 3)
+
+
+def test_repeats_are_recorded_in_a_rehearsal_only(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "runs.jsonl"
+    monkeypatch.setenv(config.RECORD_ENV, str(path))
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    run = SimpleNamespace(full_steps=650, median_step_seconds=2.0, projected_full_seconds=1400.0)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "0")
+    memory.record_repeats(run, 2, method="lora", device="cpu")
+    assert not path.exists()  # full mode trains every run: nothing to count
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    memory.record_repeats(run, 2, method="lora", device="cpu")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 2
+    assert all(
+        line["repeat"] and line["steps_done"] == line["elapsed_seconds"] == 0 for line in lines
+    )
+    assert sum(line["projected_full_seconds"] for line in lines) == 2800.0

@@ -129,3 +129,16 @@ def test_bad_inputs_are_explained(setup) -> None:
     lora.replace_linear_with_lora(dora, 2, 4, include="W_query", wrapper=LinearWithDoRA)
     with pytest.raises(TypeError, match="LinearWithLoRA"):
         serving.MultiAdapterModel(base, [dora])
+
+
+@pytest.mark.parametrize(("warm_up", "calls"), [(True, 4), (False, 3)])
+def test_time_interleaved_alternates_the_functions_and_takes_medians(
+    warm_up: bool, calls: int
+) -> None:
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    seconds = serving.time_interleaved(fns, rounds=3, warm_up=warm_up)
+    assert order == ["a", "b"] * calls
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    with pytest.raises(ValueError, match="at least one round"):
+        serving.time_interleaved(fns, rounds=0)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lora_tutorial import sweeps, train
+from lora_tutorial import config, sweeps, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
 from lora_tutorial.lora import adapter_layers
@@ -81,3 +82,29 @@ def test_a_rebuilt_model_is_the_trained_one() -> None:
     assert all(layer.lora.scaling == pytest.approx(2.0 / math.sqrt(4)) for layer in layers.values())
     assert any(layer.lora.B.abs().sum() > 0 for layer in layers.values())  # trained, not fresh
     assert train.evaluate(model, val_loader).accuracy == pytest.approx(run.val_accuracy)
+
+
+def test_a_rehearsal_trains_each_shape_once_and_records_the_repeats(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = tmp_path / "runs.jsonl"
+    monkeypatch.delenv(config.QUICK_ENV, raising=False)
+    monkeypatch.setenv(config.REHEARSAL_ENV, "1")
+    monkeypatch.setenv(config.RECORD_ENV, str(records))
+    train_loader, val_loader = loaders()
+    sweep = sweeps.Sweep(make_base, train_loader, val_loader, epochs=2, eval_every=3)
+    trained = sweep.run("query+value", 2, 4.0, 1e-2)
+    other_lr = sweep.run("query+value", 2, 4.0, 4e-2)
+    rslora = sweep.run("query+value", 2, 4.0, 1e-2, use_rslora=True)
+    other_rank = sweep.run("query+value", 4, 4.0, 1e-2)
+    assert trained.steps == other_rank.steps == config.REHEARSAL_TRAIN_STEPS
+    assert other_lr.steps == rslora.steps == 0 and other_lr.seconds == 0.0
+    assert (other_lr.lr, rslora.use_rslora, rslora.scaling) == (4e-2, True, 4.0 / math.sqrt(2))
+    assert sweep.total_steps == 2 * config.REHEARSAL_TRAIN_STEPS
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [line["steps_done"] for line in lines] == [2, 0, 0, 2]
+    assert lines[1]["repeat"] and lines[1]["elapsed_seconds"] == 0.0
+    assert lines[1]["projected_full_seconds"] == lines[0]["projected_full_seconds"] > 0
+    model = sweep.model(rslora)  # the trained tensors, with the repeat's own scaling
+    layer = next(iter(adapter_layers(model).values()))
+    assert layer.lora.scaling == pytest.approx(rslora.scaling)

@@ -231,8 +231,10 @@ def test_rehearsal_stops_after_a_few_steps_and_projects_the_full_run(rehearsal) 
     steps = config.REHEARSAL_TRAIN_STEPS
     assert history.steps_done == steps and history.steps == [steps]
     assert history.examples_seen == [8 * steps] and len(history.val_accuracy) == 1
-    # one loss record and one accuracy pass, each capped at REHEARSAL_EVAL_BATCHES batches of 8
-    assert len(read) == 2 * 8 * config.REHEARSAL_EVAL_BATCHES
+    # one loss record, capped at REHEARSAL_EVAL_BATCHES batches of 8; the accuracy pass at the
+    # same step reuses its evaluation of the same model on the same batches
+    assert len(read) == 8 * config.REHEARSAL_EVAL_BATCHES
+    assert history.val_losses[-1] == pytest.approx(train.evaluate(model, val_loader).loss)
     assert history.full_steps == 3 * len(train_loader)
     assert history.median_step_seconds > 0
     assert history.projected_full_seconds > history.median_step_seconds * history.full_steps
@@ -276,3 +278,17 @@ def test_every_run_appends_its_record_and_quick_mode_is_not_capped(
         ("quick", None, 3),
         ("quick", None, 5),
     ]
+
+
+def test_validation_is_evaluated_again_only_after_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    train_loader, val_loader = loaders()  # 8 training batches, 4 validation batches
+    read: list[int] = []
+    val_loader = counting(val_loader, read)
+    model = train.prepare_model(tiny_classifier(), "lora", rank=4, alpha=8)
+    history = train.train_classifier(
+        model, train_loader, val_loader, epochs=2, eval_every=8, eval_batches=None, progress=False
+    )
+    # a loss record and an accuracy pass at the end of each epoch: one pass over validation each
+    assert history.steps == [8, 16] and len(history.val_accuracy) == 2
+    assert len(read) == 2 * len(val_loader.dataset)
+    assert history.val_accuracy[-1] == train.evaluate(model, val_loader).accuracy
