@@ -8,7 +8,6 @@ otherwise inside the test or fixture that does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,14 +16,6 @@ import torch
 from _helpers import LocalServer
 
 from lora_tutorial import config, download
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``-n auto``) the workers share the cores: each gets its part of them,
-    so that torch's threads do not fight over the same cores."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
