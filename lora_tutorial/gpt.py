@@ -293,7 +293,7 @@ def load_gpt2(
         raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(choices)}")
     if config.is_rehearsal():
         if name not in _REHEARSAL_WEIGHTS:
-            _REHEARSAL_WEIGHTS[name] = GPTModel(name).eval()
+            _REHEARSAL_WEIGHTS[name] = GPTModel(name)
         model = copy.deepcopy(_REHEARSAL_WEIGHTS[name])
         count = sum(p.numel() for p in model.parameters())
         print(

@@ -306,19 +306,11 @@ def record_repeats(
     path = config.record_path()
     if path is None or times < 1 or not config.is_rehearsal():
         return
-    record: dict[str, object] = {
-        "mode": config.mode(),
-        "method": method,
-        "steps_done": 0,
-        "full_steps": run.full_steps,
-        "median_step_seconds": run.median_step_seconds,
-        "projected_full_seconds": run.projected_full_seconds,
-        "elapsed_seconds": 0.0,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "cuda_peak_bytes": None,
-        "device": str(device),
-        "repeat": True,
-    }
+    not_run = Projection(0, run.full_steps, run.median_step_seconds, 0, 0, 0.0)
+    record = run_record(
+        not_run, mode=config.mode(), method=method, elapsed_seconds=0.0, device=torch.device(device)
+    )
+    record.update(projected_full_seconds=run.projected_full_seconds, repeat=True)
     for _ in range(times):
         append_record(path, record)
 

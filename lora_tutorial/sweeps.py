@@ -41,12 +41,16 @@ def _preset(preset: str | tuple[str, ...]) -> tuple[str, ...]:
     return LAYER_PRESETS[preset]
 
 
+def _adapted(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether the layer called ``name`` is one of ``targets`` (names end with a target)."""
+    return any(name.endswith("." + t) for t in targets)
+
+
 def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
     """Trainable LoRA numbers per unit of rank on ``preset``'s layers of ``GPTModel(cfg)``."""
     targets = _preset(preset)
-    shapes = lowrank.gpt_linear_shapes(cfg)
     return lowrank.lora_params_for(
-        shapes, 1, lambda name: any(name.endswith("." + t) for t in targets)
+        lowrank.gpt_linear_shapes(cfg), 1, lambda name: _adapted(name, targets)
     )
 
 
@@ -62,7 +66,7 @@ def rank_for_budget(cfg: Mapping, preset: str | tuple[str, ...], budget: int) ->
     largest = min(
         min(s.in_dim, s.out_dim)
         for s in lowrank.gpt_linear_shapes(cfg)
-        if any(s.name.endswith("." + t) for t in targets)
+        if _adapted(s.name, targets)
     )
     return min(largest, max(1, round(budget / lora_params_per_rank(cfg, preset))))
 
@@ -169,7 +173,8 @@ class Sweep:
             return self.runs[key]
         if config.is_rehearsal() and (layers, rank) in self._trained:
             trained_key, history = self._trained[layers, rank]
-            memory.record_repeats(history, 1, method=None, device=self.device or "cpu")
+            device = config.get_device(None if self.device is None else str(self.device))
+            memory.record_repeats(history, 1, method=None, device=device)
             self.runs[key] = dataclasses.replace(
                 self.runs[trained_key],
                 alpha=alpha,

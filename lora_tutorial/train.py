@@ -155,7 +155,7 @@ class Run:
     step_seconds: list[float] = field(default_factory=list)
     eval_seconds: float = 0.0
     eval_batches_read: int = 0
-    evaluations: dict[int, tuple[int, int | None, Evaluation]] = field(default_factory=dict)
+    last_val: tuple[int, int | None, Evaluation] | None = None  # (step, batches, result)
 
     @property
     def done(self) -> bool:
@@ -193,15 +193,15 @@ def timed_evaluate(run: Run, loader: DataLoader, num_batches: int | None) -> Eva
     The same model (no step since) on the same batches gives the same result, so a second call
     for the validation loader at one step (its loss, then its accuracy) reuses the first.
     """
-    limit = eval_batch_limit(num_batches)
-    done = run.evaluations.get(id(loader))
-    if loader is run.val_loader and done is not None and done[:2] == (run.step, limit):
-        return done[2]
+    limit, is_val = eval_batch_limit(num_batches), loader is run.val_loader
+    if is_val and run.last_val is not None and run.last_val[:2] == (run.step, limit):
+        return run.last_val[2]
     start = time.perf_counter()
     result = evaluate(run.model, loader, device=run.device, num_batches=num_batches)
     run.eval_seconds += time.perf_counter() - start
     run.eval_batches_read += batches_read(loader, limit)
-    run.evaluations[id(loader)] = (run.step, limit, result)
+    if is_val:
+        run.last_val = (run.step, limit, result)
     return result
 
 
