@@ -30,8 +30,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tutorial import config, evaluation, gpt, memory, train
+from lora_tutorial import counting, gpt, train
 from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.runtime import config
 
 CANDIDATES = ("full", "lora", "peft")
 BATCH, TOKENS, RANK, ALPHA = 8, 120, 16, 16
@@ -80,7 +81,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with evaluation.autocast(device):
+        with train.autocast(device):
             loss = loss_fn(ids, labels, lengths)
         loss.backward()
         optimizer.step()
@@ -89,7 +90,7 @@ def measure(candidate: str, steps: int, device: torch.device) -> dict:
     for _ in range(2):
         step()
     times = []
-    with memory.PeakMemory(device) as peak:
+    with counting.PeakMemory(device) as peak:
         for _ in range(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()

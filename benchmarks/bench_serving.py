@@ -21,9 +21,10 @@ import copy
 
 import torch
 
-from lora_tutorial import config, serving, train
+from lora_tutorial import serving, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPTModel
+from lora_tutorial.runtime import config
 
 
 def adapted_models(base: GPTClassifier, tasks: int, rank: int) -> list[GPTClassifier]:

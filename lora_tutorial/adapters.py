@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_tutorial import __version__
-from lora_tutorial.files import atomic_write
 from lora_tutorial.lora import LinearWithLoRA, adapter_layers, find_submodule, set_submodule
 from lora_tutorial.quantize import LinearWithQLoRA
+from lora_tutorial.runtime.files import atomic_write
 from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
 
 ADAPTER_FORMAT = "lora_tutorial.adapter"

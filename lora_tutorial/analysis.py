@@ -111,11 +111,14 @@ def weight_updates(
                 "model has no adapter layers; pass its base model too (full fine-tuning)"
             )
         return [
-            WeightUpdate(name, layer.linear.weight.detach().float().cpu(),
-                         layer.delta_weight().detach().float().cpu())
+            WeightUpdate(
+                name,
+                layer.linear.weight.detach().float().cpu(),
+                layer.delta_weight().detach().float().cpu(),
+            )
             for name, layer in layers.items()
             if chosen(name)
-        ]  # fmt: skip
+        ]
     base_linears = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear)}
     updates = []
     for name, module in model.named_modules():

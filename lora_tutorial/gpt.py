@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lora_tutorial import config, download
+from lora_tutorial.runtime import config, download
 
 CONFIG_KEYS = (
     "vocab_size",
@@ -282,8 +282,8 @@ def load_gpt2(
     """GPT-2 with OpenAI's pretrained weights, in eval mode.
 
     Downloads (once, verified) the Hugging Face ``model.safetensors`` for ``name`` via
-    :func:`lora_tutorial.download.fetch` and reads it with safetensors. In rehearsal mode
-    (:func:`lora_tutorial.config.is_rehearsal`) it builds the same model with the same code but
+    :func:`lora_tutorial.runtime.download.fetch` and reads it with safetensors. In rehearsal mode
+    (:mod:`lora_tutorial.runtime.rehearsal`) it builds the same model with the same code but
     keeps its random initial weights and downloads nothing: full size, meaningless outputs. Like
     a checkpoint, those weights are drawn once (per process and name) and every call returns a
     copy of them.

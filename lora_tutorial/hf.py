@@ -32,27 +32,37 @@ HF_MODULES: dict[str, str] = {
 
 # (the book, PEFT): functions and variants of chapters 3 to 8 and their PEFT spelling.
 PEFT_NAMES: list[tuple[str, str]] = [
-    ("lora.replace_linear_with_lora(model, rank, alpha, include=...)",
-     "get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=[...]))"),
+    (
+        "lora.replace_linear_with_lora(model, rank, alpha, include=...)",
+        "get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=[...]))",
+    ),
     ("include / exclude name patterns", "target_modules / exclude_modules"),
     ("mark_only_lora_as_trainable(model, extra_modules)", "LoraConfig(modules_to_save=[...])"),
-    ("LoRALayer A (in_dim, rank), B (rank, out_dim)",
-     "lora_A.weight (rank, in), lora_B.weight (out, rank)"),
+    (
+        "LoRALayer A (in_dim, rank), B (rank, out_dim)",
+        "lora_A.weight (rank, in), lora_B.weight (out, rank)",
+    ),
     ("scaling alpha / rank", "LoraConfig default"),
     ("use_rslora=True (alpha / sqrt(rank))", "LoraConfig(use_rslora=True)"),
     ("variants.LinearWithDoRA", "LoraConfig(use_dora=True)"),
     ("variants.LinearWithPiSSA", 'LoraConfig(init_lora_weights="pissa")'),
     ("variants.replace_linear_with_vera", "VeraConfig(r=..., target_modules=[...])"),
     ("variants.create_loraplus_optimizer", "peft.optimizers.create_loraplus_optimizer"),
-    ("quantize.LinearWithQLoRA (NF4 base)",
-     "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') + LoraConfig"),
+    (
+        "quantize.LinearWithQLoRA (NF4 base)",
+        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') + LoraConfig",
+    ),
     ("lora.merge_lora / unmerge_lora", "model.merge_adapter() / unmerge_adapter()"),
     ("lora.merge_and_unload", "model.merge_and_unload()"),
-    ("adapters.save_adapter / load_adapter",
-     "model.save_pretrained(dir) / PeftModel.from_pretrained(base, dir)"),
-    ("serving.MultiAdapterModel (adapter_ids per row)",
-     "model(..., adapter_names=[...]) (mixed-batch inference)"),
-]  # fmt: skip
+    (
+        "adapters.save_adapter / load_adapter",
+        "model.save_pretrained(dir) / PeftModel.from_pretrained(base, dir)",
+    ),
+    (
+        "serving.MultiAdapterModel (adapter_ids per row)",
+        "model(..., adapter_names=[...]) (mixed-batch inference)",
+    ),
+]
 
 
 class TransformersClassifier(nn.Module):
@@ -126,8 +136,11 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, Tensor]:
         qkv = [f"{ours}att.{n}" for n in ("W_query", "W_key", "W_value")]
         out[f"{hf}attn.c_attn.weight"] = torch.cat([p[f"{n}.weight"] for n in qkv]).T.contiguous()
         out[f"{hf}attn.c_attn.bias"] = torch.cat([p[f"{n}.bias"] for n in qkv])
-        for hf_name, our_name in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
-                                  ("mlp.c_proj", "ff.layers.2")):  # fmt: skip
+        for hf_name, our_name in (
+            ("attn.c_proj", "att.out_proj"),
+            ("mlp.c_fc", "ff.layers.0"),
+            ("mlp.c_proj", "ff.layers.2"),
+        ):
             out[f"{hf}{hf_name}.weight"] = p[f"{ours}{our_name}.weight"].T.contiguous()
             out[f"{hf}{hf_name}.bias"] = p[f"{ours}{our_name}.bias"]
         for n in ("1", "2"):

@@ -60,8 +60,16 @@ def check_rank_and_dropout(rank: Any, dropout: Any, max_rank: float = math.inf) 
 class LoRALayer(nn.Module):
     """LoRA's update ``scaling * (x @ A @ B)``; A (in_dim, rank) is random, B (rank, out_dim) 0."""
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, *,
-                 use_rslora: bool = False, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         check_rank_and_dropout(rank, dropout, max_rank=min(in_dim, out_dim))
         check_alpha(alpha)
@@ -135,8 +143,15 @@ class LinearWithLoRA(AdapterLayer):
 
     kind = "lora"
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, *,
-                 use_rslora: bool = False, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(linear, rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout)
         in_dim, out_dim, weight = linear.in_features, linear.out_features, linear.weight
         lora = LoRALayer(in_dim, out_dim, rank, alpha, use_rslora=use_rslora, dropout=dropout)

@@ -6,13 +6,11 @@
   adds per unit of rank, and the rank that spends a given budget.
 - :class:`Sweep` trains one LoRA classifier per setting, seeded alike, and remembers each result, so
   that settings shared by two experiments (the same layers, rank, scaling and learning rate) train
-  once. It counts optimizer steps, so a chapter can check its training budget. A rehearsal trains
-  each (layers, rank) once: other scalings and learning rates at those shapes cost the same.
+  once. It counts optimizer steps, so a chapter can check its training budget.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -21,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lora_tutorial import config, lowrank, memory, train
+from lora_tutorial import counting, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.lora import LinearWithLoRA, adapter_layers, count_parameters
 
@@ -49,8 +47,8 @@ def _adapted(name: str, targets: tuple[str, ...]) -> bool:
 def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
     """Trainable LoRA numbers per unit of rank on ``preset``'s layers of ``GPTModel(cfg)``."""
     targets = _preset(preset)
-    return lowrank.lora_params_for(
-        lowrank.gpt_linear_shapes(cfg), 1, lambda name: _adapted(name, targets)
+    return counting.lora_params_for(
+        counting.gpt_linear_shapes(cfg), 1, lambda name: _adapted(name, targets)
     )
 
 
@@ -65,7 +63,7 @@ def rank_for_budget(cfg: Mapping, preset: str | tuple[str, ...], budget: int) ->
     targets = _preset(preset)
     largest = min(
         min(s.in_dim, s.out_dim)
-        for s in lowrank.gpt_linear_shapes(cfg)
+        for s in counting.gpt_linear_shapes(cfg)
         if _adapted(s.name, targets)
     )
     return min(largest, max(1, round(budget / lora_params_per_rank(cfg, preset))))
@@ -126,10 +124,6 @@ class Sweep:
     returns the first result. The trained tensors (LoRA factors and head) are kept, so
     :meth:`model` rebuilds any run's classifier.
 
-    In rehearsal mode a setting with the layers and rank of one already trained (another alpha,
-    learning rate or scaling rule: the same shapes, the same cost) is not trained again: its
-    result repeats the trained one's with 0 steps, and :func:`~lora_tutorial.memory.record_repeats`
-    counts it in the projected full-mode time.
     """
 
     def __init__(
@@ -148,7 +142,6 @@ class Sweep:
         self.epochs, self.device, self.seed, self.eval_every = epochs, device, seed, eval_every
         self.runs: dict[tuple, SweepRun] = {}
         self._states: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._trained: dict[tuple[str, int], tuple[tuple, train.History]] = {}  # by layers, rank
 
     @staticmethod
     def _key(layers: str, rank: int, alpha: float, use_rslora: bool, lr: float) -> tuple:
@@ -170,20 +163,6 @@ class Sweep:
         """Train (or recall) LoRA of ``rank`` and ``alpha`` on ``layers`` (a preset) at ``lr``."""
         key = self._key(layers, rank, alpha, use_rslora, lr)
         if key in self.runs:
-            return self.runs[key]
-        if config.is_rehearsal() and (layers, rank) in self._trained:
-            trained_key, history = self._trained[layers, rank]
-            device = config.get_device(None if self.device is None else str(self.device))
-            memory.record_repeats(history, 1, method=None, device=device)
-            self.runs[key] = dataclasses.replace(
-                self.runs[trained_key],
-                alpha=alpha,
-                use_rslora=use_rslora,
-                lr=lr,
-                steps=0,
-                seconds=0.0,
-            )
-            self._states[key] = self._states[trained_key]
             return self.runs[key]
         model = self._prepared(layers, rank, alpha, use_rslora)
         make_optimizer = CountingAdamW(lr)
@@ -216,7 +195,6 @@ class Sweep:
         self._states[key] = {
             k: v.cpu().clone() for k, v in train.trainable_state_dict(model).items()
         }
-        self._trained[layers, rank] = key, history
         return result
 
     def model(self, run: SweepRun) -> GPTClassifier:

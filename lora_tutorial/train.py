@@ -1,33 +1,28 @@
-"""Training and evaluating the classifier with one of the three fine-tuning methods.
+"""Fine-tuning a classifier: the three methods, the training loop, and its train.
 
-- :func:`prepare_model` (from :mod:`lora_tutorial.methods`, with the default settings
-  ``DEFAULT_LR``, ``LORA_RANK``, ...) freezes and adapts a classifier for one method.
-- :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
+- **Methods**: :func:`prepare_model` freezes and adapts a classifier for one of ``METHODS``
+  (``"lora"``, ``"full"``, ``"last-block"``); ``DEFAULT_LR``, ``LORA_RANK``, :func:`default_alpha`
+  and ``LORA_TARGETS`` are the settings the chapters and the command line share.
+- **Evaluation**: :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall;
+  :func:`summarize` turns a trained model into one row of a comparison table.
+- **Training**: :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
   (:func:`train_epoch`, one :func:`train_step` per batch) and returns a :class:`History` that
-  chapters plot. A loss that is NaN or infinite stops it with :class:`TrainingDiverged`.
-- :func:`~lora_tutorial.evaluation.evaluate` gives accuracy, loss, confusion, precision, recall.
-- Under ``torchrun`` (:func:`lora_tutorial.distributed.distributed`), :func:`train_classifier`
-  trains with ``DistributedDataParallel``.
+  chapters plot. A loss that is NaN or infinite stops it with :class:`TrainingDiverged`. Under
+  ``torchrun`` it trains with ``DistributedDataParallel``
+  (:mod:`lora_tutorial.runtime.distributed`).
 
 Batches are ``(input_ids, labels, lengths)`` as :class:`~lora_tutorial.data.SpamDataset` yields.
-
-Rehearsal mode stops each run after ``config.REHEARSAL_TRAIN_STEPS`` steps and each evaluation
-after ``config.REHEARSAL_EVAL_BATCHES`` batches. When ``$LORA_TUTORIAL_RECORD`` names a file, every
-run (any mode) appends one JSON line to it, e.g.::
-
-    {"mode": "rehearsal", "method": "lora", "steps_done": 2, "full_steps": 470,
-     "median_step_seconds": 1.9, "projected_full_seconds": 1012.4, "elapsed_seconds": 9.8,
-     "peak_rss_bytes": 2147483648, "cuda_peak_bytes": null, "device": "cpu"}
-
-``method``: :func:`train_classifier`'s ``label`` or null; ``full_steps``: the steps of the same
-call in full mode, per process (epochs x batches, or ``max_steps``); ``median_step_seconds``: a
-step's median time (batch loading included, warm-up step left out); ``projected_full_seconds``:
-that x ``full_steps`` + the measured time per evaluation batch x full mode's evaluation batches;
-``peak_rss_bytes``: ``getrusage`` peak RSS; ``cuda_peak_bytes``: peak allocated on CUDA, else null.
+In rehearsal mode (:mod:`lora_tutorial.runtime.rehearsal`) a run stops after two steps, an
+evaluation after two batches, and every run appends its record and projected full-mode time to
+``$LORA_TUTORIAL_RECORD`` when that names a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,47 +32,239 @@ from typing import cast
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lora_tutorial import config, memory
+from lora_tutorial import counting, gpt, lora
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.distributed import DistInfo, dist_info, gather, shard_loader, wrap_model
-from lora_tutorial.evaluation import (
-    Evaluation,
-    MethodResult,
-    batch_loss,
-    batches_read,
-    eval_batch_limit,
-    evaluate,
-    summarize,
-)
-from lora_tutorial.methods import (
-    DEFAULT_LR,
-    HEAD,
-    LORA_ALPHA,
-    LORA_RANK,
-    LORA_TARGETS,
-    METHODS,
-    QUICK_LORA_ALPHA,
-    QUICK_LR,
-    default_alpha,
-    default_lr,
-    prepare_model,
-    trainable_state_dict,
-    weights_digest,
-)
+from lora_tutorial.gpt import GPTModel
+from lora_tutorial.runtime import rehearsal
+from lora_tutorial.runtime.distributed import DistInfo, dist_info, gather, shard_loader, wrap_model
 
-# What chapters and the command line use as train.*: this module's own names and, re-exported,
-# the methods' settings and setup (lora_tutorial.methods) and the evaluation (.evaluation).
-# fmt: off
-__all__ = [
-    "DEFAULT_LR", "HEAD", "LORA_ALPHA", "LORA_RANK", "LORA_TARGETS", "METHODS", "QUICK_LORA_ALPHA",
-    "QUICK_LR", "Evaluation", "History", "MethodResult", "Run", "TrainingDiverged", "default_alpha",
-    "default_lr", "evaluate", "prepare_model", "set_seed", "step_limit", "summarize",
-    "train_classifier", "train_epoch", "train_step", "trainable_state_dict", "weights_digest",
-]
-# fmt: on
+# --------------------------------------------------------------------------- the three methods
+
+METHODS = ("lora", "full", "last-block")
+
+# Default AdamW learning rates in full mode (GPT-2), shared by the chapters and the command line.
+# LoRA gets ten times the rate of the other methods, as is usual: full and last-block fine-tuning
+# move pretrained weights, which large steps would damage (5e-5, as chapter 6 of LLMs-from-scratch
+# uses), while LoRA's update starts at zero (B = 0) and grows as the product of two small matrices,
+# so at that rate it changes the model far more slowly. Hu et al. (2021) trained LoRA with 2e-4 on
+# GPT-2 and 4e-4 to 5e-4 on RoBERTa.
+DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "last-block": 5e-5}
+# Quick mode, every method: a tiny random model needs large steps to move in a few batches.
+QUICK_LR = 1e-3
+
+# LoRA's default rank and alpha in full mode (scaling alpha / rank = 2). Under AdamW the scaling,
+# like the learning rate, sets how fast the update grows. Appendix E of LLMs-from-scratch multiplied
+# its rank-16 update by alpha = 16 itself and drew A about 7x larger than our PEFT-style init, so
+# its update started out much faster than ours even at a tenth of our rate. alpha = 2 * rank narrows
+# that gap for a 5-epoch budget and stays within the LoRA authors' settings (their scripts:
+# RoBERTa-base rank 8, alpha 16; GPT-2 rank 4, alpha 32). Quick mode keeps alpha = rank: its tiny
+# random model already trains at QUICK_LR, and with a doubled scaling chapter 7's quick LoRA+ run
+# ended at chance accuracy.
+LORA_RANK, LORA_ALPHA, QUICK_LORA_ALPHA = 16, 32, 16
+
+# The linear layers of a transformer block: attention projections and the feed-forward pair.
+LORA_TARGETS = ("W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2")
+HEAD = "gpt.out_head"  # the classification head's name in a GPTClassifier
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}; pick one of those names")
+
+
+def default_lr(method: str, *, quick: bool) -> float:
+    """The default learning rate of ``method``: ``DEFAULT_LR[method]``, or ``QUICK_LR`` if quick."""
+    _check_method(method)
+    return QUICK_LR if quick else DEFAULT_LR[method]
+
+
+def default_alpha(*, quick: bool) -> float:
+    """LoRA's default alpha: ``LORA_ALPHA``, or ``QUICK_LORA_ALPHA`` when ``quick``."""
+    return QUICK_LORA_ALPHA if quick else LORA_ALPHA
+
+
+def prepare_model(
+    model: GPTClassifier,
+    method: str,
+    *,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    dropout: float = 0.0,
+) -> GPTClassifier:
+    """Freeze and adapt ``model`` in place for ``method``; returns it.
+
+    - ``"lora"``: the linear layers whose names end with one of ``targets`` (patterns as in
+      :func:`~lora_tutorial.lora.replace_linear_with_lora`) become
+      :class:`~lora_tutorial.lora.LinearWithLoRA` (rank, alpha); only the LoRA matrices and the
+      new classification head are trained.
+    - ``"full"``: every weight is trained.
+    - ``"last-block"``: the last transformer block, the final norm and the head are trained.
+
+    The head is always trained: it is new and starts from random weights.
+    """
+    _check_method(method)
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    if method == "last-block":
+        model.requires_grad_(False)
+        backbone = cast(GPTModel, model.gpt)
+        for module in (backbone.trf_blocks[-1], backbone.final_norm, backbone.out_head):
+            module.requires_grad_(True)
+        return model
+    if not targets:
+        raise ValueError(
+            "targets is empty: name at least one linear layer for LoRA, e.g. ('W_query', 'W_value')"
+        )
+    lora.replace_linear_with_lora(
+        model, rank, alpha, include=list(targets), exclude=HEAD, dropout=dropout
+    )
+    lora.mark_only_lora_as_trainable(model, extra_modules=HEAD)
+    return model
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that are trained, by name (what a run of a method changes)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, by name: equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Scores of a classifier on a loader; ``confusion[i][j]``: true class ``i`` predicted ``j``."""
+
+    accuracy: float
+    loss: float
+    confusion: list[list[int]]
+    precision: list[float]  # per class; 0.0 for a class never predicted
+    recall: list[float]  # per class; 0.0 for a class never present
+    examples: int
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU with native bf16 (compute capability 8.0+: A100, L4, H100), else fp32.
+
+    Older GPUs such as Colab's T4 (7.5) only emulate bf16, which gains nothing there, so they
+    train in float32. (``torch.cuda.is_bf16_supported()`` says True for them: it counts emulation.)
+    """
+    use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def batch_loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one ``(input_ids, labels, lengths)`` batch; returns ``(loss, logits)``."""
+    input_ids, labels, lengths = (t.to(device) for t in batch)
+    with autocast(device):
+        logits = model(input_ids, lengths)
+    return nn.functional.cross_entropy(logits.float(), labels), logits
+
+
+def batches_read(loader: DataLoader, num_batches: int | None) -> int:
+    """How many batches of ``loader`` an evaluation limited to ``num_batches`` reads."""
+    return len(loader) if num_batches is None else min(num_batches, len(loader))
+
+
+def scores(confusion: torch.Tensor, total_loss: float) -> Evaluation:
+    """Accuracy, mean loss, precision and recall from a confusion matrix and the summed loss."""
+    examples = int(confusion.sum())
+    if examples == 0:
+        raise ValueError("the loader gave no examples to evaluate (empty data or num_batches=0)")
+    correct = confusion.diag().tolist()
+    predicted, present = confusion.sum(dim=0).tolist(), confusion.sum(dim=1).tolist()
+    return Evaluation(
+        accuracy=sum(correct) / examples,
+        loss=total_loss / examples,
+        confusion=confusion.tolist(),
+        precision=[c / p if p else 0.0 for c, p in zip(correct, predicted, strict=True)],
+        recall=[c / t if t else 0.0 for c, t in zip(correct, present, strict=True)],
+        examples=examples,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device | None = None,
+    num_batches: int | None = None,
+) -> Evaluation:
+    """Accuracy, mean loss, confusion matrix and per-class precision/recall on ``loader``.
+
+    ``num_batches`` limits the evaluation to the first batches (a quick estimate); rehearsal mode
+    reads at most two batches. Runs in :func:`~lora_tutorial.gpt.eval_mode`.
+    """
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    n = cast(int, model.num_classes)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    total_loss = 0.0
+    with gpt.eval_mode(model):
+        for batch in itertools.islice(loader, rehearsal.eval_batch_limit(num_batches)):
+            loss, logits = batch_loss(model, batch, device)
+            labels, predicted = batch[1], logits.argmax(dim=-1).cpu()
+            confusion += torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
+            total_loss += loss.item() * len(labels)
+    return scores(confusion, total_loss)
+
+
+@dataclass
+class MethodResult:
+    """One method's row in a comparison table."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    seconds_per_epoch: float
+    peak_memory_bytes: int
+    memory_measure: str
+    val_accuracy: float
+    test_accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(
+    method: str, model: nn.Module, history: History, test: Evaluation | None = None
+) -> MethodResult:
+    """The comparison row for a trained model: parameters, time per epoch, peak memory, accuracy."""
+    counts = lora.count_parameters(unwrap(model))
+    return MethodResult(
+        method=method,
+        trainable_params=counts.trainable,
+        total_params=counts.total,
+        seconds_per_epoch=sum(history.epoch_seconds) / max(len(history.epoch_seconds), 1),
+        peak_memory_bytes=history.peak_memory_bytes,
+        memory_measure=history.memory_measure,
+        val_accuracy=history.val_accuracy[-1] if history.val_accuracy else float("nan"),
+        test_accuracy=test.accuracy if test is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------- training
 
 
 class TrainingDiverged(ValueError):
@@ -92,9 +279,6 @@ class TrainingDiverged(ValueError):
             "stopped before the optimizer used it. Lower the learning rate (e.g. ten times) "
             "and train again."
         )
-
-
-# --- training ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -193,7 +377,7 @@ def timed_evaluate(run: Run, loader: DataLoader, num_batches: int | None) -> Eva
     The same model (no step since) on the same batches gives the same result, so a second call
     for the validation loader at one step (its loss, then its accuracy) reuses the first.
     """
-    limit, is_val = eval_batch_limit(num_batches), loader is run.val_loader
+    limit, is_val = rehearsal.eval_batch_limit(num_batches), loader is run.val_loader
     if is_val and run.last_val is not None and run.last_val[:2] == (run.step, limit):
         return run.last_val[2]
     start = time.perf_counter()
@@ -283,14 +467,6 @@ def _check_settings(model: nn.Module, epochs: int, eval_every: int, make_optimiz
         )
 
 
-def step_limit(max_steps: int | None) -> int | None:
-    """``max_steps`` (None: no limit); in rehearsal mode at most ``REHEARSAL_TRAIN_STEPS``."""
-    if not config.is_rehearsal():
-        return max_steps
-    cap = config.REHEARSAL_TRAIN_STEPS
-    return cap if max_steps is None else min(max_steps, cap)
-
-
 def train_classifier(
     model: GPTClassifier,
     train_loader: DataLoader,
@@ -320,12 +496,13 @@ def train_classifier(
     Seeds PyTorch and the training loader's shuffle with ``seed``, so the same call gives the
     same result. Per epoch, accuracy is measured on the first ``accuracy_batches`` batches of
     the training and validation loaders (all of them when None). ``max_steps`` stops early
-    (quick runs; rehearsal mode: :func:`step_limit`). A NaN or infinite loss raises
+    (quick runs; a rehearsal stops after two). A NaN or infinite loss raises
     :class:`TrainingDiverged` before the optimizer uses it. On a CUDA GPU with native bf16 the
     forward pass runs under bf16 :func:`autocast`. ``label`` (e.g. the method) names the run in
     its ``$LORA_TUTORIAL_RECORD`` line.
 
-    Under ``torchrun`` (:func:`~lora_tutorial.distributed.distributed`) with several processes,
+    Under ``torchrun`` (:func:`~lora_tutorial.runtime.distributed.distributed`) with several
+    processes,
     the model trains in ``DistributedDataParallel``, each process on its shard of the training
     set (``batch_size`` messages per process and step); only rank 0 shows progress.
     """
@@ -334,6 +511,22 @@ def train_classifier(
     device = info.device(None if device is None else str(device))  # torchrun: this process's GPU
     set_seed(seed)
     model.to(device)
+    shapes = (
+        label,
+        _trained_shapes(model),
+        len(train_loader),
+        epochs,
+        max_steps,
+        eval_every,
+        device,
+    )
+    measured = rehearsal.repeat_of(shapes)
+    if measured is not None:  # a rehearsal has trained these shapes already: count, don't train
+        rehearsal.record_repeats(measured, 1, method=label, device=device)
+        measured_run = cast(History, measured)
+        return dataclasses.replace(
+            measured_run, steps_done=0, elapsed_seconds=0.0, epoch_seconds=[]
+        )
     loader, sampler = shard_loader(train_loader, seed)
     run = Run(
         model=model,
@@ -344,12 +537,12 @@ def train_classifier(
         val_loader=val_loader,
         eval_every=eval_every,
         eval_batches=eval_batches,
-        max_steps=step_limit(max_steps),
+        max_steps=rehearsal.step_limit(max_steps),
         progress=progress,
         history=History(world_size=info.world_size),
     )
     start = time.perf_counter()
-    with memory.PeakMemory(device) as peak:
+    with counting.PeakMemory(device) as peak:
         for epoch in range(epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -360,7 +553,7 @@ def train_classifier(
             if run.done:
                 break
     accuracy_read = batches_read(train_loader, accuracy_batches)
-    full_counts = memory.full_run_counts(
+    full_counts = rehearsal.full_run_counts(
         len(loader),
         epochs,
         max_steps,
@@ -368,21 +561,29 @@ def train_classifier(
         eval_batches=batches_read(val_loader, eval_batches),
         accuracy_batches=accuracy_read + batches_read(val_loader, accuracy_batches),
     )
-    return _finish(run, peak, time.perf_counter() - start, full_counts, label)
+    history = _finish(run, peak, time.perf_counter() - start, full_counts, label)
+    rehearsal.remember(shapes, history)
+    return history
+
+
+def _trained_shapes(model: nn.Module) -> tuple:
+    """What a training step's cost depends on: the model's size and its trained tensors' shapes."""
+    trained = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
+    return sum(p.numel() for p in model.parameters()), trained
 
 
 def _finish(
     run: Run,
-    peak: memory.PeakMemory,
+    peak: counting.PeakMemory,
     elapsed: float,
     full_counts: tuple[int, int],
     label: str | None,
 ) -> History:
     """Complete the history with times, memory and projection; append the record if one is kept."""
-    projection = memory.Projection(
+    projection = rehearsal.Projection(
         steps_done=run.step,
         full_steps=full_counts[0],
-        median_step_seconds=memory.median_step_seconds(run.step_seconds),
+        median_step_seconds=rehearsal.median_step_seconds(run.step_seconds),
         eval_batches_done=run.eval_batches_read,
         full_eval_batches=full_counts[1],
         eval_seconds_per_batch=run.eval_seconds / max(run.eval_batches_read, 1),
@@ -396,5 +597,5 @@ def _finish(
     history.median_step_seconds = projection.median_step_seconds
     history.projected_full_seconds = projection.projected_full_seconds
     if run.info.is_main:
-        memory.record_run(projection, method=label, elapsed_seconds=elapsed, device=run.device)
+        rehearsal.record_run(projection, method=label, elapsed_seconds=elapsed, device=run.device)
     return history

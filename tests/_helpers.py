@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tutorial.config import repo_root
+from lora_tutorial.runtime.config import repo_root
 
 ROOT = repo_root()
 

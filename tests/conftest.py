@@ -15,7 +15,7 @@ import pytest
 import torch
 from _helpers import LocalServer
 
-from lora_tutorial import config, download
+from lora_tutorial.runtime import config, download
 
 
 @pytest.fixture(autouse=True)

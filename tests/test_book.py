@@ -67,7 +67,9 @@ def test_starts_with_title_then_colab_setup_and_mode_banner(chapter: nbformat.No
     assert f"git+{REPO_URL}" in code[0], (
         f"the Colab set-up cell must install from {REPO_URL} (book/_config.yml)"
     )
-    assert "config.mode_banner()" in code[1], "the second code cell must print config.mode_banner()"
+    assert "provenance.header(" in code[1], (
+        "the second code cell must print provenance.header(seed=...): the mode and provenance"
+    )
 
 
 def test_follows_the_chapter_template(chapter: nbformat.NotebookNode) -> None:
@@ -126,43 +128,71 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
 
 
 # The layers of README's import-flow paragraph, bottom first: a module imports only from its own
-# layer or below. (serving and classroom are planned modules; they join when they land.)
+# layer or below. Modules are named relative to the package ("runtime.config"); the subpackages
+# exercises and classroom count as one module each.
 IMPORT_LAYERS = [
-    {"__init__", "config", "files", "download", "display", "provenance", "output_folder"},
-    {"lowrank", "lora", "gpt", "data", "sms_download"},
-    {"adapters", "variants", "quantize", "serving", "classify", "toy_tasks", "analysis", "hf"},
-    {"sizing", "methods", "evaluation", "distributed", "memory"},
+    {"__init__", "runtime.__init__", "runtime.config", "runtime.files"},
+    {"runtime.download", "runtime.rehearsal", "runtime.distributed"},
+    {"lowrank", "counting", "lora", "gpt", "data"},
+    {"adapters", "variants", "quantize", "serving", "classify", "analysis", "hf", "encoder"},
     {"train"},
-    {"finetune", "finetune_args", "plots", "diagrams", "sweeps", "exercises", "classroom"},
+    {"sweeps"},
+    {"book.__init__", "book.provenance", "book.display", "book.plots", "book.diagrams"},
+    {"finetune.options", "finetune.output_folder"},
+    {"finetune.run", "finetune.__init__", "finetune.__main__", "exercises", "classroom"},
 ]
+WHOLE = ("exercises", "classroom")  # subpackages placed as one module
 
 
 def package_modules() -> dict[str, Path]:
-    """Each top-level module of the package (``exercises`` for the whole subpackage) → its files."""
+    """Each module of the package by dotted name (``exercises``, ``classroom``: the folders)."""
     package = ROOT / "lora_tutorial"
-    modules = {path.stem: path for path in package.glob("*.py")}
-    modules["exercises"] = package / "exercises"
+    modules = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[0] in WHOLE:
+            modules[parts[0]] = package / parts[0]
+        else:
+            modules[".".join(parts)] = path
     return modules
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The top-level package modules that the file (or every file of a folder) imports."""
+def _module_name(dotted: str, known: set[str]) -> str:
+    """``a.b.c`` (after ``lora_tutorial.``) as a known module name: the longest known prefix."""
+    parts = dotted.split(".")
+    if parts[0] in WHOLE:
+        return parts[0]
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in known:
+            return ".".join(parts[:end])
+    return f"{dotted}.__init__" if f"{dotted}.__init__" in known else dotted
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The package modules that the file (or every file of a folder) imports."""
     found: set[str] = set()
-    for file in [path] if path.is_file() else sorted(path.glob("*.py")):
+    for file in [path] if path.is_file() else sorted(path.rglob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                parts = node.module.split(".")
-                if parts[0] == "lora_tutorial":
-                    found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
                 pytest.fail(
                     f"{file.relative_to(ROOT)} uses a relative import; import lora_tutorial"
                 )
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[0] != "lora_tutorial":
+                    continue
+                base = ".".join(parts[1:])
+                for alias in node.names:
+                    candidate = f"{base}.{alias.name}" if base else alias.name
+                    if candidate in known or candidate.split(".")[0] in WHOLE:
+                        found.add(_module_name(candidate, known))
+                    else:
+                        found.add(_module_name(base or "__init__", known))
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     parts = alias.name.split(".")
                     if parts[0] == "lora_tutorial" and len(parts) > 1:
-                        found.add(parts[1])
+                        found.add(_module_name(".".join(parts[1:]), known))
     return found
 
 
@@ -174,10 +204,15 @@ def test_imports_flow_one_way_as_the_readme_says() -> None:
     upward = [
         f"{name} imports {other}"
         for name, path in modules.items()
-        for other in imported_modules(path)
+        for other in imported_modules(path, set(modules))
         if other in layer_of and layer_of[other] > layer_of[name]
     ]
     assert not upward, f"imports against the flow of README's layout section: {upward}"
+
+
+def test_the_top_of_the_package_holds_the_teaching_modules() -> None:
+    top = [p.stem for p in (ROOT / "lora_tutorial").glob("*.py") if p.stem != "__init__"]
+    assert len(top) <= 18, f"{len(top)} modules at the top of lora_tutorial/: {sorted(top)}"
 
 
 def test_readme_layout_names_every_module() -> None:
@@ -186,9 +221,21 @@ def test_readme_layout_names_every_module() -> None:
     missing = [
         name
         for name, path in package_modules().items()
-        if name != "__init__" and f"{path.name}{'/' if path.is_dir() else ''}" not in layout
+        if not name.endswith("__init__")
+        and not name.endswith("__main__")
+        and f"{path.name}{'/' if path.is_dir() else ''}" not in layout
     ]
     assert not missing, f"README's layout section does not list {missing}"
+
+
+def test_no_formatter_directives_in_the_package() -> None:
+    marked = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "lora_tutorial").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "fmt: " + "skip" in line or "fmt: " + "off" in line
+    ]
+    assert not marked, f"formatter directives (format the code honestly instead): {marked}"
 
 
 def test_student_links_follow_the_configured_repository() -> None:

@@ -14,11 +14,11 @@ import nbformat
 import pytest
 import yaml
 
-from lora_tutorial import config
+from lora_tutorial.runtime import config
 
 ROOT = config.repo_root()
 CI = ROOT / ".ci"
-BANNER_CELL = "from lora_tutorial import config\n\nprint(config.mode_banner())"
+BANNER_CELL = "from lora_tutorial.book import provenance\n\nprint(provenance.mode_banner())"
 
 
 def run_script(

@@ -11,9 +11,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lora_tutorial import __version__, classroom, config
+from lora_tutorial import __version__, classroom
 from lora_tutorial.classroom.__main__ import main
 from lora_tutorial.classroom.notebooks import answer_cell_source, commit, directives
+from lora_tutorial.runtime import config
 
 ROOT = config.repo_root()
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))  # every chapter, also ones added later

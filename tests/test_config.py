@@ -1,4 +1,4 @@
-"""lora_tutorial.config: the mode switches, the data and cache folders, the device choice."""
+"""runtime.config: the mode switches, the data and cache folders, the device choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tutorial import config
+from lora_tutorial.book import provenance
+from lora_tutorial.runtime import config, rehearsal
+from lora_tutorial.runtime.rehearsal import EVAL_BATCHES, TRAIN_STEPS
 
 
 @pytest.mark.parametrize(
@@ -52,22 +54,22 @@ def test_both_modes_on_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="both on; choose one mode"):
         config.mode()
     with pytest.raises(ValueError, match="choose one mode"):
-        config.mode_banner()
+        provenance.mode_banner()
 
 
 def test_the_banner_names_the_mode_and_what_its_numbers_mean(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    full = config.mode_banner()
+    full = provenance.mode_banner()
     assert full.startswith("FULL MODE") and "LORA_TUTORIAL_QUICK=1" in full
     monkeypatch.setenv(config.QUICK_ENV, "1")
-    quick = config.mode_banner()
+    quick = provenance.mode_banner()
     assert quick.startswith("QUICK MODE") and "not the book's full results" in quick
     monkeypatch.setenv(config.QUICK_ENV, "0")
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    rehearsal = config.mode_banner()
+    rehearsal = provenance.mode_banner()
     assert rehearsal.startswith("REHEARSAL MODE") and "meaningless" in rehearsal
-    assert f"stopped after {config.REHEARSAL_TRAIN_STEPS} steps" in rehearsal
+    assert f"stopped after {TRAIN_STEPS} steps" in rehearsal
 
 
 def test_data_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -131,12 +133,12 @@ def test_get_device_prefers_what_it_is_told_then_cuda_then_mps_then_cpu(
 
 
 def test_rehearsal_caps_the_chapters_own_loops(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config.rehearsal_steps(1000) == 1000
-    assert list(config.rehearsal_batches(range(10))) == list(range(10))
+    assert rehearsal.capped_steps(1000) == 1000
+    assert list(rehearsal.capped(range(10))) == list(range(10))
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    assert config.rehearsal_steps(1000) == config.REHEARSAL_TRAIN_STEPS
-    assert config.rehearsal_steps(1) == 1
-    assert list(config.rehearsal_batches(range(10))) == list(range(config.REHEARSAL_EVAL_BATCHES))
+    assert rehearsal.capped_steps(1000) == TRAIN_STEPS
+    assert rehearsal.capped_steps(1) == 1
+    assert list(rehearsal.capped(range(10))) == list(range(EVAL_BATCHES))
 
 
 def test_rehearsal_first_keeps_the_first_items_in_a_rehearsal_only(
@@ -144,6 +146,6 @@ def test_rehearsal_first_keeps_the_first_items_in_a_rehearsal_only(
 ) -> None:
     monkeypatch.delenv(config.QUICK_ENV, raising=False)
     monkeypatch.setenv(config.REHEARSAL_ENV, "0")
-    assert list(config.rehearsal_first(range(72), 6)) == list(range(72))
+    assert list(rehearsal.capped(range(72), 6)) == list(range(72))
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    assert list(config.rehearsal_first(range(72), 6)) == list(range(6))
+    assert list(rehearsal.capped(range(72), 6)) == list(range(6))

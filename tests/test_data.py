@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_tutorial import config, data, download
+from lora_tutorial import data
+from lora_tutorial.runtime import config, download
 
 SAMPLE = (
     "ham\tOk lar... Joking wif u oni...\n"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib.collections import LineCollection
 
-from lora_tutorial import diagrams
+from lora_tutorial.book import diagrams
 from lora_tutorial.quantize import NF4_OFFSET, nf4_levels
 
 

@@ -1,4 +1,4 @@
-"""lora_tutorial.display.show_source: a chapter shows the package's real source, highlighted."""
+"""book.display.show_source: a chapter shows the package's real source, highlighted."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_tutorial import config, display
-from lora_tutorial.display import show_source
+from lora_tutorial.book import display
+from lora_tutorial.book.display import show_source
+from lora_tutorial.runtime import config
 
 pytest.importorskip("IPython")  # the notebook kernel's library (the `book` extra)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_tutorial import distributed
+from lora_tutorial.runtime import distributed
 
 
 def test_outside_torchrun_there_is_one_process() -> None:

@@ -1,4 +1,4 @@
-"""lora_tutorial.download: verified, atomic, cached downloads, tested against a loopback server."""
+"""runtime.download: verified, atomic, cached downloads, tested against a loopback server."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_tutorial import config, download
-from lora_tutorial.download import DownloadError, RemoteFile, fetch
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime import config, download
+from lora_tutorial.runtime.download import DownloadError, RemoteFile, fetch
+from lora_tutorial.runtime.files import atomic_write
 
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB of known bytes
 

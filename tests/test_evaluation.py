@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_tutorial import config, evaluation, train
+from lora_tutorial import train
+from lora_tutorial.runtime import config
+from lora_tutorial.runtime.rehearsal import EVAL_BATCHES
 
 
 class FixedPredictions(nn.Module):
@@ -27,14 +29,14 @@ def test_evaluate_reports_confusion_precision_recall() -> None:
     labels = torch.tensor([0, 0, 0, 0, 1, 1])
     predictions = torch.tensor([0, 0, 1, 0, 1, 0])
     dataset = TensorDataset(predictions[:, None], labels, torch.ones(6, dtype=torch.long))
-    result = evaluation.evaluate(FixedPredictions(), DataLoader(dataset, batch_size=4))
+    result = train.evaluate(FixedPredictions(), DataLoader(dataset, batch_size=4))
     assert result.confusion == [[3, 1], [1, 1]]
     assert result.accuracy == pytest.approx(4 / 6)
     assert result.precision == pytest.approx([3 / 4, 1 / 2])
     assert result.recall == pytest.approx([3 / 4, 1 / 2])
     assert result.examples == 6
     assert (
-        evaluation.evaluate(
+        train.evaluate(
             FixedPredictions(), DataLoader(dataset, batch_size=4), num_batches=1
         ).examples
         == 4
@@ -51,8 +53,8 @@ def test_bf16_autocast_only_on_gpus_with_native_bf16(
     monkeypatch.setattr(
         torch, "autocast", lambda device_type, dtype, enabled: calls.append((device_type, enabled))
     )
-    evaluation.autocast(torch.device("cuda"))
-    evaluation.autocast(torch.device("cpu"))
+    train.autocast(torch.device("cuda"))
+    train.autocast(torch.device("cpu"))
     assert calls == [("cuda", bf16), ("cpu", False)]
 
 
@@ -60,13 +62,10 @@ def test_rehearsal_mode_evaluates_only_the_first_batches(monkeypatch: pytest.Mon
     labels = torch.arange(40) % 2
     dataset = TensorDataset(labels[:, None], labels, torch.ones(40, dtype=torch.long))
     loader = DataLoader(dataset, batch_size=4)
-    assert evaluation.evaluate(FixedPredictions(), loader).examples == 40
+    assert train.evaluate(FixedPredictions(), loader).examples == 40
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    assert (
-        evaluation.evaluate(FixedPredictions(), loader).examples
-        == 4 * config.REHEARSAL_EVAL_BATCHES
-    )
-    one = evaluation.evaluate(FixedPredictions(), loader, num_batches=1)
+    assert train.evaluate(FixedPredictions(), loader).examples == 4 * EVAL_BATCHES
+    one = train.evaluate(FixedPredictions(), loader, num_batches=1)
     assert one.examples == 4
 
 
@@ -77,6 +76,5 @@ def test_evaluation_runs_in_eval_mode_and_restores_training_mode() -> None:
     zeros = torch.zeros(4, dtype=torch.long)
     loader = DataLoader(TensorDataset(zeros[:, None], zeros, zeros + 1), batch_size=2)
     model.train()
-    evaluation.evaluate(model, loader)
+    train.evaluate(model, loader)
     assert seen == [(False, False), (False, False)] and model.training
-    assert train.evaluate is evaluation.evaluate  # chapters call it as train.evaluate

@@ -16,9 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_tutorial import adapters, config, data, download, finetune, gpt, plots, train
+from lora_tutorial import adapters, data, finetune, gpt, train
+from lora_tutorial.book import plots
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.finetune import QUICK_SIZES
+from lora_tutorial.finetune.run import QUICK_SIZES
+from lora_tutorial.runtime import config, download
+from lora_tutorial.runtime.rehearsal import TRAIN_STEPS
 
 OUTPUTS = {"adapter.safetensors", "metrics.json", "loss.png", "accuracy.png", "manifest.json"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -259,7 +262,7 @@ def test_rehearsal_runs_full_mode_at_full_size_without_downloads(
     assert metrics["mode"] == "rehearsal"
     assert metrics["examples"] == {"train": 1045, "validation": 149, "test": 300}
     assert metrics["summary"]["total_params"] > 124_000_000  # GPT-2 small's size
-    assert metrics["history"]["steps"][-1] == config.REHEARSAL_TRAIN_STEPS
+    assert metrics["history"]["steps"][-1] == TRAIN_STEPS
     assert metrics["projected_full_train_seconds"] > 0
 
 

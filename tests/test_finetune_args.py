@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tutorial import config, finetune, train
+from lora_tutorial import finetune, train
+from lora_tutorial.runtime import config
 
 
 def test_learning_rate_defaults_to_the_methods_own(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_tutorial import config, download, gpt
+from lora_tutorial import gpt
 from lora_tutorial.gpt import (
     GPTModel,
     generate,
@@ -17,6 +17,7 @@ from lora_tutorial.gpt import (
     text_to_token_ids,
     token_ids_to_text,
 )
+from lora_tutorial.runtime import config, download
 
 transformers = pytest.importorskip("transformers")
 

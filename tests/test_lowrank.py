@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import gpt, lora, lowrank
+from lora_tutorial import counting, gpt, lora, lowrank
 
 GPT2_SMALL = gpt.GPT_CONFIGS["gpt2-small"]
 
@@ -105,13 +105,13 @@ def test_bad_matrix_and_rank_inputs_raise_clear_errors():
 
 
 def test_parameter_counts():
-    assert lowrank.full_param_count(768, 768) == 589_824
-    assert lowrank.lora_param_count(768, 768, 8) == 8 * 1536
-    assert lowrank.lora_param_count(768, 3072, 16) == 61_440
+    assert counting.full_param_count(768, 768) == 589_824
+    assert counting.lora_param_count(768, 768, 8) == 8 * 1536
+    assert counting.lora_param_count(768, 3072, 16) == 61_440
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
-        lowrank.lora_param_count(768, 768, 0)
+        counting.lora_param_count(768, 768, 0)
     with pytest.raises(ValueError, match="in_dim"):
-        lowrank.full_param_count(-1, 3)
+        counting.full_param_count(-1, 3)
 
 
 def test_gpt2_small_counts_match_the_published_figures():
@@ -119,40 +119,40 @@ def test_gpt2_small_counts_match_the_published_figures():
     # (LLMs-from-scratch, chapter 4); with those biases (as the released weights have) and a
     # 2-class head: 124,441,346, and rank-16 LoRA on every Linear: 2,666,528 (appendix E).
     assert (
-        lowrank.gpt_param_count({**GPT2_SMALL, "qkv_bias": False}, tied_head=False) == 163_009_536
+        counting.gpt_param_count({**GPT2_SMALL, "qkv_bias": False}, tied_head=False) == 163_009_536
     )
-    assert lowrank.gpt_param_count(GPT2_SMALL) == 124_439_808  # tied head: the published "124M"
-    assert lowrank.gpt_param_count(GPT2_SMALL, num_classes=2) == 124_441_346
-    shapes = lowrank.gpt_linear_shapes(GPT2_SMALL, num_classes=2)
+    assert counting.gpt_param_count(GPT2_SMALL) == 124_439_808  # tied head: the published "124M"
+    assert counting.gpt_param_count(GPT2_SMALL, num_classes=2) == 124_441_346
+    shapes = counting.gpt_linear_shapes(GPT2_SMALL, num_classes=2)
     assert len(shapes) == 12 * 6 + 1
-    assert lowrank.lora_params_for(shapes, 16) == 2_666_528
-    qv = lowrank.lora_params_for(shapes, 4, select=lambda n: n.endswith(("W_query", "W_value")))
+    assert counting.lora_params_for(shapes, 16) == 2_666_528
+    qv = counting.lora_params_for(shapes, 4, select=lambda n: n.endswith(("W_query", "W_value")))
     assert qv == 12 * 2 * 4 * (768 + 768)
 
 
 def test_gpt_counts_match_a_built_model():
     cfg = dict(gpt.GPT_CONFIGS["tiny"])
     model = gpt.GPTModel(cfg)
-    assert lowrank.gpt_param_count(cfg) == lora.count_parameters(model).total
+    assert counting.gpt_param_count(cfg) == lora.count_parameters(model).total
     built = {
         n: (m.in_features, m.out_features, m.bias is not None)
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
     }
-    assert built == {s.name: (s.in_dim, s.out_dim, s.bias) for s in lowrank.gpt_linear_shapes(cfg)}
+    assert built == {s.name: (s.in_dim, s.out_dim, s.bias) for s in counting.gpt_linear_shapes(cfg)}
     model.out_head = nn.Linear(cfg["emb_dim"], 2)
-    assert lowrank.gpt_param_count(cfg, num_classes=2) == lora.count_parameters(model).total
+    assert counting.gpt_param_count(cfg, num_classes=2) == lora.count_parameters(model).total
 
 
 def test_bytes_arithmetic():
-    assert lowrank.bytes_per_param(torch.float32) == 4
-    assert lowrank.bytes_per_param("bfloat16") == 2
-    assert lowrank.adapter_bytes(1000, "bf16") == 2000
-    assert lowrank.adamw_state_bytes(10) == 80
-    state = lowrank.training_state_bytes(100, 10)
+    assert counting.bytes_per_param(torch.float32) == 4
+    assert counting.bytes_per_param("bfloat16") == 2
+    assert counting.adapter_bytes(1000, "bf16") == 2000
+    assert counting.adamw_state_bytes(10) == 80
+    state = counting.training_state_bytes(100, 10)
     assert (state.weights, state.grads, state.optimizer, state.total) == (400, 40, 80, 520)
     with pytest.raises(ValueError, match="unknown dtype name 'fp8'"):
-        lowrank.bytes_per_param("fp8")
+        counting.bytes_per_param("fp8")
     with pytest.raises(ValueError, match="n_trainable"):
-        lowrank.training_state_bytes(10, 11)
-    assert lowrank.megabytes(2_000_000) == 2.0 and lowrank.gigabytes(3e9) == 3.0
+        counting.training_state_bytes(10, 11)
+    assert counting.megabytes(2_000_000) == 2.0 and counting.gigabytes(3e9) == 3.0

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import config, lora, lowrank, memory
+from lora_tutorial import counting, lora
+from lora_tutorial.runtime import config, rehearsal
 
 
 def _small_model() -> nn.Module:
@@ -25,10 +26,10 @@ def test_measured_state_bytes_match_the_prediction_after_a_step():
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     x = torch.randn(8, 16)
-    m = memory.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
+    m = counting.measure_training_step(model, lambda net: net(x).square().mean(), opt, repeats=2)
     n_total, n_trainable = lora.count_parameters(model)
     assert n_trainable == sum(p.numel() for p in trainable)
-    assert m.state == lowrank.training_state_bytes(n_total, n_trainable)
+    assert m.state == counting.training_state_bytes(n_total, n_trainable)
     assert m.seconds > 0 and m.device_peak_bytes is None
     assert m.activation_bytes > 0
 
@@ -37,12 +38,12 @@ def test_saved_activations_grow_with_the_batch_and_exclude_parameters():
     model = _small_model()
     counts = []
     for batch in (4, 40):
-        with memory.count_saved_activations(model) as saved:
+        with counting.count_saved_activations(model) as saved:
             model(torch.randn(batch, 16)).sum()
         counts.append(saved["bytes"])
     # Parameters (16*32 + 32*4 weights) would be counted in both; activations scale with the batch.
     assert counts[1] == 10 * counts[0]
-    with memory.count_saved_activations(model) as saved, torch.no_grad():
+    with counting.count_saved_activations(model) as saved, torch.no_grad():
         model(torch.randn(4, 16))
     assert saved["bytes"] == 0
 
@@ -50,7 +51,7 @@ def test_saved_activations_grow_with_the_batch_and_exclude_parameters():
 def test_measure_training_step_needs_a_timed_step():
     model = _small_model()
     with pytest.raises(ValueError, match="repeats"):
-        memory.measure_training_step(
+        counting.measure_training_step(
             model,
             lambda n: n(torch.randn(2, 16)).sum(),
             torch.optim.SGD(model.parameters(), 0.1),
@@ -60,12 +61,13 @@ def test_measure_training_step_needs_a_timed_step():
 
 PEAK_MEMORY_PROBE = """
 import torch
-from lora_tutorial import memory
+from lora_tutorial import counting
+from lora_tutorial.runtime import rehearsal
 size = 200 * 2**20
-with memory.PeakMemory(torch.device("cpu")) as peak:
-    start = memory._rss_bytes()
+with counting.PeakMemory(torch.device("cpu")) as peak:
+    start = counting._rss_bytes()
     block = torch.ones(size // 4)  # written, so resident
-print(peak.peak_bytes - start, memory.peak_rss_bytes() - start)
+print(peak.peak_bytes - start, rehearsal.peak_rss_bytes() - start)
 """
 
 
@@ -80,14 +82,14 @@ def test_peak_memory_sees_a_large_allocation() -> None:
 
 
 def test_median_step_time_leaves_out_the_warm_up_step() -> None:
-    assert memory.median_step_seconds([9.0, 1.0, 3.0, 2.0]) == 2.0
-    assert memory.median_step_seconds([9.0, 1.0]) == 1.0
-    assert memory.median_step_seconds([4.0]) == 4.0
-    assert memory.median_step_seconds([]) == 0.0
+    assert rehearsal.median_step_seconds([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert rehearsal.median_step_seconds([9.0, 1.0]) == 1.0
+    assert rehearsal.median_step_seconds([4.0]) == 4.0
+    assert rehearsal.median_step_seconds([]) == 0.0
 
 
 def test_projection_is_step_time_times_steps_plus_evaluation_time() -> None:
-    p = memory.Projection(
+    p = rehearsal.Projection(
         steps_done=2,
         full_steps=1000,
         median_step_seconds=0.5,
@@ -112,7 +114,7 @@ def test_projection_is_step_time_times_steps_plus_evaluation_time() -> None:
     ],
 )
 def test_full_run_counts(max_steps: int | None, expected: tuple[int, int]) -> None:
-    counts = memory.full_run_counts(
+    counts = rehearsal.full_run_counts(
         10, 3, max_steps, eval_every=4, eval_batches=2, accuracy_batches=5
     )
     assert counts == expected
@@ -123,9 +125,9 @@ def test_record_lines_are_strict_json(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(config.RECORD_ENV, str(path))
     monkeypatch.delenv(config.QUICK_ENV, raising=False)
     monkeypatch.delenv(config.REHEARSAL_ENV, raising=False)
-    p = memory.Projection(2, 100, 0.25, 2, 10, 0.5)
+    p = rehearsal.Projection(2, 100, 0.25, 2, 10, 0.5)
     for method in ("lora", None):
-        memory.record_run(p, method=method, elapsed_seconds=3.5, device=torch.device("cpu"))
+        rehearsal.record_run(p, method=method, elapsed_seconds=3.5, device=torch.device("cpu"))
     first, second = (json.loads(line) for line in path.read_text().splitlines())
     assert first == {
         "mode": "full",
@@ -141,7 +143,7 @@ def test_record_lines_are_strict_json(tmp_path, monkeypatch) -> None:
     }
     assert first["peak_rss_bytes"] > 10 * 2**20 and second["method"] is None
     with pytest.raises(ValueError, match="JSON"):
-        memory.append_record(path, {"loss": float("nan")})
+        rehearsal.append_record(path, {"loss": float("nan")})
 
 
 def test_timed_steps_times_and_records_a_chapters_own_loop(tmp_path, monkeypatch) -> None:
@@ -149,9 +151,9 @@ def test_timed_steps_times_and_records_a_chapters_own_loop(tmp_path, monkeypatch
     monkeypatch.setenv(config.RECORD_ENV, str(path))
     monkeypatch.delenv(config.QUICK_ENV, raising=False)
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    assert list(memory.timed_steps(50, desc="rehearsed", method="toy")) == [0, 1]
+    assert list(rehearsal.timed_steps(50, desc="rehearsed", method="toy")) == [0, 1]
     monkeypatch.setenv(config.REHEARSAL_ENV, "0")
-    assert list(memory.timed_steps(3, desc="whole")) == [0, 1, 2]
+    assert list(rehearsal.timed_steps(3, desc="whole")) == [0, 1, 2]
     rehearsed, whole = (json.loads(line) for line in path.read_text().splitlines())
     assert (rehearsed["mode"], rehearsed["method"]) == ("rehearsal", "toy")
     assert (rehearsed["steps_done"], rehearsed["full_steps"]) == (2, 50)
@@ -166,10 +168,10 @@ def test_repeats_are_recorded_in_a_rehearsal_only(tmp_path, monkeypatch) -> None
     monkeypatch.delenv(config.QUICK_ENV, raising=False)
     run = SimpleNamespace(full_steps=650, median_step_seconds=2.0, projected_full_seconds=1400.0)
     monkeypatch.setenv(config.REHEARSAL_ENV, "0")
-    memory.record_repeats(run, 2, method="lora", device="cpu")
+    rehearsal.record_repeats(run, 2, method="lora", device="cpu")
     assert not path.exists()  # full mode trains every run: nothing to count
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
-    memory.record_repeats(run, 2, method="lora", device="cpu")
+    rehearsal.record_repeats(run, 2, method="lora", device="cpu")
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == 2
     assert all(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tutorial import gpt, lora, methods, train
+from lora_tutorial import gpt, lora, train
 from lora_tutorial.classify import GPTClassifier
 
 TINY = gpt.GPT_CONFIGS["tiny"]
@@ -27,52 +27,43 @@ def test_prepare_model_trains_what_each_method_says() -> None:
     rank = 4
     lora_per_block = 4 * rank * (emb + emb) + rank * (emb + hidden) + rank * (hidden + emb)
 
-    full = methods.prepare_model(tiny_classifier(), "full")
+    full = train.prepare_model(tiny_classifier(), "full")
     counts = lora.count_parameters(full)
     assert counts.trainable == counts.total
 
-    last = methods.prepare_model(tiny_classifier(), "last-block")
+    last = train.prepare_model(tiny_classifier(), "last-block")
     assert lora.count_parameters(last).trainable == block + 2 * emb + head
     assert not any(p.requires_grad for p in last.gpt.trf_blocks[0].parameters())
 
-    adapted = methods.prepare_model(tiny_classifier(), "lora", rank=rank, alpha=8)
+    adapted = train.prepare_model(tiny_classifier(), "lora", rank=rank, alpha=8)
     assert lora.count_parameters(adapted).trainable == layers * lora_per_block + head
     assert len(lora.adapter_layers(adapted)) == 6 * layers
     assert isinstance(adapted.gpt.out_head, nn.Linear) and adapted.gpt.out_head.weight.requires_grad
 
-    only_query = methods.prepare_model(
+    only_query = train.prepare_model(
         tiny_classifier(), "lora", rank=rank, alpha=8, targets=("W_query",)
     )
     assert lora.count_parameters(only_query).trainable == layers * rank * 2 * emb + head
 
     with pytest.raises(ValueError, match="method='prefix'"):
-        methods.prepare_model(tiny_classifier(), "prefix")
+        train.prepare_model(tiny_classifier(), "prefix")
 
 
 def test_default_learning_rates_and_lora_settings() -> None:
     assert (
-        methods.default_lr("lora", quick=False)
-        == methods.DEFAULT_LR["lora"]
-        > methods.DEFAULT_LR["full"]
+        train.default_lr("lora", quick=False) == train.DEFAULT_LR["lora"] > train.DEFAULT_LR["full"]
     )
-    assert [methods.default_lr(m, quick=False) for m in methods.METHODS] == [
-        methods.DEFAULT_LR[m] for m in methods.METHODS
+    assert [train.default_lr(m, quick=False) for m in train.METHODS] == [
+        train.DEFAULT_LR[m] for m in train.METHODS
     ]
-    assert {methods.default_lr(m, quick=True) for m in methods.METHODS} == {methods.QUICK_LR}
+    assert {train.default_lr(m, quick=True) for m in train.METHODS} == {train.QUICK_LR}
     with pytest.raises(ValueError, match="method='prefix'"):
-        methods.default_lr("prefix", quick=False)
-    layer = methods.prepare_model(tiny_classifier(), "lora").gpt.trf_blocks[0].att.W_query.lora
+        train.default_lr("prefix", quick=False)
+    layer = train.prepare_model(tiny_classifier(), "lora").gpt.trf_blocks[0].att.W_query.lora
     assert (
-        layer.A.shape[1] == methods.LORA_RANK
-        and layer.scaling == methods.LORA_ALPHA / methods.LORA_RANK
+        layer.A.shape[1] == train.LORA_RANK and layer.scaling == train.LORA_ALPHA / train.LORA_RANK
     )
-    assert (methods.default_alpha(quick=False), methods.default_alpha(quick=True)) == (
-        methods.LORA_ALPHA,
-        methods.QUICK_LORA_ALPHA,
+    assert (train.default_alpha(quick=False), train.default_alpha(quick=True)) == (
+        train.LORA_ALPHA,
+        train.QUICK_LORA_ALPHA,
     )
-
-
-def test_train_re_exports_the_methods_api() -> None:
-    """Chapters and the command line call these as train.*; they are the same objects."""
-    for name in ("prepare_model", "default_lr", "DEFAULT_LR", "HEAD", "LORA_TARGETS"):
-        assert getattr(train, name) is getattr(methods, name)

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from _helpers import EXECUTED, REQUIRE_BUILD_ENV, ROOT, build_required, chapter_paths
 
-from lora_tutorial import config
+from lora_tutorial.runtime import config
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-BANNERS = ("QUICK MODE", "REHEARSAL MODE", "FULL MODE")  # config.mode_banner() of each mode
+BANNERS = ("QUICK MODE", "REHEARSAL MODE", "FULL MODE")  # provenance.mode_banner() of each mode
 # A call of an exercise check (check_x(...) or chNN.check_x(...)), outside comments and definitions.
 CHECK_CALL = re.compile(r"(?<!def )(?<!\w)check_\w+\(")
 CHECK_RESULT = ("Correct!", "Not yet:")  # what lora_tutorial.exercises._feedback.report prints
@@ -145,7 +145,7 @@ def test_the_promises_catch_what_a_broken_chapter_shows() -> None:
     good = nbformat.v4.new_notebook()
     good.cells = [
         executed_cell("import sys"),
-        executed_cell("print(config.mode_banner())", stdout("QUICK MODE (...)\n")),
+        executed_cell("print(provenance.mode_banner())", stdout("QUICK MODE (...)\n")),
         executed_cell("# your code here: define f, then call check_f(f)"),
         executed_cell("ch01.check_f(f)", stdout("Correct! ...\n")),
     ]
@@ -155,7 +155,7 @@ def test_the_promises_catch_what_a_broken_chapter_shows() -> None:
     error = nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero")
     bad.cells = [
         executed_cell("import sys", error),
-        executed_cell("print(config.mode_banner())", stdout("hello\n")),
+        executed_cell("print(provenance.mode_banner())", stdout("hello\n")),
         nbformat.v4.new_code_cell("x = 1"),
         executed_cell("check_f(f)  # prints its verdict", stdout("\n")),
     ]

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from lora_tutorial import plots
+from lora_tutorial.book import plots
 from lora_tutorial.train import MethodResult
 
 

@@ -13,7 +13,9 @@ import nbformat
 import pytest
 import torch
 
-from lora_tutorial import __version__, config, provenance
+from lora_tutorial import __version__
+from lora_tutorial.book import provenance
+from lora_tutorial.runtime import config
 
 ROOT = config.repo_root()
 

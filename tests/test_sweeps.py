@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lora_tutorial import config, sweeps, train
+from lora_tutorial import sweeps, train
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
 from lora_tutorial.lora import adapter_layers
+from lora_tutorial.runtime import config
+from lora_tutorial.runtime.rehearsal import TRAIN_STEPS
 
 CFG = {
     "vocab_size": 40,
@@ -97,10 +99,10 @@ def test_a_rehearsal_trains_each_shape_once_and_records_the_repeats(
     other_lr = sweep.run("query+value", 2, 4.0, 4e-2)
     rslora = sweep.run("query+value", 2, 4.0, 1e-2, use_rslora=True)
     other_rank = sweep.run("query+value", 4, 4.0, 1e-2)
-    assert trained.steps == other_rank.steps == config.REHEARSAL_TRAIN_STEPS
+    assert trained.steps == other_rank.steps == TRAIN_STEPS
     assert other_lr.steps == rslora.steps == 0 and other_lr.seconds == 0.0
     assert (other_lr.lr, rslora.use_rslora, rslora.scaling) == (4e-2, True, 4.0 / math.sqrt(2))
-    assert sweep.total_steps == 2 * config.REHEARSAL_TRAIN_STEPS
+    assert sweep.total_steps == 2 * TRAIN_STEPS
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     assert [line["steps_done"] for line in lines] == [2, 0, 0, 2]
     assert lines[1]["repeat"] and lines[1]["elapsed_seconds"] == 0.0

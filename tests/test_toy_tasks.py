@@ -1,11 +1,11 @@
-"""Tests of lora_tutorial.toy_tasks: chapter 7's one-layer playground."""
+"""Tests of lora_tutorial.variants: chapter 7's one-layer playground."""
 
 from __future__ import annotations
 
 import torch
 
 from lora_tutorial.lora import LinearWithLoRA
-from lora_tutorial.toy_tasks import fit_random_update, fit_target, low_rank_task
+from lora_tutorial.variants import fit_random_update, fit_target, low_rank_task
 
 
 def test_low_rank_task_is_seeded_and_its_change_decays_geometrically() -> None:

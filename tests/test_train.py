@@ -9,8 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_tutorial import config, gpt, train, variants
+from lora_tutorial import gpt, train, variants
 from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.runtime import config
+from lora_tutorial.runtime.rehearsal import EVAL_BATCHES, TRAIN_STEPS
 
 TINY = gpt.GPT_CONFIGS["tiny"]
 
@@ -228,12 +230,12 @@ def test_rehearsal_stops_after_a_few_steps_and_projects_the_full_run(rehearsal) 
     history = train.train_classifier(
         model, train_loader, val_loader, epochs=3, eval_every=5, progress=False, label="lora"
     )
-    steps = config.REHEARSAL_TRAIN_STEPS
+    steps = TRAIN_STEPS
     assert history.steps_done == steps and history.steps == [steps]
     assert history.examples_seen == [8 * steps] and len(history.val_accuracy) == 1
     # one loss record, capped at REHEARSAL_EVAL_BATCHES batches of 8; the accuracy pass at the
     # same step reuses its evaluation of the same model on the same batches
-    assert len(read) == 8 * config.REHEARSAL_EVAL_BATCHES
+    assert len(read) == 8 * EVAL_BATCHES
     assert history.val_losses[-1] == pytest.approx(train.evaluate(model, val_loader).loss)
     assert history.full_steps == 3 * len(train_loader)
     assert history.median_step_seconds > 0

@@ -11,7 +11,7 @@ import nbformat
 
 from lora_tutorial.classroom.grading import grade, summary, write_csv
 from lora_tutorial.classroom.notebooks import chapter_paths, student_notebook
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime.files import atomic_write
 
 UNTRUSTED = (
     "Submissions are untrusted code: each runs in a fresh Jupyter kernel in a temporary working "

@@ -40,7 +40,6 @@ from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
-from lora_tutorial import config
 from lora_tutorial.classroom.notebooks import (
     META,
     Exercise,
@@ -48,7 +47,8 @@ from lora_tutorial.classroom.notebooks import (
     chapter_paths,
     exercises,
 )
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime import config
+from lora_tutorial.runtime.files import atomic_write
 
 STATUSES = ("pass", "fail", "raised", "timeout", "not-attempted", "broken")
 _TIMEOUT = "CellTimeout"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import nbformat
 
-from lora_tutorial import __version__, config
+from lora_tutorial import __version__
+from lora_tutorial.runtime import config
 
 META = "lora_tutorial"  # the metadata key of student notebooks and their answer cells
 _OPEN = re.compile(r"^\s*(?P<fence>`{3,}|:{3,})\{(?P<name>[\w-]+)\}\s*(?P<arg>.*)$")

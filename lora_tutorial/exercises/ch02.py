@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lora_tutorial import gpt, lowrank
+from lora_tutorial import counting, gpt
 from lora_tutorial.exercises._feedback import call, report
 
 # GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
@@ -24,8 +24,8 @@ _CONFIGS = [
 
 
 def _qv_params(cfg: dict, rank: int) -> int:
-    shapes = lowrank.gpt_linear_shapes(cfg)
-    return lowrank.lora_params_for(
+    shapes = counting.gpt_linear_shapes(cfg)
+    return counting.lora_params_for(
         shapes, rank, select=lambda name: name.endswith(("W_query", "W_value"))
     )
 
@@ -74,7 +74,7 @@ def check_training_bytes(fn: Callable[[int, int, int], int]) -> bool:
         if err:
             problems.append(f"{where} your function raised {err}")
             break
-        expected = lowrank.training_state_bytes(
+        expected = counting.training_state_bytes(
             n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]
         ).total
         if got == expected:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 
 from lora_tutorial.analysis import WeightUpdate, subspace_amplification
+from lora_tutorial.counting import NF4_DQ_BITS
 from lora_tutorial.exercises._feedback import call, report
 from lora_tutorial.serving import multi_lora_delta
-from lora_tutorial.sizing import NF4_DQ_BITS
 
 # ----------------------------------------------------------------------------- bits per weight
 

@@ -16,7 +16,9 @@ from typing import NoReturn
 
 import torch
 
-from lora_tutorial import config, download, gpt, output_folder, train
+from lora_tutorial import gpt, train
+from lora_tutorial.finetune import output_folder
+from lora_tutorial.runtime import config, download, rehearsal
 
 PROG = "python -m lora_tutorial.finetune"
 PRETRAINED = [name for name in gpt.GPT_CONFIGS if name in download.KNOWN_FILES]
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rehearsal",
         action="store_true",
         help="full mode at full size with random weights, stopped after "
-        f"{config.REHEARSAL_TRAIN_STEPS} steps: proves full mode runs; numbers are meaningless "
+        f"{rehearsal.TRAIN_STEPS} steps: proves full mode runs; numbers are meaningless "
         f"(also {config.REHEARSAL_ENV}=1)",
     )
     add("--method", default="lora", choices=train.METHODS, help="what to train (%(default)s)")

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime.files import atomic_write
 
 MANIFEST = "manifest.json"
 WRITTEN_BY = "lora_tutorial.finetune"

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_tutorial.data import LABELS
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime.files import atomic_write
 from lora_tutorial.train import History, MethodResult
 
 

@@ -11,8 +11,9 @@ evaluates on the test split and writes to ``--output-dir``:
 - ``metrics.json`` (strict JSON): the settings, parameter counts, training history, validation
   and test scores, time per epoch, peak memory, and a digest of the final weights per process;
 - ``loss.png`` and ``accuracy.png``: the training curves;
-- ``manifest.json``: the files above with their sha256 (see :mod:`lora_tutorial.output_folder`:
-  the folder must be new, empty, or hold a previous run's results; the set is swapped in whole).
+- ``manifest.json``: the files above with their sha256 (see
+  :mod:`lora_tutorial.finetune.output_folder`: the folder must be new, empty, or hold a previous
+  run's results; the set is swapped in whole).
 
 A run whose loss or weights become non-finite stops with a message and exit status 1 and
 writes nothing. Ctrl-C stops with one line and status 130.
@@ -45,12 +46,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lora_tutorial import adapters, config, data, download, gpt, plots, train
+from lora_tutorial import adapters, data, gpt, train
+from lora_tutorial.book import plots, provenance
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.distributed import DistInfo, distributed, gather
-from lora_tutorial.files import atomic_write
-from lora_tutorial.finetune_args import PROG, parse_args
-from lora_tutorial.output_folder import OutputFolder, OutputFolderError
+from lora_tutorial.finetune.options import PROG, parse_args
+from lora_tutorial.finetune.output_folder import OutputFolder, OutputFolderError
+from lora_tutorial.runtime import config, download, rehearsal
+from lora_tutorial.runtime.distributed import DistInfo, distributed, gather
+from lora_tutorial.runtime.files import atomic_write
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -168,10 +171,10 @@ def _train(
     args: argparse.Namespace, model: GPTClassifier, loaders: data.Loaders, device: torch.device
 ) -> train.History:
     """Train; raise :class:`Diverged` when the loss or the weights become NaN or infinite."""
-    eval_batches = config.REHEARSAL_EVAL_BATCHES if args.rehearsal else None
+    eval_batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
     max_steps = args.max_steps
     if args.rehearsal:
-        max_steps = min(max_steps or config.REHEARSAL_TRAIN_STEPS, config.REHEARSAL_TRAIN_STEPS)
+        max_steps = min(max_steps or rehearsal.TRAIN_STEPS, rehearsal.TRAIN_STEPS)
     try:
         history = train.train_classifier(
             model,
@@ -202,7 +205,7 @@ def _train(
 
 
 def _evaluate(args: argparse.Namespace, model: GPTClassifier, loader, device) -> train.Evaluation:
-    batches = config.REHEARSAL_EVAL_BATCHES if args.rehearsal else None
+    batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
     result = train.evaluate(model, loader, device=device, num_batches=batches)
     if not math.isfinite(result.loss):
         raise _diverged(args, f"evaluation loss {result.loss}")
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
     if info.is_main:
         what = {"quick": "a tiny random model on a few messages", "full": args.model}
         _say(
-            config.mode_banner(),
+            provenance.mode_banner(),
             f"Fine-tuning {what.get(args.mode, f'{args.model} (random weights)')} with "
             f"--method {args.method} on {device}, {info.world_size} process(es)",
         )
@@ -298,7 +301,7 @@ def _report(args: argparse.Namespace, metrics: dict, digests: list) -> None:
         minutes = metrics["projected_full_train_seconds"] / 60
         _say(
             "REHEARSAL: random weights and "
-            f"{config.REHEARSAL_TRAIN_STEPS} steps, so these accuracies are meaningless.",
+            f"{rehearsal.TRAIN_STEPS} steps, so these accuracies are meaningless.",
             f"Projected full-mode training time here: about {minutes:.1f} min "
             f"({metrics['seconds_per_step']:.2f} s per step).",
         )

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lora_tutorial import config
+from lora_tutorial.runtime import config
 
 
 @dataclass(frozen=True)

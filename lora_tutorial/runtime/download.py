@@ -8,10 +8,11 @@ file, stops as soon as the body is longer than expected or the transfer outlives
 verifies, and only then renames the file into place: an interrupted, oversized or corrupted
 download never looks like a finished one.
 
-Files are kept in :func:`lora_tutorial.config.cache_dir` (``$LORA_TUTORIAL_CACHE``). A cached file
-is checked by sha256 before its first use, and the result is kept beside it (``NAME.verified.json``:
-size, mtime, sha256), so it is hashed again only when its size or modification time change. Offline,
-place a file in the cache under its ``filename``: it is used if its sha256 matches the pinned one.
+Files are kept in :func:`~lora_tutorial.runtime.config.cache_dir` (``$LORA_TUTORIAL_CACHE``). A
+cached file is checked by sha256 before its first use, and the result is kept beside it
+(``NAME.verified.json``: size, mtime, sha256), so it is hashed again only when its size or
+modification time change. Offline, place a file in the cache under its ``filename``: it is used if
+its sha256 matches the pinned one.
 
 ``LORA_TUTORIAL_MIRROR=https://host/path`` makes :func:`fetch` get ``{mirror}/{filename}`` instead
 (plain ``http`` only for a loopback host, which is how the tests serve files);
@@ -38,8 +39,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from lora_tutorial import config
-from lora_tutorial.files import atomic_write
+from lora_tutorial.runtime import config
+from lora_tutorial.runtime.files import atomic_write
 
 MIRROR_ENV = "LORA_TUTORIAL_MIRROR"
 DEADLINE_ENV = "LORA_TUTORIAL_DOWNLOAD_DEADLINE"

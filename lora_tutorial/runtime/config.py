@@ -18,16 +18,14 @@ Environment variables:
 - ``LORA_TUTORIAL_DATA``: a folder laid out like ``../shared/data`` (offline copies).
 - ``LORA_TUTORIAL_CACHE``: where downloads are kept (default ``~/.cache/lora_tutorial``).
 - ``LORA_TUTORIAL_RECORD``: a file to which every training run appends one JSON line of timings
-  (see :mod:`lora_tutorial.train`); unset, nothing is recorded.
+  (see :mod:`lora_tutorial.runtime.rehearsal`); unset, nothing is recorded.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 
@@ -38,9 +36,6 @@ CACHE_ENV = "LORA_TUTORIAL_CACHE"
 RECORD_ENV = "LORA_TUTORIAL_RECORD"
 
 Mode = Literal["full", "quick", "rehearsal"]
-T = TypeVar("T")
-REHEARSAL_TRAIN_STEPS = 2  # optimizer steps per training run in rehearsal mode
-REHEARSAL_EVAL_BATCHES = 2  # batches per evaluation in rehearsal mode
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -77,57 +72,9 @@ def is_rehearsal() -> bool:
     return mode() == "rehearsal"
 
 
-def mode_banner() -> str:
-    """A few lines saying which mode is running, for the top of every chapter."""
-    current = mode()
-    if current == "quick":
-        return (
-            f"QUICK MODE ({QUICK_ENV}=1): a tiny model and a few steps.\n"
-            "The numbers below show that the code runs; they are not the book's full results."
-        )
-    if current == "rehearsal":
-        return (
-            f"REHEARSAL MODE ({REHEARSAL_ENV}=1): full-mode sizes, but GPT-2 with random weights\n"
-            f"and every training run stopped after {REHEARSAL_TRAIN_STEPS} steps. "
-            "The numbers below are meaningless;\n"
-            "the run proves that full mode works here and measures what it costs."
-        )
-    return (
-        "FULL MODE: the real GPT-2 and the full data.\n"
-        f"A GPU makes this much faster; on a CPU, set {QUICK_ENV}=1 for a quick run."
-    )
-
-
-def rehearsal_steps(steps: int) -> int:
-    """``steps`` training steps, or at most ``REHEARSAL_TRAIN_STEPS`` in rehearsal mode.
-
-    For the chapters' own small training loops: like every training run, they stop early in a
-    rehearsal, which only has to prove that full mode runs.
-    """
-    return min(steps, REHEARSAL_TRAIN_STEPS) if is_rehearsal() else steps
-
-
-def rehearsal_batches(batches: Iterable[T]) -> Iterator[T]:
-    """All of ``batches``, or only the first ``REHEARSAL_EVAL_BATCHES`` in rehearsal mode.
-
-    For the chapters' own passes over a data loader (logits, timings): like every evaluation,
-    they look at two batches in a rehearsal.
-    """
-    return rehearsal_first(batches, REHEARSAL_EVAL_BATCHES)
-
-
-def rehearsal_first(items: Iterable[T], n: int) -> Iterator[T]:
-    """All of ``items``, or only the first ``n`` in rehearsal mode.
-
-    For the chapters' loops over parts of the same shapes (the layers of each of GPT-2's twelve
-    blocks): a rehearsal proves the code on the first of them.
-    """
-    return itertools.islice(items, n if is_rehearsal() else None)
-
-
 def repo_root() -> Path:
     """The folder that holds ``lora_tutorial/`` (the repository, for an editable install)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def data_dir() -> Path | None:

@@ -1,8 +1,8 @@
-"""Where a chapter's numbers came from: package version, commit, device, torch, date, seed, mode.
+"""Where a chapter's numbers came from: mode, package version, commit, device, torch, date, seed.
 
-Every chapter prints :func:`describe` under its mode banner, so that a reader of an executed
-notebook (on Colab, on the ``notebooks`` branch) or of the published page can tell which code
-on which machine produced the results shown.
+Every chapter starts by printing :func:`header` (:func:`mode_banner`, then :func:`describe`), so
+that a reader of an executed notebook (on Colab, on the ``notebooks`` branch) or of the published
+page can tell which code on which machine produced the results shown.
 
 The commit is looked up in this order:
 
@@ -26,7 +26,8 @@ from importlib import metadata
 
 import torch
 
-from lora_tutorial import __version__, config
+from lora_tutorial import __version__
+from lora_tutorial.runtime import config, rehearsal
 
 COMMIT_ENV = "LORA_TUTORIAL_COMMIT"
 DISTRIBUTION = "lora-tutorial"  # the name pip knows the package by (pyproject.toml)
@@ -150,3 +151,30 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def mode_banner() -> str:
+    """A few lines saying which mode is running, for the top of every chapter."""
+    current = config.mode()
+    if current == "quick":
+        return (
+            f"QUICK MODE ({config.QUICK_ENV}=1): a tiny model and a few steps.\n"
+            "The numbers below show that the code runs; they are not the book's full results."
+        )
+    if current == "rehearsal":
+        return (
+            f"REHEARSAL MODE ({config.REHEARSAL_ENV}=1): full-mode sizes, but GPT-2 with random "
+            "weights\n"
+            f"and every training run stopped after {rehearsal.TRAIN_STEPS} steps. "
+            "The numbers below are meaningless;\n"
+            "the run proves that full mode works here and measures what it costs."
+        )
+    return (
+        "FULL MODE: the real GPT-2 and the full data.\n"
+        f"A GPU makes this much faster; on a CPU, set {config.QUICK_ENV}=1 for a quick run."
+    )
+
+
+def header(seed: int | None = None) -> str:
+    """The top of every chapter: which mode runs, then where its numbers come from."""
+    return f"{mode_banner()}\n\n{describe(seed=seed)}"
