@@ -109,6 +109,7 @@ def tiny_chapters(tmp_path: Path) -> Path:
 
 def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
     """One submission of each kind, from the tiny chapter's student notebook."""
+    folder.mkdir(exist_ok=True)
     chapter = chapters / "02_tiny.ipynb"
     made = {
         "solved": classroom.solved_notebook(chapter),
@@ -137,7 +138,7 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
     tiny_chapters: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    paths = submissions(tmp_path, tiny_chapters)
+    paths = submissions(tmp_path / "submissions", tiny_chapters)
     before = sorted(tmp_path.rglob("*"))
     order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
     out = tmp_path / "grades.csv"
