@@ -189,12 +189,11 @@ def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path:
     assert grade.status == "fail" and grade.message.startswith("Not yet:"), grade
 
 
-def test_grader_refuses_to_overwrite_its_output(tmp_path: Path) -> None:
+def test_grader_refuses_to_overwrite_its_output(tmp_path: Path, capsys) -> None:
     out = tmp_path / "grades.csv"
     out.write_text("earlier grades")
-    with pytest.raises(SystemExit):
-        main(["grade", str(tmp_path / "a.ipynb"), "--out", str(out)])
-    assert out.read_text() == "earlier grades"
+    assert main(["grade", str(tmp_path / "s" / "a.ipynb"), "--out", str(out)]) == 2
+    assert out.read_text() == "earlier grades" and "--overwrite" in capsys.readouterr().err
 
 
 def test_help_warns_that_submissions_are_untrusted(capsys) -> None:
