@@ -15,7 +15,7 @@ import pytest
 import torch
 from _helpers import LocalServer
 
-from lora_tutorial.runtime import config, download
+from lora_tutorial.runtime import config, download, rehearsal
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +23,12 @@ def _isolated_settings(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each test downloads into its own cache folder, never the user's, and starts in full mode
-    whatever the caller's environment says; a test that wants a mode sets it."""
+    whatever the caller's environment says; a test that wants a mode sets it. No rehearsal run is
+    remembered from an earlier test."""
     monkeypatch.setenv(config.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv(config.QUICK_ENV, raising=False)
     monkeypatch.delenv(config.REHEARSAL_ENV, raising=False)
+    rehearsal.forget_trained()
 
 
 @pytest.fixture

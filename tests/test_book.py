@@ -14,6 +14,7 @@ from _helpers import ROOT, chapter_paths, toc_pages
 
 nbformat = pytest.importorskip("nbformat")
 yaml = pytest.importorskip("yaml")
+from lora_tutorial.classroom.notebooks import exercises  # noqa: E402
 
 BOOK_CONFIG = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
 REPO_URL = BOOK_CONFIG["repository"]["url"]
@@ -93,6 +94,48 @@ def test_has_three_exercises_with_hidden_solutions(chapter: nbformat.NotebookNod
         )
         assert solution, f"exercise {label} has no solution"
         assert ":class: dropdown" in solution.group(1), f"the solution of {label} is not hidden"
+
+
+def test_solution_labels_are_unique(chapter: nbformat.NotebookNode) -> None:
+    labels = re.findall(r"```\{solution\} (\S+)", markdown(chapter))
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    assert not repeated, f"solutions given twice: {repeated}"
+
+
+def test_has_three_checked_exercises(chapter: nbformat.NotebookNode, tmp_path: Path) -> None:
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(chapter, path)
+    checked = [ex.label for ex in exercises(path) if ex.check]
+    assert len(checked) >= 3, f"only {len(checked)} exercises end with a check: {checked}"
+
+
+MACHINERY = re.compile(r"rehearsal|record_repeats|config\.mode\(|empty_cache|SKIPPED")
+
+
+def test_visible_code_shows_only_the_lesson(chapter: nbformat.NotebookNode) -> None:
+    """No machinery in the code a reader sees, and no cell too long to read at once."""
+    problems = []
+    for index, cell in enumerate(chapter.cells):
+        tags = cell.metadata.get("tags", [])
+        if cell.cell_type != "code" or "remove-cell" in tags or "remove-input" in tags:
+            continue
+        lines = cell.source.splitlines()
+        if len(lines) > 40:
+            problems.append(f"cell {index}: {len(lines)} lines (at most 40)")
+        if found := MACHINERY.search(cell.source):
+            problems.append(f"cell {index} shows machinery: {found.group(0)!r}")
+    assert not problems, problems
+
+
+def test_every_citation_is_in_the_bibliography(chapter: nbformat.NotebookNode) -> None:
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = set(re.findall(r"^@\w+\{([^,]+),", bib, re.MULTILINE))
+    cited = {
+        key.strip()
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", markdown(chapter))
+        for key in group.split(",")
+    }
+    assert not cited - keys, f"cited but not in book/references.bib: {sorted(cited - keys)}"
 
 
 def test_reads_quick_mode_only_through_config(chapter: nbformat.NotebookNode) -> None:

@@ -110,6 +110,7 @@ def tiny_chapters(tmp_path: Path) -> Path:
 
 def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
     """One submission of each kind, from the tiny chapter's student notebook."""
+    folder.mkdir(exist_ok=True)
     chapter = chapters / "02_tiny.ipynb"
     made = {
         "solved": classroom.solved_notebook(chapter),
@@ -138,7 +139,7 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
     tiny_chapters: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    paths = submissions(tmp_path, tiny_chapters)
+    paths = submissions(tmp_path / "submissions", tiny_chapters)
     before = sorted(tmp_path.rglob("*"))
     order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
     out = tmp_path / "grades.csv"
@@ -189,12 +190,11 @@ def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path:
     assert grade.status == "fail" and grade.message.startswith("Not yet:"), grade
 
 
-def test_grader_refuses_to_overwrite_its_output(tmp_path: Path) -> None:
+def test_grader_refuses_to_overwrite_its_output(tmp_path: Path, capsys) -> None:
     out = tmp_path / "grades.csv"
     out.write_text("earlier grades")
-    with pytest.raises(SystemExit):
-        main(["grade", str(tmp_path / "a.ipynb"), "--out", str(out)])
-    assert out.read_text() == "earlier grades"
+    assert main(["grade", str(tmp_path / "s" / "a.ipynb"), "--out", str(out)]) == 2
+    assert out.read_text() == "earlier grades" and "--overwrite" in capsys.readouterr().err
 
 
 def test_help_warns_that_submissions_are_untrusted(capsys) -> None:

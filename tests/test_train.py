@@ -294,3 +294,34 @@ def test_validation_is_evaluated_again_only_after_a_step(monkeypatch: pytest.Mon
     assert history.steps == [8, 16] and len(history.val_accuracy) == 2
     assert len(read) == 2 * len(val_loader.dataset)
     assert history.val_accuracy[-1] == train.evaluate(model, val_loader).accuracy
+
+
+def test_a_rehearsal_trains_each_shape_once_and_counts_the_repeats(rehearsal) -> None:
+    """Another seed or learning rate at the same shapes is not trained again, but recorded."""
+    train_loader, val_loader = loaders()
+
+    def run(seed: int, lr: float, rank: int = 4) -> train.History:
+        model = train.prepare_model(tiny_classifier(seed), "lora", rank=rank, alpha=8)
+        return train.train_classifier(
+            model, train_loader, val_loader, epochs=1, lr=lr, seed=seed, progress=False
+        )
+
+    first, same_shapes, other_rank = run(1, 1e-3), run(2, 5e-3), run(1, 1e-3, rank=2)
+    assert first.steps_done == TRAIN_STEPS and other_rank.steps_done == TRAIN_STEPS
+    assert same_shapes.steps_done == 0 and same_shapes.epoch_seconds == []
+    records = [json.loads(line) for line in rehearsal.read_text().splitlines()]
+    assert [r.get("repeat", False) for r in records] == [False, True, False]
+    assert records[1]["projected_full_seconds"] == records[0]["projected_full_seconds"]
+
+
+def test_outside_a_rehearsal_every_run_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    train_loader, val_loader = loaders()
+    histories = []
+    for seed in (1, 2):
+        model = train.prepare_model(tiny_classifier(seed), "lora", rank=4, alpha=8)
+        histories.append(
+            train.train_classifier(
+                model, train_loader, val_loader, epochs=1, max_steps=2, seed=seed, progress=False
+            )
+        )
+    assert [h.steps_done for h in histories] == [2, 2]

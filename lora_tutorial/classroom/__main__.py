@@ -9,14 +9,20 @@ from pathlib import Path
 
 import nbformat
 
-from lora_tutorial.classroom.grading import grade, summary, write_csv
+from lora_tutorial.classroom.grading import (
+    Interrupted,
+    check_inputs,
+    grade,
+    summary,
+)
 from lora_tutorial.classroom.notebooks import chapter_paths, student_notebook
 from lora_tutorial.runtime.files import atomic_write
 
 UNTRUSTED = (
-    "Submissions are untrusted code: each runs in a fresh Jupyter kernel in a temporary working "
-    "folder, offline, but with your permissions; this is not a sandbox. Grade submissions from "
-    "people you do not trust inside a container or a throwaway account."
+    "Submissions are untrusted code: each runs in a disposable sandbox (its own namespaces where "
+    "the system allows them, resource limits, a temporary folder) and every verdict is decided "
+    "outside it, but this is not a full container. Grade submissions from people you do not trust "
+    "in a throwaway account."
 )
 
 
@@ -73,10 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("--cell-timeout and --notebook-timeout must be at least 1 second")
         if args.jobs < 1:
             parser.error("--jobs must be at least 1")
-        if args.out.exists() and not args.overwrite:
-            parser.error(f"{args.out} exists; choose another --out or pass --overwrite")
-        if args.out.resolve() in {p.resolve() for p in args.submissions}:
-            parser.error(f"--out {args.out} is one of the submissions; choose another file")
     return args
 
 
@@ -96,11 +98,12 @@ def write_students(out_dir: Path, chapters: list[Path], overwrite: bool) -> list
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        chapters = chapter_paths(args.chapters_dir, getattr(args, "chapters", None))
         if args.command == "student":
+            chapters = chapter_paths(args.chapters_dir, args.chapters)
             for path in write_students(args.out_dir, chapters, args.overwrite):
                 print(f"wrote {path}")
             return 0
+        check_inputs(args.submissions, args.out, args.chapters_dir, args.overwrite)
         print(UNTRUSTED, file=sys.stderr)
         grades = grade(
             args.submissions,
@@ -109,11 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.notebook_timeout,
             quick=not args.full,
             jobs=args.jobs,
+            out=args.out,
         )
+    except Interrupted as stop:
+        print(f"stopped by {stop}: {args.out} holds the students graded so far", file=sys.stderr)
+        return 130
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_csv(grades, args.out)
+    if not grades:
+        print("error: no submission to grade", file=sys.stderr)
+        return 2
     print(summary(grades).to_string(index=False))
     print(f"wrote {len(grades)} rows to {args.out}")
     return 0

@@ -7,44 +7,59 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
-from lora_tutorial.exercises._feedback import report
+from lora_tutorial.exercises._feedback import (
+    Check,
+    Verdict,
+    call,
+    close,
+    describe,
+    field,
+    outcome,
+    tensor,
+)
 
 
-def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Check ``pool_fn(hidden, lengths)`` picks each sequence's last real token.
-
-    ``hidden`` is ``[batch, time, emb]`` from right-padded input and ``lengths`` holds each
-    message's number of real tokens; the answer must be ``[batch, emb]``.
-    """
+def _pooling_case() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    batch, time, emb = 4, 7, 5
-    hidden = torch.randn(batch, time, emb)
-    lengths = torch.tensor([3, 7, 1, 5])
+    return torch.randn(4, 7, 5), torch.tensor([3, 7, 1, 5])
+
+
+def _probe_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple:
+    hidden, lengths = _pooling_case()
+    return call(pool_fn, hidden.clone(), lengths.clone())
+
+
+def _judge_pooling(data: object) -> Verdict:
+    hidden, lengths = _pooling_case()
+    batch, time, emb = hidden.shape
     want = hidden[torch.arange(batch), lengths - 1]
-    try:
-        got = pool_fn(hidden.clone(), lengths.clone())
-    except Exception as exc:  # a learner's bug: say it in words instead of a traceback
+    out, err = outcome(data)
+    if err:
         hint = (
             " (an index equal to the length is one past the last real token)"
-            if isinstance(exc, IndexError)
+            if err.startswith("IndexError")
             else ""
         )
-        return report([f"your function raised {type(exc).__name__}: {exc}{hint}"], "")
+        return [f"your function raised {err}{hint}"], ""
     problems: list[str] = []
-    if not isinstance(got, torch.Tensor):
-        problems.append(f"return a tensor, not {type(got).__name__}")
+    got = tensor(out)
+    if got is None:
+        problems.append(f"return a tensor, not {describe(out)}")
     elif tuple(got.shape) != (batch, emb):
         problems.append(
             f"the result should have shape [batch, emb] = {[batch, emb]}, not {list(got.shape)}"
         )
-    elif not torch.allclose(got, want):
-        rows = [i for i in range(batch) if not torch.allclose(got[i], want[i])]
-        if torch.allclose(got, hidden[:, -1]):
+    elif not close(got, want, atol=1e-8, rtol=1e-5):
+        rows = [i for i in range(batch) if not close(got[i], want[i], atol=1e-8, rtol=1e-5)]
+        if close(got, hidden[:, -1], atol=1e-8, rtol=1e-5):
             problems.append(
                 "you read position -1: for every message shorter than the batch "
                 "that is a padding token"
             )
-        elif all(lengths[i] < time and torch.allclose(got[i], hidden[i, lengths[i]]) for i in rows):
+        elif all(
+            lengths[i] < time and close(got[i], hidden[i, lengths[i]], atol=1e-8, rtol=1e-5)
+            for i in rows
+        ):
             problems.append(
                 "off by one: position `length` is the first padding token; "
                 "the last real one is `length - 1`"
@@ -53,37 +68,45 @@ def check_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
             problems.append(
                 f"rows {rows} are not the hidden state at position length - 1 of their message"
             )
-    return report(problems, "each message is read at its own last real token.")
+    return problems, "each message is read at its own last real token."
 
 
-def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bool:
-    """Check ``balance_fn(df, seed)`` undersamples ham (``Label`` 0) to the count of spam
-    (``Label`` 1).
+check_pooling = Check(_probe_pooling, _judge_pooling)
+"""Check ``pool_fn(hidden, lengths)`` picks each sequence's last real token.
 
-    A right answer keeps every spam message, draws as many ham messages without repeats,
-    leaves its input unchanged and gives the same rows for the same seed.
-    """
-    label_column = "Label"
+``hidden`` is ``[batch, time, emb]`` from right-padded input and ``lengths`` holds each message's
+number of real tokens; the answer must be ``[batch, emb]``.
+"""
+
+
+def _probe_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> dict:
     df = _toy_messages()
-    before = df.copy()
-    try:
-        out = balance_fn(df, 123)
-        again = balance_fn(df.copy(), 123)
-        other = balance_fn(df.copy(), 7)
-    except Exception as exc:
-        return report([f"your function raised {type(exc).__name__}: {exc}"], "")
-    problems: list[str] = []
-    not_frames = [
-        type(result).__name__
-        for result in (out, again, other)
-        if not isinstance(result, pd.DataFrame)
-    ]
+    out = call(balance_fn, df, 123)
+    return {
+        "out": out,
+        "again": call(balance_fn, df.copy(), 123),
+        "other": call(balance_fn, df.copy(), 7),
+        "input_after": df,
+    }
+
+
+def _judge_balance(data: object) -> Verdict:
+    label_column = "Label"
+    before = _toy_messages()
+    results = [outcome(field(data, key, tuple)) for key in ("out", "again", "other")]
+    errors = [err for _, err in results if err]
+    if errors:
+        return [f"your function raised {errors[0]}"], ""
+    out, again, other = (result for result, _ in results)
+    not_frames = [describe(r) for r in (out, again, other) if type(r) is not pd.DataFrame]
     if not_frames:
-        return report([f"return a pandas DataFrame, not {not_frames[0]}"], "")
-    if not df.equals(before):
+        return [f"return a pandas DataFrame, not {not_frames[0]}"], ""
+    problems: list[str] = []
+    after = field(data, "input_after", pd.DataFrame)
+    if not after.equals(before):
         problems.append("your function changed the DataFrame it was given; work on a copy")
     if label_column not in out.columns or "Text" not in out.columns:
-        return report([f"keep the columns Label and Text; yours are {list(out.columns)}"], "")
+        return [f"keep the columns Label and Text; yours are {list(out.columns)}"], ""
     n_spam = int((before[label_column] == 1).sum())
     kept_spam, kept_ham = int((out[label_column] == 1).sum()), int((out[label_column] == 0).sum())
     if kept_spam != n_spam:
@@ -102,7 +125,15 @@ def check_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> bo
         problems.append(
             "the same seed should give the same rows: pass it to the sampler (random_state=seed)"
         )
-    return report(problems, "both classes now have the size of the smaller one.")
+    return problems, "both classes now have the size of the smaller one."
+
+
+check_balance = Check(_probe_balance, _judge_balance)
+"""Check ``balance_fn(df, seed)`` undersamples ham (``Label`` 0) to the count of spam (``Label`` 1).
+
+A right answer keeps every spam message, draws as many ham messages without repeats, leaves its
+input unchanged and gives the same rows for the same seed.
+"""
 
 
 def _toy_messages() -> pd.DataFrame:

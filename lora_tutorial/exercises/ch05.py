@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.exercises._feedback import (
+    Check,
+    Verdict,
+    call,
+    close,
+    describe,
+    names,
+    outcome,
+    tensor,
+)
 from lora_tutorial.gpt import GPTModel
 
 # The configurations the parameter-count check tries: GPT-2 small, and odd shapes that catch
@@ -31,34 +40,40 @@ def expected_lora_parameters(cfg: dict, rank: int) -> int:
     return 18 * rank * d * cfg["n_layers"]
 
 
-def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
-    """Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
+def _trainable(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
-    ``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
-    """
-    backbone = GPTModel("tiny")
-    model = GPTClassifier(backbone)  # a tiny GPT with a two-class head, like the chapter's model
+
+def _probe_last_block(freeze_fn: Callable[[nn.Module], None]) -> tuple:
+    model = _tiny_classifier()
     _, err = call(freeze_fn, model)
+    return _trainable(model), err
+
+
+def _judge_last_block(data: object) -> Verdict:
+    listed, err = outcome(data)
     if err:
-        return report([f"your function raised {err}"], "")
-    problems: list[str] = []
-    last = len(backbone.trf_blocks) - 1
+        return [f"your function raised {err}"], ""
+    trainable = names(listed)
+    model = _tiny_classifier()
+    last = len(GPTModel("tiny").trf_blocks) - 1
     wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
-    wrong_frozen = [
-        n
-        for n, p in model.named_parameters()
-        if n.startswith(wanted_prefixes) and not p.requires_grad
-    ]
-    wrong_trainable = [
-        n
-        for n, p in model.named_parameters()
-        if not n.startswith(wanted_prefixes) and p.requires_grad
-    ]
+    every = [name for name, _ in model.named_parameters()]
+    wrong_frozen = [n for n in every if n.startswith(wanted_prefixes) and n not in trainable]
+    wrong_trainable = [n for n in trainable if not n.startswith(wanted_prefixes) or n not in every]
+    problems: list[str] = []
     if wrong_frozen:
         problems.append(f"these should be trainable but are frozen: {_few(wrong_frozen)}")
     if wrong_trainable:
         problems.append(f"these should be frozen but are trainable: {_few(wrong_trainable)}")
-    return report(problems, "only the last block, the final LayerNorm and the new head will learn.")
+    return problems, "only the last block, the final LayerNorm and the new head will learn."
+
+
+check_last_block = Check(_probe_last_block, _judge_last_block)
+"""Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
+
+``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
+"""
 
 
 def _few(names: list[str], k: int = 4) -> str:
@@ -71,23 +86,24 @@ def _tiny_classifier() -> nn.Module:
     return GPTClassifier(GPTModel("tiny"))
 
 
-def check_multi_adapter_forward(
-    fn: Callable[[nn.Linear, list, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> bool:
-    """Check ``fn(linear, adapters, x, adapter_ids)``: one batch, each row with its own adapter.
-
-    ``adapters`` is a list of ``(A, B, scaling)``, ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``;
-    ``x`` is ``(batch, tokens, in)`` and row ``b`` uses ``adapters[adapter_ids[b]]``. The result
-    equals running each row through its own ``LinearWithLoRA``.
-    """
+def _forward_case() -> tuple[nn.Linear, list, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     linear = nn.Linear(8, 5)
     adapters = [
         (torch.randn(8, r, generator=g), torch.randn(r, 5, generator=g), s)
         for r, s in ((2, 1.0), (2, 0.5), (2, 2.0))
     ]
-    x = torch.randn(4, 3, 8, generator=g)
-    ids = torch.tensor([2, 0, 2, 1])
+    return linear, adapters, torch.randn(4, 3, 8, generator=g), torch.tensor([2, 0, 2, 1])
+
+
+def _probe_multi_adapter_forward(fn: Callable[..., torch.Tensor]) -> tuple:
+    linear, adapters, x, ids = _forward_case()
+    return call(fn, linear, adapters, x.clone(), ids.clone())
+
+
+def _judge_multi_adapter_forward(data: object) -> Verdict:
+    linear, adapters, x, ids = _forward_case()
     with torch.no_grad():
         expected = torch.stack(
             [
@@ -95,18 +111,28 @@ def check_multi_adapter_forward(
                 for b, k in enumerate(ids.tolist())
             ]
         )
-    out, err = call(fn, linear, adapters, x.clone(), ids.clone())
+    out, err = outcome(data)
     if err:
-        return report([f"your function raised {err}"], "")
+        return [f"your function raised {err}"], ""
     problems: list[str] = []
-    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    got = tensor(out)
+    if got is None or got.shape != expected.shape:
+        shape = tuple(got.shape) if got is not None else describe(out)
         problems.append(f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
-    elif not torch.allclose(out, expected, atol=1e-5):
-        wrong = [b for b in range(4) if not torch.allclose(out[b], expected[b], atol=1e-5)]
+    elif not close(got, expected):
+        wrong = [b for b in range(4) if not close(got[b], expected[b])]
         problems.append(f"rows {wrong} do not match their own adapter's output")
-    return report(
+    return (
         problems,
         "One frozen base, many adapters, one batch: the idea behind serving systems such as "
         "S-LoRA and Punica (chapter 8 builds it into the package).",
     )
+
+
+check_multi_adapter_forward = Check(_probe_multi_adapter_forward, _judge_multi_adapter_forward)
+"""Check ``fn(linear, adapters, x, adapter_ids)``: one batch, each row with its own adapter.
+
+``adapters`` is a list of ``(A, B, scaling)``, ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``; ``x``
+is ``(batch, tokens, in)`` and row ``b`` uses ``adapters[adapter_ids[b]]``. The result equals
+running each row through its own ``LinearWithLoRA``.
+"""

@@ -7,13 +7,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.exercises._feedback import (
+    Check,
+    Verdict,
+    call,
+    close,
+    describe,
+    outcome,
+    tensor,
+)
 from lora_tutorial.quantize import quantize_blockwise
 from lora_tutorial.variants import LinearWithDoRA
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
-    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), atol=tol, rtol=tol))
+def _close(a: object, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return close(a, b, atol=tol, rtol=tol)
 
 
 def _tensor_answer_problem(
@@ -23,8 +31,8 @@ def _tensor_answer_problem(
     wrong shape), or None."""
     if err:
         return f"your function raised {err}{err_hint}"
-    if not isinstance(out, torch.Tensor):
-        return f"your function returned {type(out).__name__}, not a torch.Tensor"
+    if type(out) is not torch.Tensor:
+        return f"your function returned {describe(out)}, not a torch.Tensor"
     if tuple(out.shape) != tuple(shape):
         return f"the result has shape {tuple(out.shape)}, expected {tuple(shape)}{shape_hint}"
     return None
@@ -58,21 +66,21 @@ def dora_reference(
     return layer.updated_weight().detach().clone()
 
 
-def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
-    """Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||``.
+def _probe_dora_weight(fn: Callable[..., torch.Tensor]) -> tuple:
+    W0, A, B, m, scaling = _dora_case()
+    return call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
 
-    Here ``V = W0 + scaling * (A @ B).T`` and the norms are taken per row (output unit).
-    """
+
+def _judge_dora_weight(data: object) -> Verdict:
     problems: list[str] = []
     W0, A, B, m, scaling = _dora_case()
-    out, err = call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
+    out, err = outcome(data)
     expected = dora_reference(W0, A, B, m, scaling)
     V = W0 + scaling * (A @ B).T
     first = _tensor_answer_problem(out, err, W0.shape, shape_hint=" like W0 (out, in)")
     if first:
         problems.append(first)
     elif isinstance(out, torch.Tensor) and not _close(out, expected):
-        out = out.detach()
         if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
             problems.append(
                 "you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A "
@@ -97,7 +105,14 @@ def check_dora_weight(fn: Callable[..., torch.Tensor]) -> bool:
             problems.append(
                 "the rows of your weight should have length m[i] and point like the rows of V"
             )
-    return report(problems, "Each row of V is rescaled to length m: that is DoRA's merged weight.")
+    return problems, "Each row of V is rescaled to length m: that is DoRA's merged weight."
+
+
+check_dora_weight = Check(_probe_dora_weight, _judge_dora_weight)
+"""Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||``.
+
+Here ``V = W0 + scaling * (A @ B).T`` and the norms are taken per row (output unit).
+"""
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -111,11 +126,14 @@ def _nf4_case() -> torch.Tensor:
     return w
 
 
-def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
-    """Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4, then dequantize it."""
+def _probe_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple:
+    return call(fn, _nf4_case(), 64)
+
+
+def _judge_nf4_roundtrip(data: object) -> Verdict:
     problems: list[str] = []
     w, blocksize = _nf4_case(), 64
-    out, err = call(fn, w.clone(), blocksize)
+    out, err = outcome(data)
     expected = quantize_blockwise(w, blocksize=blocksize).dequantize()
     first = _tensor_answer_problem(
         out,
@@ -127,7 +145,6 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
     if first:
         problems.append(first)
     elif isinstance(out, torch.Tensor) and not _close(out, expected, 1e-6):
-        out = out.detach()
         whole = quantize_blockwise(w, blocksize=w.numel()).dequantize()
         uniform = quantize_blockwise(w, torch.linspace(-1, 1, 16), blocksize=blocksize).dequantize()
         if _close(out, whole, 1e-6):
@@ -149,7 +166,11 @@ def check_nf4_roundtrip(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
                 f"{expected.flatten()[bad].item():.5f}: "
                 "each value should become the nearest level times its block's absmax"
             )
-    return report(problems, "Your round trip matches the package's NF4 quantizer value for value.")
+    return problems, "Your round trip matches the package's NF4 quantizer value for value."
+
+
+check_nf4_roundtrip = Check(_probe_nf4_roundtrip, _judge_nf4_roundtrip)
+"""Check ``fn(w, blocksize)``: quantize ``w`` block-wise to NF4, then dequantize it."""
 
 
 # ----------------------------------------------------------------------------- PiSSA
@@ -162,40 +183,51 @@ def _linear(W: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def check_pissa_to_lora(
-    fn: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-    ],
-) -> bool:
-    """Check ``fn(A, B, A0, B0)``: a plain LoRA pair for the *original* base from a PiSSA pair.
-
-    PiSSA trains ``A, B`` from ``A0, B0`` on the residual ``W - s (A0 B0)^T``, so its update to the
-    original ``W`` is ``s (A B - A0 B0)^T``: rank up to ``2 r``. The answer ``(A2, B2)`` has shapes
-    ``(in, 2r)`` and ``(2r, out)`` with ``A2 @ B2 == A @ B - A0 @ B0``.
-    """
+def _pissa_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     d_in, d_out, r = 10, 7, 3
     A, B = torch.randn(d_in, r, generator=g), torch.randn(r, d_out, generator=g)
     A0, B0 = torch.randn(d_in, r, generator=g), torch.randn(r, d_out, generator=g)
-    out, err = call(fn, A.clone(), B.clone(), A0.clone(), B0.clone())
+    return A, B, A0, B0
+
+
+def _probe_pissa_to_lora(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+    return call(fn, *(t.clone() for t in _pissa_case()))
+
+
+def _judge_pissa_to_lora(data: object) -> Verdict:
+    A, B, A0, B0 = _pissa_case()
+    (d_in, r), d_out = A.shape, B.shape[1]
+    out, err = outcome(data)
     if err:
-        return report([f"your function raised {err}"], "")
-    if not (isinstance(out, tuple) and len(out) == 2):
-        return report([f"return a pair (A2, B2), not {type(out).__name__}"], "")
-    A2, B2 = out
+        return [f"your function raised {err}"], ""
+    if not (type(out) is tuple and len(out) == 2):
+        return [f"return a pair (A2, B2), not {describe(out)}"], ""
+    A2, B2 = tensor(out[0]), tensor(out[1])
+    if A2 is None or B2 is None:
+        return [f"A2 and B2 must be tensors, not {describe(out[0])} and {describe(out[1])}"], ""
     problems: list[str] = []
     if tuple(A2.shape) != (d_in, 2 * r) or tuple(B2.shape) != (2 * r, d_out):
         problems.append(
             f"A2 is {tuple(A2.shape)} and B2 {tuple(B2.shape)}; expected {(d_in, 2 * r)} and "
             f"{(2 * r, d_out)}: the difference of two rank-{r} products needs rank {2 * r}"
         )
-    elif not torch.allclose(A2 @ B2, A @ B - A0 @ B0, atol=1e-5):
+    elif not close(A2.double() @ B2.double(), A @ B - A0 @ B0):
         hint = ""
-        if torch.allclose(A2 @ B2, A @ B + A0 @ B0, atol=1e-5):
+        if close(A2.double() @ B2.double(), A @ B + A0 @ B0):
             hint = " (a sign: the initial product must be subtracted)"
         problems.append(f"A2 @ B2 is not A @ B - A0 @ B0{hint}")
-    return report(
+    return (
         problems,
         "The PiSSA adapter now loads as an ordinary LoRA adapter on the original weights, at twice "
         "the rank; PEFT offers the same conversion when it saves a PiSSA model.",
     )
+
+
+check_pissa_to_lora = Check(_probe_pissa_to_lora, _judge_pissa_to_lora)
+"""Check ``fn(A, B, A0, B0)``: a plain LoRA pair for the *original* base from a PiSSA pair.
+
+PiSSA trains ``A, B`` from ``A0, B0`` on the residual ``W - s (A0 B0)^T``, so its update to the
+original ``W`` is ``s (A B - A0 B0)^T``: rank up to ``2 r``. The answer ``(A2, B2)`` has shapes
+``(in, 2r)`` and ``(2r, out)`` with ``A2 @ B2 == A @ B - A0 @ B0``.
+"""

@@ -3,14 +3,23 @@ Hu et al.'s amplification factor."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from lora_tutorial.analysis import WeightUpdate, subspace_amplification
 from lora_tutorial.counting import NF4_DQ_BITS
-from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.exercises._feedback import (
+    Check,
+    Verdict,
+    call,
+    close,
+    describe,
+    near,
+    number,
+    outcome,
+    outcomes,
+)
 from lora_tutorial.serving import multi_lora_delta
 
 # ----------------------------------------------------------------------------- bits per weight
@@ -20,37 +29,47 @@ def _bits(block: int, scale_block: int) -> float:
     return 4 + 8 / block + 32 / (block * scale_block)
 
 
-def check_bits_per_weight(fn: Callable[[int, int], float]) -> bool:
-    """Check ``fn(block, scale_block)``: NF4 bits per weight with double-quantised scales."""
+_BLOCKS = ((64, 256), (32, 128), (128, 64))
+
+
+def _probe_bits_per_weight(fn: Callable[[int, int], float]) -> list:
+    return [call(fn, block, scale_block) for block, scale_block in _BLOCKS]
+
+
+def _judge_bits_per_weight(data: object) -> Verdict:
     problems: list[str] = []
-    for block, scale_block in ((64, 256), (32, 128), (128, 64)):
-        out, err = call(fn, block, scale_block)
+    for (block, scale_block), (out, err) in zip(_BLOCKS, outcomes(data, len(_BLOCKS))):
         if err:
             problems.append(f"bits_per_weight({block}, {scale_block}) raised {err}")
             break
-        if not isinstance(out, (int, float)) or isinstance(out, bool):
+        value = number(out) if type(out) is not torch.Tensor else None
+        if value is None:
             problems.append(
-                f"bits_per_weight({block}, {scale_block}) returned {out!r}, not a number"
+                f"bits_per_weight({block}, {scale_block}) returned {describe(out)}, not a number"
             )
             break
         expected = _bits(block, scale_block)
-        if math.isclose(out, expected, rel_tol=1e-9):
+        if near(value, expected, tol=0.0, rel=1e-9):
             continue
-        if math.isclose(out, 4 + 32 / block, rel_tol=1e-9):
+        if near(value, 4 + 32 / block, tol=0.0, rel=1e-9):
             hint = "that is NF4 with a float32 scale per block: the scales are 8-bit numbers here"
-        elif math.isclose(out, 4 + 8 / block, rel_tol=1e-9):
+        elif near(value, 4 + 8 / block, tol=0.0, rel=1e-9):
             hint = "you left out the float32 constant kept per scale_block scales"
-        elif math.isclose(out, expected / 8, rel_tol=1e-9):
+        elif near(value, expected / 8, tol=0.0, rel=1e-9):
             hint = "that is bytes per weight; the question asks for bits"
         else:
             hint = (
                 "count 4 bits per weight, 8 bits per block of weights, 32 bits per block of scales"
             )
         problems.append(
-            f"bits_per_weight({block}, {scale_block}) = {out!r}, expected {expected:.4f}: {hint}"
+            f"bits_per_weight({block}, {scale_block}) = {value!r}, expected {expected:.4f}: {hint}"
         )
         break
-    return report(problems, f"QLoRA's base costs {NF4_DQ_BITS:.3f} bits per weight.")
+    return problems, f"QLoRA's base costs {NF4_DQ_BITS:.3f} bits per weight."
+
+
+check_bits_per_weight = Check(_probe_bits_per_weight, _judge_bits_per_weight)
+"""Check ``fn(block, scale_block)``: NF4 bits per weight with double-quantised scales."""
 
 
 # ----------------------------------------------------------------------------- multi-adapter update
@@ -64,28 +83,35 @@ def _multi_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return x, A, B, torch.tensor([3, 0, 0, 2, 1])
 
 
-def check_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> bool:
-    """Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
+def _probe_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> tuple:
+    return call(fn, *(t.clone() for t in _multi_case()))
+
+
+def _judge_multi_adapter_delta(data: object) -> Verdict:
     problems: list[str] = []
     x, A, B, ids = _multi_case()
     expected = multi_lora_delta(x, A, B, ids)
-    out, err = call(fn, x.clone(), A.clone(), B.clone(), ids.clone())
+    out, err = outcome(data)
     if err:
         problems.append(f"your function raised {err}")
-    elif not isinstance(out, torch.Tensor):
-        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
+    elif type(out) is not torch.Tensor:
+        problems.append(f"your function returned {describe(out)}, not a torch.Tensor")
     elif tuple(out.shape) != tuple(expected.shape):
         problems.append(
             f"the result has shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
         )
-    elif not torch.allclose(out, expected, atol=1e-5):
-        if torch.allclose(out, x @ A[0] @ B[0], atol=1e-5):
+    elif not close(out, expected, atol=1e-5, rtol=1e-5):
+        if close(out, x @ A[0] @ B[0], atol=1e-5, rtol=1e-5):
             problems.append("every row used adapter 0: pick row i's pair with A[ids], B[ids]")
-        elif torch.allclose(out, x @ A[ids[0]] @ B[ids[0]], atol=1e-5):
+        elif close(out, x @ A[ids[0]] @ B[ids[0]], atol=1e-5, rtol=1e-5):
             problems.append("every row used the first row's adapter: index A and B by all of ids")
         else:
             problems.append("the values differ from x[i] @ A[ids[i]] @ B[ids[i]] for some row i")
-    return report(problems, "Each row now goes through its own adapter in one batched product.")
+    return problems, "Each row now goes through its own adapter in one batched product."
+
+
+check_multi_adapter_delta = Check(_probe_multi_adapter_delta, _judge_multi_adapter_delta)
+"""Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
 
 
 # ----------------------------------------------------------------------------- amplification
@@ -100,13 +126,17 @@ def _amp_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     return W0, delta, 3
 
 
-def check_amplification_factor(fn: Callable[[torch.Tensor, torch.Tensor, int], float]) -> bool:
-    """Check ``fn(W0, delta, r)``: ``‖delta‖_F / ‖U_rᵀ W0 V_r‖_F`` (delta's top-r directions)."""
+def _probe_amplification_factor(fn: Callable[[torch.Tensor, torch.Tensor, int], float]) -> tuple:
+    W0, delta, r = _amp_case()
+    return call(fn, W0.clone(), delta.clone(), r)
+
+
+def _judge_amplification_factor(data: object) -> Verdict:
     problems: list[str] = []
     W0, delta, r = _amp_case()
     expected = subspace_amplification(WeightUpdate("case", W0, delta), r).factor
-    out, err = call(fn, W0.clone(), delta.clone(), r)
-    value = float(out) if isinstance(out, (int, float, torch.Tensor)) and not err else None
+    out, err = outcome(data)
+    value = number(out)
     if err:
         hint = (
             " (torch.linalg.svd returns Vh = V transposed: V_r is Vh[:r].T)"
@@ -115,16 +145,18 @@ def check_amplification_factor(fn: Callable[[torch.Tensor, torch.Tensor, int], f
         )
         problems.append(f"your function raised {err}{hint}")
     elif value is None:
-        problems.append(f"your function returned {type(out).__name__}, not a number")
-    elif not math.isclose(value, expected, rel_tol=1e-4):
+        problems.append(f"your function returned {describe(out)}, not a number")
+    elif not near(value, expected, tol=0.0, rel=1e-4):
         own = subspace_amplification(WeightUpdate("case", W0, W0), r)
         delta_norm = float(torch.linalg.matrix_norm(delta))
-        if math.isclose(value, delta_norm / own.w0_in_own_directions, rel_tol=1e-4):
+        if near(value, delta_norm / own.w0_in_own_directions, tol=0.0, rel=1e-4):
             problems.append("you used W0's singular vectors: take them from delta (ΔW)")
-        elif math.isclose(value, 1 / expected, rel_tol=1e-4):
+        elif near(value, 1 / expected, tol=0.0, rel=1e-4):
             problems.append("the ratio is upside down: ‖ΔW‖ goes on top")
         else:
             problems.append(f"got {value:.4g}, expected {expected:.4g}")
-    return report(
-        problems, "This is the factor of Hu et al.'s Table 7, computed on your own matrices."
-    )
+    return problems, "This is the factor of Hu et al.'s Table 7, computed on your own matrices."
+
+
+check_amplification_factor = Check(_probe_amplification_factor, _judge_amplification_factor)
+"""Check ``fn(W0, delta, r)``: ``‖delta‖_F / ‖U_rᵀ W0 V_r‖_F`` (delta's top-r directions)."""
