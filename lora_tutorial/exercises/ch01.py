@@ -1,4 +1,5 @@
-"""Checks for chapter 1's coding exercises: the best rank-r approximation and its error."""
+"""Checks for chapter 1's coding exercises: the best rank-r approximation and its error, the
+subspace similarity of two adapters, and the rank up to which two factors save numbers."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
             )
             break
         out = out.detach().to(torch.float64)
+        if not bool(torch.isfinite(out).all()):
+            problems.append(f"{where} the result holds NaN or inf values")
+            break
         rank = lowrank.numerical_rank(out, rtol=1e-5)
         if rank > r:
             problems.append(
@@ -64,7 +68,7 @@ def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool
             break
         error = torch.linalg.matrix_norm(W.double() - out).item()
         best = lowrank.rank_r_error(W.double(), r)
-        if error > best * (1 + 1e-4) + 1e-5:
+        if not error <= best * (1 + 1e-4) + 1e-5:  # NaN fails too
             problems.append(
                 f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: "
                 f"{_diagnose(W, r, out)}"
@@ -106,13 +110,18 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
             return report([f"for {what} your function raised {err}"], "")
         u1, u2 = _column_basis(first, i), _column_basis(second, j)
         expected = float((u1.T @ u2).square().sum() / min(i, j))
-        try:
-            value = float(out)
-        except (TypeError, ValueError):
-            return report([f"for {what} your function returned {out!r}, not a number"], "")
-        if abs(value - expected) > 1e-4:
+        if type(out) is not float:
+            return report(
+                [
+                    f"for {what} your function returned {type(out).__name__}, not a float: "
+                    "turn a one-element tensor into a Python number with .item()"
+                ],
+                "",
+            )
+        value = out
+        if not abs(value - expected) <= 1e-4:
             hint = ""
-            if abs(value - expected * min(i, j)) < 1e-4:
+            if abs(value - expected * min(i, j)) <= 1e-4:
                 hint = " (divide by min(i, j) so that the result lies in [0, 1])"
             elif value > 1 + 1e-4:
                 hint = " (use the singular vectors, which are orthonormal, not the columns of A)"
@@ -126,4 +135,40 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
     )
 
 
-__all__ = ["check_rank_r_approx", "check_subspace_similarity"]
+def check_break_even_rank(fn: Callable[[int, int], int]) -> bool:
+    """Check ``fn(m, n)``: the largest rank ``r`` at which the factors of an ``m x n`` matrix
+    (``r * (m + n)`` numbers) store fewer numbers than the matrix (``m * n``)."""
+    problems: list[str] = []
+    for m, n in [(600, 512), (768, 768), (4, 3), (10, 10), (768, 3072)]:
+        expected = max(0, -(-m * n // (m + n)) - 1)  # largest r with r * (m + n) < m * n
+        got, err = call(fn, m, n)
+        where = f"for a {m} x {n} matrix"
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(got) is not int:
+            problems.append(
+                f"{where} your function returned {type(got).__name__}, not an int: a rank is a "
+                "whole number (use // or int(...), and return a plain int, not a bool or tensor)"
+            )
+            break
+        if got == expected:
+            continue
+        hint = ""
+        if got * (m + n) == m * n:
+            hint = ": at that rank the factors store exactly as many numbers, not fewer"
+        elif got == expected + 1:
+            hint = ": at that rank the factors store at least as many numbers as the matrix"
+        elif got < expected:
+            hint = (
+                f": rank {expected} still stores fewer numbers ({expected * (m + n):,} < {m * n:,})"
+            )
+        problems.append(f"{where} you returned {got}, expected {expected}{hint}")
+        break
+    return report(
+        problems,
+        "Below that rank the factors are smaller than the matrix; LoRA's ranks are far below it.",
+    )
+
+
+__all__ = ["check_break_even_rank", "check_rank_r_approx", "check_subspace_similarity"]

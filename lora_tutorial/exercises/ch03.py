@@ -1,7 +1,9 @@
-"""Checks for chapter 3's coding exercises: merging an adapter and freezing everything else."""
+"""Checks for chapter 3's coding exercises: LoRA for an embedding, merging an adapter into a plain
+`nn.Linear`, and the rsLoRA alpha that reproduces a layer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -11,40 +13,107 @@ from lora_tutorial import lora
 from lora_tutorial.exercises._feedback import call, report
 
 
-class _Toy(nn.Module):
-    """Two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(8)
-        self.body = nn.Sequential(
-            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
-            nn.ReLU(),
-            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
-        )
-        self.head = nn.Linear(8, 2)
+def _adapted(in_dim: int, out_dim: int, bias: bool, seed: int) -> lora.LinearWithLoRA:
+    """A LoRA layer with a random, non-zero ``B``: an adapter as if trained."""
+    torch.manual_seed(seed)
+    layer = lora.LinearWithLoRA(nn.Linear(in_dim, out_dim, bias=bias), rank=3, alpha=6)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    return layer
 
 
-def check_freeze(fn: Callable[[nn.Module], object]) -> bool:
-    """Check ``fn(model)``: afterwards only the LoRA matrices ``A`` and ``B`` require gradients."""
-    model = _Toy()
-    _, err = call(fn, model)
-    if err:
-        return report([f"your function raised {err}"], "")
+def check_merge_to_linear(fn: Callable[[lora.LinearWithLoRA], nn.Module]) -> bool:
+    """Check ``fn(layer)``: a new plain ``nn.Linear`` computing what the LoRA ``layer`` computes,
+    with ``layer`` left as it was."""
     problems: list[str] = []
-    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    expected = sorted(
-        name for name, _ in model.named_parameters() if name.endswith(("lora.A", "lora.B"))
-    )
-    missing = [n for n in expected if n not in trainable]
-    extra = [n for n in trainable if n not in expected]
-    if missing:
-        problems.append(f"these adapter matrices are frozen but must train: {missing}")
-    if extra:
-        problems.append(f"these parameters still train but should be frozen: {extra}")
+    for in_dim, out_dim, bias in [(12, 7, True), (5, 9, False)]:
+        where = f"for a {in_dim} -> {out_dim} layer{'' if bias else ' without bias'}"
+        layer = _adapted(in_dim, out_dim, bias, seed=in_dim)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(4, in_dim)
+        with torch.no_grad():
+            expected = layer(x)
+        out, err = call(fn, layer)
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(out) is not nn.Linear:
+            problems.append(f"{where} it returned {type(out).__name__}, not a plain nn.Linear")
+            break
+        if (out.in_features, out.out_features) != (in_dim, out_dim):
+            problems.append(
+                f"{where} the result maps {out.in_features} -> {out.out_features}; nn.Linear's "
+                "weight is (out_dim, in_dim), so the update (A @ B) must be transposed"
+            )
+            break
+        if (out.bias is None) != (not bias):
+            problems.append(f"{where} the result {'lacks' if bias else 'adds'} a bias")
+            break
+        if any(not torch.equal(v, layer.state_dict()[k]) for k, v in before.items()):
+            problems.append(f"{where} the LoRA layer's own tensors changed; build a new layer")
+            break
+        if out.weight.data_ptr() == layer.linear.weight.data_ptr():
+            problems.append(f"{where} the result shares its weight with the frozen base layer")
+            break
+        with torch.no_grad():
+            got = out(x)
+            base = layer.linear(x)
+            no_scaling = base + x @ layer.lora.A @ layer.lora.B
+        if not torch.allclose(got, expected, atol=1e-5):
+            hint = ""
+            if torch.allclose(got, base, atol=1e-5):
+                hint = ": the update is missing"
+            elif torch.allclose(got, no_scaling, atol=1e-5):
+                hint = ": multiply the update by s = layer.lora.scaling"
+            problems.append(f"{where} the result's outputs differ from the LoRA layer's{hint}")
+            break
     return report(
-        problems, f"Only the {len(expected)} adapter matrices train; everything else is frozen."
+        problems,
+        "One product per layer now: W0 + s (A B)^T, the weight chapter 3's merge computes.",
+    )
+
+
+def check_rslora_alpha(fn: Callable[[float, int], float]) -> bool:
+    """Check ``fn(alpha, rank)``: the alpha for which an rsLoRA layer (``s = alpha / sqrt(r)``)
+    computes what a plain LoRA layer with ``alpha`` (``s = alpha / r``) computes."""
+    problems: list[str] = []
+    for alpha, rank in [(16, 4), (8.0, 16), (32, 8)]:
+        where = f"for alpha={alpha}, rank={rank}"
+        got, err = call(fn, alpha, rank)
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(got) not in (int, float):
+            problems.append(f"{where} it returned {type(got).__name__}, not a number")
+            break
+        expected = alpha / math.sqrt(rank)
+        if not abs(got - expected) <= 1e-6 * expected:
+            hints = {
+                round(alpha * math.sqrt(rank), 6): "that multiplies by sqrt(r); solve "
+                "alpha_rs / sqrt(r) = alpha / r for alpha_rs",
+                round(alpha / rank, 6): "that is s itself; the rsLoRA layer still divides "
+                "its alpha by sqrt(r)",
+            }
+            hint = hints.get(round(got, 6), "") if math.isfinite(got) else ""
+            problems.append(
+                f"{where} you returned {got!r}, expected {expected:.4f}"
+                + (f" ({hint})" if hint else "")
+            )
+            break
+        torch.manual_seed(rank)
+        base = nn.Linear(16, 16)
+        plain = lora.LinearWithLoRA(base, rank=rank, alpha=alpha)
+        rs = lora.LinearWithLoRA(base, rank=rank, alpha=got, use_rslora=True)
+        with torch.no_grad():
+            plain.lora.B.normal_()
+            rs.lora.load_state_dict(plain.lora.state_dict())
+            x = torch.randn(3, 16)
+            if not torch.allclose(plain(x), rs(x), atol=1e-5):
+                problems.append(f"{where} the two layers' outputs differ")
+                break
+    return report(
+        problems,
+        "Same s, same layer: alpha matters only through s.",
     )
 
 
@@ -70,8 +139,9 @@ def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
         problems.append(
             f"A is {tuple(A.shape)} and B {tuple(B.shape)}; expected (20, 3) and (3, 6)"
         )
-    if getattr(layer, "scaling", None) != 2.0:
-        problems.append("scaling should be alpha / rank = 6.0 / 3 = 2.0")
+    scaling = getattr(layer, "scaling", None)
+    if type(scaling) is not float or not abs(scaling - 2.0) <= 1e-9:
+        problems.append(f"scaling is {scaling!r}; it should be s = alpha / rank = 6.0 / 3 = 2.0")
     out, err = call(layer, ids)
     if err:
         return report([*problems, f"layer(ids) raised {err}"], "")
@@ -109,4 +179,4 @@ def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
     )
 
 
-__all__ = ["check_embedding_lora", "check_freeze"]
+__all__ = ["check_embedding_lora", "check_merge_to_linear", "check_rslora_alpha"]
