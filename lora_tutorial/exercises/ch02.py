@@ -33,7 +33,7 @@ def tiny_lora_classifier(rank: int = RANK) -> nn.Module:
 def check_trainable_prediction(prediction: object) -> bool:
     """Check a prediction of ``tiny_lora_classifier()``'s trainable parameters, then count them."""
     counted = lora.count_parameters(tiny_lora_classifier()).trainable
-    if not type(prediction) is int:
+    if type(prediction) is not int:
         return report(
             [f"give the count as a whole number (an int), got {type(prediction).__name__}"], ""
         )
