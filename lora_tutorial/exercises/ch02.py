@@ -4,6 +4,7 @@ optimizer keeps, and how the activations grow with the batch; each check then me
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def tiny_lora_classifier(rank: int = RANK) -> nn.Module:
     return model
 
 
-def check_trainable_prediction(prediction: object) -> bool:
+def check_trainable_prediction(prediction: Any) -> bool:
     """Check a prediction of ``tiny_lora_classifier()``'s trainable parameters, then count them."""
     counted = lora.count_parameters(tiny_lora_classifier()).trainable
     if type(prediction) is not int:
@@ -68,7 +69,7 @@ def sgd_exercise_model() -> nn.Module:
     return nn.Sequential(lora.LinearWithLoRA(base, rank=8, alpha=16), nn.ReLU(), nn.Linear(256, 4))
 
 
-def check_sgd_state_prediction(prediction: object) -> bool:
+def check_sgd_state_prediction(prediction: Any) -> bool:
     """Check a prediction of the float32 bytes that weights, gradients and SGD-with-momentum's
     state hold after one step of ``sgd_exercise_model()``; then measure them."""
     model = sgd_exercise_model()
@@ -110,7 +111,7 @@ def _activation_bytes(model: nn.Module, batch: int, n_tokens: int = 32) -> int:
     return saved["bytes"]
 
 
-def check_activation_growth(prediction: object) -> bool:
+def check_activation_growth(prediction: Any) -> bool:
     """Check a prediction of how many times more activation bytes the LoRA classifier saves at
     batch 16 than at batch 8 (32 tokens each); then measure both."""
     model = tiny_lora_classifier(rank=16)
