@@ -103,7 +103,8 @@ def check_sgd_state_prediction(prediction: Any) -> bool:
 
 def _activation_bytes(model: nn.Module, batch: int, n_tokens: int = 32) -> int:
     generator = torch.Generator().manual_seed(batch)
-    tokens = torch.randint(model.gpt.cfg["vocab_size"], (batch, n_tokens), generator=generator)
+    vocab = gpt.GPT_CONFIGS["tiny"]["vocab_size"]
+    tokens = torch.randint(vocab, (batch, n_tokens), generator=generator)
     labels = torch.randint(2, (batch,), generator=generator)
     with counting.count_saved_activations(model) as saved:
         loss = F.cross_entropy(model(tokens), labels)
