@@ -2,11 +2,15 @@
 
 - **Parameters** (chapter 2): how many numbers a dense layer and its LoRA adapter hold, every
   linear layer of GPT-2 by name, and the whole model, without building it.
-- **Bytes**: what training keeps per parameter (weights, gradients, AdamW's moments), and what
-  fine-tuning LLaMA-shaped models (7B to 65B) needs in full, with LoRA and with QLoRA (chapter 8).
-- **Measured** (chapters 2 and 5): the peak memory of a block of code (:class:`PeakMemory`) and one
+- **Bytes**: one memory model, :class:`TrainingRecipe`, of what training keeps per trained
+  parameter (weight, gradient, AdamW's two moments, an optional float32 master copy) and per
+  frozen one; :data:`RECIPES` names three (``"fp32"``: 16 bytes, chapter 2's runs; ``"bf16-mixed"``:
+  2 + 2 + 8 + 4 = 16; ``"bf16"``: 2 + 2 + 8 = 12, QLoRA's accounting, chapter 8).
+  :func:`training_state_bytes` and :func:`finetuning_memory` (LLaMA-shaped models, 7B to 65B, in
+  full, with LoRA and with QLoRA) both derive from it.
+- **Measured** (chapters 2, 3 and 5): the peak memory of a block of code (:class:`PeakMemory`), one
   training step's time, state and activation bytes (:func:`measure_training_step`), to set
-  beside the predictions.
+  beside the predictions, and forward passes timed side by side (:func:`time_forward_passes`).
 
 Conventions, shared with :mod:`lora_tutorial.lora`: a weight ``W`` has shape ``(out_dim, in_dim)``
 as in ``nn.Linear.weight``; its adapter holds ``A`` of shape ``(in_dim, rank)`` and ``B`` of shape
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lora_tutorial.runtime import rehearsal
 from lora_tutorial.runtime.rehearsal import peak_rss_bytes
 
 # --------------------------------------------------------------------------- parameter counts
@@ -152,29 +157,83 @@ def adamw_state_bytes(n_trainable: int, dtype: torch.dtype | str = torch.float32
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """Bytes that training keeps per parameter, by kind: one memory model for the whole book.
+
+    A *trained* parameter holds its weight, its gradient, AdamW's two moments and, in mixed
+    precision, a float32 master copy of the weight that the optimizer updates; a *frozen*
+    parameter holds only its weight.
+    """
+
+    name: str
+    weight: int  # the trained weight as the forward pass reads it
+    grad: int
+    adam_moments: int  # both moments together
+    master: int  # the float32 master copy of a trained weight (0: none)
+    frozen: int  # a frozen weight
+
+    @property
+    def per_trained(self) -> int:
+        """Bytes per trained parameter: weight + gradient + moments + master copy."""
+        return self.weight + self.grad + self.adam_moments + self.master
+
+
+RECIPES: dict[str, TrainingRecipe] = {
+    # everything in float32: what the book's own CPU runs do (chapter 2 measures it)
+    "fp32": TrainingRecipe("fp32", weight=4, grad=4, adam_moments=8, master=0, frozen=4),
+    # the usual mixed precision: bf16 weights and gradients, fp32 moments and master weights
+    "bf16-mixed": TrainingRecipe(
+        "bf16-mixed", weight=2, grad=2, adam_moments=8, master=4, frozen=2
+    ),
+    # bf16 weights and gradients, fp32 moments, no master copy: QLoRA's accounting (chapter 8)
+    "bf16": TrainingRecipe("bf16", weight=2, grad=2, adam_moments=8, master=0, frozen=2),
+}
+
+
+def training_recipe(recipe: TrainingRecipe | str) -> TrainingRecipe:
+    """``recipe`` itself, or the recipe of that name in :data:`RECIPES`."""
+    if isinstance(recipe, TrainingRecipe):
+        return recipe
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ValueError(
+            f"unknown training recipe {recipe!r}; use one of {sorted(RECIPES)} or a TrainingRecipe"
+        )
+    return RECIPES[recipe]
+
+
+@dataclass(frozen=True)
 class TrainingStateBytes:
     """Bytes that training keeps for the whole run, apart from activations."""
 
     weights: int
     grads: int
     optimizer: int
+    master: int = 0  # float32 master copies of the trained weights (mixed precision)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.optimizer + self.master
 
 
 def training_state_bytes(
-    n_total: int, n_trainable: int, dtype: torch.dtype | str = torch.float32
+    n_total: int, n_trainable: int, recipe: TrainingRecipe | str = "fp32"
 ) -> TrainingStateBytes:
-    """Predicted bytes of weights (all), gradients (trained only) and AdamW state (trained only)."""
+    """Predicted bytes of weights (all), gradients, AdamW state and master copies (trained only).
+
+    ``recipe`` (a :class:`TrainingRecipe` or a name in :data:`RECIPES`) says how many bytes each
+    kind takes; the default, ``"fp32"``, is 16 bytes per trained and 4 per frozen parameter.
+    """
     if not 0 <= n_trainable <= n_total:
         raise ValueError(
             f"need 0 <= n_trainable <= n_total, got n_trainable={n_trainable}, n_total={n_total}"
         )
-    size = bytes_per_param(dtype)
+    rec = training_recipe(recipe)
+    n_frozen = n_total - n_trainable
     return TrainingStateBytes(
-        n_total * size, n_trainable * size, adamw_state_bytes(n_trainable, dtype)
+        weights=n_trainable * rec.weight + n_frozen * rec.frozen,
+        grads=n_trainable * rec.grad,
+        optimizer=n_trainable * rec.adam_moments,
+        master=n_trainable * rec.master,
     )
 
 
@@ -192,14 +251,15 @@ def gigabytes(n_bytes: float) -> float:
 # Memory for fine-tuning LLaMA-shaped models (Touvron et al., 2023, arXiv:2302.13971, Table 2:
 # width, layers; feed-forward width 2/3 * 4d rounded to 256). The estimates count what training
 # keeps for the whole run, not the activations (which depend on batch size, sequence length and
-# gradient checkpointing):
-# - full: every weight and its gradient in bf16, AdamW's two moments in float32: 12 bytes per
-#   parameter (the accounting behind QLoRA's "more than 780 GB" for a 65B model).
-# - lora: the frozen weights in bf16 (2 bytes each), plus for each LoRA number its bf16 weight and
-#   gradient and float32 AdamW moments.
+# gradient checkpointing). Each trained number costs what the training recipe says (RECIPES; the
+# default "bf16": weight and gradient in bf16, AdamW's two moments in float32, 12 bytes: the
+# accounting behind QLoRA's "more than 780 GB" for a 65B model); the frozen weights cost:
+# - full: nothing frozen;
+# - lora: the recipe's bytes per frozen weight (2 in bf16);
 # - qlora: the blocks' linear weights in NF4 with double quantisation (Dettmers et al., 2023):
 #   4 bits per weight, an 8-bit scale per block of 64 weights and a float32 constant per 256
-#   scales, 4 + 8/64 + 32/(64*256) = 4.127 bits; embeddings, output head and norms in bf16.
+#   scales, 4 + 8/64 + 32/(64*256) = 4.127 bits; embeddings, output head and norms at the
+#   recipe's bytes per frozen weight.
 
 # Touvron et al. (2023), Table 2; vocab 32,000; separate (untied) input embedding and output head.
 LLAMA_CONFIGS: dict[str, dict[str, int]] = {
@@ -211,7 +271,6 @@ LLAMA_CONFIGS: dict[str, dict[str, int]] = {
 SIZING_METHODS = ("full", "lora", "qlora")
 NF4_BLOCK, SCALE_BLOCK = 64, 256  # weights per NF4 scale; scales per float32 constant
 NF4_DQ_BITS = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * SCALE_BLOCK)  # 4.127 bits per weight
-BF16, FP32 = bytes_per_param("bfloat16"), bytes_per_param("float32")
 
 
 def llama_linear_shapes(cfg: Mapping[str, int]) -> list[LinearShape]:
@@ -246,28 +305,46 @@ class MemoryEstimate:
     weights: float  # the model's weights (frozen and trained), as stored
     grads: float
     optimizer: float
+    master: float = 0.0  # float32 master copies of the trained weights, if the recipe keeps them
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.optimizer + self.master
 
 
-def finetuning_memory(cfg: Mapping[str, int], method: str, *, rank: int = 64) -> MemoryEstimate:
+def finetuning_memory(
+    cfg: Mapping[str, int],
+    method: str,
+    *,
+    rank: int = 64,
+    recipe: TrainingRecipe | str = "bf16",
+) -> MemoryEstimate:
     """Memory of ``method`` (``"full"``, ``"lora"`` or ``"qlora"``) for a LLaMA-shaped ``cfg``.
 
     LoRA and QLoRA adapt every linear layer of the blocks with ``rank`` (QLoRA's setting: r = 64
-    on all linear layers).
+    on all linear layers). ``recipe`` gives the bytes per trained and per frozen number (see
+    :data:`RECIPES`); the default ``"bf16"`` is 12 bytes per trained number, as QLoRA counts.
     """
     if method not in SIZING_METHODS:
         raise ValueError(f"method={method!r} is not one of {SIZING_METHODS}")
+    rec = training_recipe(recipe)
     total, linear = llama_param_count(cfg)
+    n_trained = total if method == "full" else lora_params_for(llama_linear_shapes(cfg), rank)
     if method == "full":
-        return MemoryEstimate(method, total, total, total * BF16, total * BF16, total * 2 * FP32)
-    n_lora = lora_params_for(llama_linear_shapes(cfg), rank)
-    quantized = linear * NF4_DQ_BITS / 8 + (total - linear) * BF16
-    base = total * BF16 if method == "lora" else quantized
+        frozen = 0.0
+    elif method == "lora":
+        frozen = float(total * rec.frozen)
+    else:
+        frozen = linear * NF4_DQ_BITS / 8 + (total - linear) * rec.frozen
+    params = total if method == "full" else total + n_trained
     return MemoryEstimate(
-        method, total + n_lora, n_lora, base + n_lora * BF16, n_lora * BF16, n_lora * 2 * FP32
+        method,
+        params,
+        n_trained,
+        weights=frozen + n_trained * rec.weight,
+        grads=n_trained * rec.grad,
+        optimizer=n_trained * rec.adam_moments,
+        master=n_trained * rec.master,
     )
 
 
@@ -386,10 +463,12 @@ def measure_training_step(
     """Measure ``repeats`` training steps (``loss_fn(model)``, backward, ``optimizer.step()``).
 
     The first step is a warm-up (it creates the optimizer state); the time is the median of the
-    others. On CUDA the peak of allocated memory during the steps is recorded too.
+    others. On CUDA the peak of allocated memory during the steps is recorded too. A rehearsal
+    runs two steps (one warm-up, one timed): it only proves that the measurement works.
     """
-    if repeats < 2:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
         raise ValueError(f"repeats must be at least 2 (one warm-up step, one timed), got {repeats}")
+    repeats = rehearsal.capped_steps(repeats)
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"
     times, activations = [], 0
@@ -415,3 +494,36 @@ def measure_training_step(
         activation_bytes=activations,
         device_peak_bytes=peak,
     )
+
+
+@dataclass(frozen=True)
+class ForwardTimings:
+    """Median seconds of one call of each form, and how many rounds were timed."""
+
+    seconds: dict[str, float]
+    rounds: int
+
+
+def time_forward_passes(forms: Mapping[str, Callable[[], object]], rounds: int) -> ForwardTimings:
+    """Time each zero-argument call in ``forms`` (e.g. a model's forward pass) ``rounds`` times.
+
+    Every form runs once as a warm-up; then the forms run in turn, round after round, so that a
+    slow moment of the machine hits all of them alike. Runs under ``torch.no_grad()``. A
+    rehearsal times two rounds: it only proves that the code runs.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if not forms:
+        raise ValueError("forms is empty; pass at least one name -> call")
+    rounds = rehearsal.capped_steps(rounds)
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    with torch.no_grad():
+        for call in forms.values():
+            call()
+        for _ in range(rounds):
+            for name, call in forms.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return ForwardTimings(medians, rounds)

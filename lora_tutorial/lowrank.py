@@ -1,8 +1,6 @@
-"""Low-rank arithmetic: SVD helpers, the best rank-r approximation, and parameter and memory counts.
+"""Low-rank arithmetic for chapter 1: SVD helpers, the best rank-r approximation and its error.
 
-Chapter 1 uses the first half (singular values, Eckart-Young truncation and its error), chapter 2
-the second half (how many numbers LoRA trains and stores, how many bytes training keeps);
-:mod:`lora_tutorial.counting` measures a training step to hold those predictions against.
+:mod:`lora_tutorial.counting` counts the numbers and bytes LoRA saves (chapter 2).
 
 Conventions, shared with :mod:`lora_tutorial.lora`: a weight matrix ``W`` has shape
 ``(out_dim, in_dim)`` as in ``nn.Linear.weight``; its low-rank factors are stored as appendix E of
@@ -14,9 +12,12 @@ shape ``(rank, out_dim)``, so that the update of a batch of rows ``x`` is ``x @ 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from lora_tutorial.runtime import rehearsal
 
 # --------------------------------------------------------------------------- SVD helpers
 
@@ -138,3 +139,14 @@ def random_like(W: Tensor, *, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     R = torch.randn(M.shape, generator=g, dtype=M.dtype).to(M.device)
     return R * (torch.linalg.matrix_norm(M) / torch.linalg.matrix_norm(R))
+
+
+# --------------------------------------------------------------- chapter 1's training loop
+
+
+def training_steps(steps: int, *, desc: str, device: torch.device | str = "cpu") -> Iterator[int]:
+    """``range(steps)`` with a progress bar, for chapter 1's small training loop.
+
+    It times the steps; a rehearsal stops after two (see :mod:`lora_tutorial.runtime.rehearsal`).
+    """
+    return rehearsal.timed_steps(steps, desc=desc, device=device)

@@ -1,4 +1,5 @@
-"""Checks for chapter 1's coding exercises: the best rank-r approximation and its error."""
+"""Checks for chapter 1's coding exercises: the best rank-r approximation and its error, the
+subspace similarity of two adapters, and the rank up to which two factors save numbers."""
 
 from __future__ import annotations
 
@@ -7,16 +8,7 @@ from collections.abc import Callable
 import torch
 
 from lora_tutorial import lowrank
-from lora_tutorial.exercises._feedback import (
-    Check,
-    Verdict,
-    call,
-    describe,
-    near,
-    number,
-    outcomes,
-    tensor,
-)
+from lora_tutorial.exercises._feedback import call, report
 
 # (rows, cols, rank) cases: square, tall and wide matrices, the extremes r = 1 and r = full.
 _CASES = [(6, 6, 2), (8, 5, 1), (4, 7, 3), (5, 3, 3)]
@@ -44,21 +36,19 @@ def _diagnose(W: torch.Tensor, r: int, out: torch.Tensor) -> str:
     return "keep the first r columns of U, the first r singular values and the first r rows of Vh"
 
 
-def _probe_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> list:
-    return [call(fn, W.clone(), r) for W, r in _matrices()]
-
-
-def _judge_rank_r_approx(data: object) -> Verdict:
+def check_rank_r_approx(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> bool:
+    """Check ``fn(W, r)``: the best rank-``r`` approximation of ``W``, with ``W``'s shape."""
     problems: list[str] = []
-    cases = _matrices()
-    for (W, r), (got, err) in zip(cases, outcomes(data, len(cases))):
+    for W, r in _matrices():
         where = f"for a {W.shape[0]}x{W.shape[1]} matrix and r={r}"
-        out = tensor(got)
+        out, err = call(fn, W.clone(), r)
         if err:
             problems.append(f"{where} your function raised {err}")
             break
-        if out is None:
-            problems.append(f"{where} your function returned {describe(got)}, not a torch.Tensor")
+        if not isinstance(out, torch.Tensor):
+            problems.append(
+                f"{where} your function returned {type(out).__name__}, not a torch.Tensor"
+            )
             break
         if tuple(out.shape) != tuple(W.shape):
             problems.append(
@@ -66,9 +56,9 @@ def _judge_rank_r_approx(data: object) -> Verdict:
                 "multiply U[:, :r], the r largest singular values and Vh[:r, :]"
             )
             break
-        out = out.to(torch.float64)
+        out = out.detach().to(torch.float64)
         if not bool(torch.isfinite(out).all()):
-            problems.append(f"{where} the result holds NaN or infinite values")
+            problems.append(f"{where} the result holds NaN or inf values")
             break
         rank = lowrank.numerical_rank(out, rtol=1e-5)
         if rank > r:
@@ -78,17 +68,13 @@ def _judge_rank_r_approx(data: object) -> Verdict:
             break
         error = torch.linalg.matrix_norm(W.double() - out).item()
         best = lowrank.rank_r_error(W.double(), r)
-        if not error <= best * (1 + 1e-4) + 1e-5:
+        if not error <= best * (1 + 1e-4) + 1e-5:  # NaN fails too
             problems.append(
                 f"{where} the error is {error:.4f}, but the best possible is {best:.4f}: "
                 f"{_diagnose(W, r, out)}"
             )
             break
-    return problems, "Your function gives the best rank-r approximation (Eckart-Young)."
-
-
-check_rank_r_approx = Check(_probe_rank_r_approx, _judge_rank_r_approx)
-"""Check ``fn(W, r)``: the best rank-``r`` approximation of ``W``, with ``W``'s shape."""
+    return report(problems, "Your function gives the best rank-r approximation (Eckart-Young).")
 
 
 def _column_basis(A: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,56 +82,93 @@ def _column_basis(A: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.svd(A, full_matrices=False).U[:, :k]
 
 
-def _similarity_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int, int]]:
+def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int], float]) -> bool:
+    """Check ``fn(A1, A2, i, j)``: Hu et al.'s normalised subspace similarity, a number in [0, 1].
+
+    ``A1`` and ``A2`` are adapters' ``A`` matrices in the package's layout ``(in_dim, rank)``; the
+    similarity compares the spans of their top-``i`` and top-``j`` left singular vectors:
+    ``||U1[:, :i].T @ U2[:, :j]||_F**2 / min(i, j)``.
+    """
+    problems: list[str] = []
     g = torch.Generator().manual_seed(0)
     A1, A2 = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
-    mixed = A1 @ torch.randn(8, 8, generator=g)
-    return [
+    cases = [
         ("the same matrix, i = j = 4", A1, A1.clone(), 4, 4),
-        ("a matrix and the same columns scaled and mixed", A1, mixed, 8, 8),
+        (
+            "a matrix and the same columns scaled and mixed",
+            A1,
+            A1 @ torch.randn(8, 8, generator=g),
+            8,
+            8,
+        ),
         ("two random matrices, i = 2, j = 6", A1, A2, 2, 6),
         ("orthogonal column spaces", torch.eye(32)[:, :4], torch.eye(32)[:, 4:8], 4, 4),
     ]
-
-
-def _probe_subspace_similarity(fn: Callable[..., float]) -> list:
-    return [call(fn, a.clone(), b.clone(), i, j) for _, a, b, i, j in _similarity_cases()]
-
-
-def _judge_subspace_similarity(data: object) -> Verdict:
-    problems: list[str] = []
-    cases = _similarity_cases()
-    for (what, first, second, i, j), (out, err) in zip(cases, outcomes(data, len(cases))):
+    for what, first, second, i, j in cases:
+        out, err = call(fn, first.clone(), second.clone(), i, j)
         if err:
-            return [f"for {what} your function raised {err}"], ""
+            return report([f"for {what} your function raised {err}"], "")
         u1, u2 = _column_basis(first, i), _column_basis(second, j)
         expected = float((u1.T @ u2).square().sum() / min(i, j))
-        value = number(out)
-        if value is None:
-            return [f"for {what} your function returned {describe(out)}, not a number"], ""
-        if not near(value, expected):
+        if type(out) is not float:
+            return report(
+                [
+                    f"for {what} your function returned {type(out).__name__}, not a float: "
+                    "turn a one-element tensor into a Python number with .item()"
+                ],
+                "",
+            )
+        value = out
+        if not abs(value - expected) <= 1e-4:
             hint = ""
-            if near(value, expected * min(i, j)):
+            if abs(value - expected * min(i, j)) <= 1e-4:
                 hint = " (divide by min(i, j) so that the result lies in [0, 1])"
             elif value > 1 + 1e-4:
                 hint = " (use the singular vectors, which are orthonormal, not the columns of A)"
             problems.append(
                 f"for {what} your function gave {value:.4f}, expected {expected:.4f}{hint}"
             )
-    return (
+    return report(
         problems,
         "Two adapters trained from different seeds can now be compared the way Hu et al. do "
         "(Section 7).",
     )
 
 
-check_subspace_similarity = Check(_probe_subspace_similarity, _judge_subspace_similarity)
-"""Check ``fn(A1, A2, i, j)``: Hu et al.'s normalised subspace similarity, a number in [0, 1].
+def check_break_even_rank(fn: Callable[[int, int], int]) -> bool:
+    """Check ``fn(m, n)``: the largest rank ``r`` at which the factors of an ``m x n`` matrix
+    (``r * (m + n)`` numbers) store fewer numbers than the matrix (``m * n``)."""
+    problems: list[str] = []
+    for m, n in [(600, 512), (768, 768), (4, 3), (10, 10), (768, 3072)]:
+        expected = max(0, -(-m * n // (m + n)) - 1)  # largest r with r * (m + n) < m * n
+        got, err = call(fn, m, n)
+        where = f"for a {m} x {n} matrix"
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(got) is not int:
+            problems.append(
+                f"{where} your function returned {type(got).__name__}, not an int: a rank is a "
+                "whole number (use // or int(...), and return a plain int, not a bool or tensor)"
+            )
+            break
+        if got == expected:
+            continue
+        hint = ""
+        if got * (m + n) == m * n:
+            hint = ": at that rank the factors store exactly as many numbers, not fewer"
+        elif got == expected + 1:
+            hint = ": at that rank the factors store at least as many numbers as the matrix"
+        elif got < expected:
+            hint = (
+                f": rank {expected} still stores fewer numbers ({expected * (m + n):,} < {m * n:,})"
+            )
+        problems.append(f"{where} you returned {got}, expected {expected}{hint}")
+        break
+    return report(
+        problems,
+        "Below that rank the factors are smaller than the matrix; LoRA's ranks are far below it.",
+    )
 
-``A1`` and ``A2`` are adapters' ``A`` matrices in the package's layout ``(in_dim, rank)``; the
-similarity compares the spans of their top-``i`` and top-``j`` left singular vectors:
-``||U1[:, :i].T @ U2[:, :j]||_F**2 / min(i, j)``.
-"""
 
-
-__all__ = ["check_rank_r_approx", "check_subspace_similarity"]
+__all__ = ["check_break_even_rank", "check_rank_r_approx", "check_subspace_similarity"]

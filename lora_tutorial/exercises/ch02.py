@@ -1,127 +1,143 @@
-"""Checks for chapter 2's coding exercises: counting LoRA parameters, and the bytes training
-keeps."""
+"""Checks for chapter 2's exercises: predict a model's trainable parameters, the bytes another
+optimizer keeps, and how the activations grow with the batch; each check then measures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from typing import Any
 
-from lora_tutorial import counting, gpt
-from lora_tutorial.exercises._feedback import Check, Verdict, call, describe, integer, outcomes
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-# GPT-2 small's and a small made-up model's shapes: enough to tell the common slips apart.
-_CONFIGS = [
-    gpt.GPT_CONFIGS["gpt2-small"],
-    {
-        "vocab_size": 1000,
-        "context_length": 64,
-        "emb_dim": 96,
-        "n_heads": 4,
-        "n_layers": 3,
-        "drop_rate": 0.0,
-        "qkv_bias": False,
-    },
-]
+from lora_tutorial import classify, counting, gpt, lora
+from lora_tutorial.exercises._feedback import report
+
+RANK = 8  # the adapters' rank in the counting exercise
 
 
-def _qv_params(cfg: dict, rank: int) -> int:
-    shapes = counting.gpt_linear_shapes(cfg)
-    return counting.lora_params_for(
-        shapes, rank, select=lambda name: name.endswith(("W_query", "W_value"))
+def _is_number(value: object) -> bool:
+    """An int or a float, not a bool, not a subclass, not a tensor."""
+    return type(value) in (int, float)
+
+
+def tiny_lora_classifier(rank: int = RANK) -> nn.Module:
+    """The ``tiny`` GPT as a 2-class classifier, LoRA of ``rank`` on every block layer, head
+    trained fully: chapter 2's measured LoRA model at the smallest shapes."""
+    torch.manual_seed(0)
+    model = classify.GPTClassifier(gpt.GPTModel("tiny"), num_classes=2)
+    lora.replace_linear_with_lora(model, rank=rank, alpha=2 * rank, exclude="out_head")
+    lora.mark_only_lora_as_trainable(model, extra_modules="gpt.out_head")
+    return model
+
+
+def check_trainable_prediction(prediction: Any) -> bool:
+    """Check a prediction of ``tiny_lora_classifier()``'s trainable parameters, then count them."""
+    counted = lora.count_parameters(tiny_lora_classifier()).trainable
+    if type(prediction) is not int:
+        return report(
+            [f"give the count as a whole number (an int), got {type(prediction).__name__}"], ""
+        )
+    if prediction == counted:
+        return report([], f"The model trains {counted:,} parameters, as you predicted.")
+    cfg = gpt.GPT_CONFIGS["tiny"]
+    d, layers = cfg["emb_dim"], cfg["n_layers"]
+    adapters = layers * RANK * (4 * 2 * d + 2 * 5 * d)
+    hints = {
+        adapters: "that counts the adapters; the new 2-class head trains fully too",
+        adapters + 2 * d: "the head's bias (one number per class) trains too",
+        layers * RANK * 4 * 2 * d + 2 * d + 2: "the feed-forward layers (d -> 4d -> d) have "
+        "adapters too",
+        layers * RANK * 2 * 2 * d + 2 * d + 2: "LoRA is on every linear layer of the blocks, "
+        "not only query and value",
+        layers * RANK * 6 * 2 * d + 2 * d + 2: "the feed-forward layers are d x 4d and 4d x d, "
+        "not d x d",
+    }
+    return report(
+        [
+            f"you predicted {prediction:,}, the model trains {counted:,}"
+            + (f" ({hints[prediction]})" if prediction in hints else "")
+        ],
+        "",
     )
 
 
-_RANKS = (1, 8)
+def sgd_exercise_model() -> nn.Module:
+    """A frozen 256 -> 256 layer with a rank-8 adapter, then a trained 256 -> 4 head."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256).requires_grad_(False)
+    return nn.Sequential(lora.LinearWithLoRA(base, rank=8, alpha=16), nn.ReLU(), nn.Linear(256, 4))
 
 
-def _probe_qv_lora_params(fn: Callable[[dict, int], int]) -> list:
-    return [call(fn, dict(cfg), rank) for cfg in _CONFIGS for rank in _RANKS]
+def check_sgd_state_prediction(prediction: Any) -> bool:
+    """Check a prediction of the float32 bytes that weights, gradients and SGD-with-momentum's
+    state hold after one step of ``sgd_exercise_model()``; then measure them."""
+    model = sgd_exercise_model()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+    model(torch.randn(8, 256)).square().mean().backward()
+    optimizer.step()
+    measured = counting.measured_state_bytes(model, optimizer).total
+    if not _is_number(prediction):
+        return report([f"give a number of bytes, got {type(prediction).__name__}"], "")
+    if prediction == measured:
+        return report(
+            [], f"After one step the model and SGD hold {measured:,} bytes, as predicted."
+        )
+    n_total, n_trained = lora.count_parameters(model)
+    hints = {
+        4 * (n_total + 3 * n_trained): "that is AdamW's state (two moments); SGD with momentum "
+        "keeps one buffer per trained number",
+        4 * (n_total + n_trained): "SGD with momentum keeps a buffer per trained number",
+        4 * (n_total + 2 * n_total): "frozen weights have no gradient and no momentum buffer",
+        n_total + 2 * n_trained: "that counts numbers; each float32 number takes 4 bytes",
+    }
+    return report(
+        [
+            f"you predicted {prediction:,} bytes, measured {measured:,}"
+            + (f" ({hints[prediction]})" if prediction in hints else "")
+        ],
+        "",
+    )
 
 
-def _judge_qv_lora_params(data: object) -> Verdict:
-    cases = [(cfg, rank) for cfg in _CONFIGS for rank in _RANKS]
-    for (cfg, rank), (out, err) in zip(cases, outcomes(data, len(cases))):
-        d, layers = cfg["emb_dim"], cfg["n_layers"]
-        where = f"for emb_dim={d}, n_layers={layers}, rank={rank}"
-        if err:
-            return [f"{where} your function raised {err}"], ""
-        expected, got = _qv_params(cfg, rank), integer(out)
-        if got == expected:
-            continue
-        if got is None:
-            return [f"{where} you returned {describe(out)}, expected the int {expected:,}"], ""
-        half, one_block, full_weights = expected // 2, expected // layers, 2 * layers * d * d
-        hints = {
-            half: "half the answer: there are two adapted matrices per block "
-            "(query and value), and each adapter has A (d_in x r) and B (r x d_out), "
-            "r*(d_in + d_out) numbers",
-            one_block: "that is one block; multiply by n_layers",
-            full_weights: "that counts the full weights d*d, not the adapters r*(d_in + d_out)",
-        }
-        hint = f" ({hints[got]})" if got in hints else ""
-        return [f"{where} you returned {got!r}, expected {expected:,}{hint}"], ""
-    return (
+def _activation_bytes(model: nn.Module, batch: int, n_tokens: int = 32) -> int:
+    generator = torch.Generator().manual_seed(batch)
+    vocab = gpt.GPT_CONFIGS["tiny"]["vocab_size"]
+    tokens = torch.randint(vocab, (batch, n_tokens), generator=generator)
+    labels = torch.randint(2, (batch,), generator=generator)
+    with counting.count_saved_activations(model) as saved:
+        loss = F.cross_entropy(model(tokens), labels)
+    loss.backward()
+    return saved["bytes"]
+
+
+def check_activation_growth(prediction: Any) -> bool:
+    """Check a prediction of how many times more activation bytes the LoRA classifier saves at
+    batch 16 than at batch 8 (32 tokens each); then measure both."""
+    model = tiny_lora_classifier(rank=16)
+    measured = _activation_bytes(model, 16) / _activation_bytes(model, 8)
+    if not _is_number(prediction):
+        return report([f"give the ratio as a number, got {type(prediction).__name__}"], "")
+    if not math.isfinite(prediction) or not abs(prediction - measured) <= 0.1 * measured:
+        hint = ""
+        if abs(prediction - 1) <= 0.1:
+            hint = " (the state does not grow with the batch, but every activation does)"
+        return report(
+            [f"you predicted {prediction:g}, measured {measured:.2f}{hint}"],
+            "",
+        )
+    return report(
         [],
-        "That is 2 * n_layers * rank * (emb_dim + emb_dim), the count of the LoRA paper's setup.",
+        f"Measured: {measured:.2f} times. Every saved activation has one row per example, so "
+        "doubling the batch doubles them, for LoRA as for full fine-tuning.",
     )
 
 
-check_qv_lora_params = Check(_probe_qv_lora_params, _judge_qv_lora_params)
-"""Check ``fn(cfg, rank)``: LoRA parameters when adapting ``W_query`` and ``W_value`` of every
-block."""
-
-_BYTES_CASES = [(1000, 1000, 4), (1000, 10, 4), (5000, 40, 2)]
-
-
-def _probe_training_bytes(fn: Callable[[int, int, int], int]) -> list:
-    return [call(fn, *case) for case in _BYTES_CASES]
-
-
-def _judge_training_bytes(data: object) -> Verdict:
-    problems: list[str] = []
-    for (n_total, n_trainable, size), (out, err) in zip(
-        _BYTES_CASES, outcomes(data, len(_BYTES_CASES))
-    ):
-        where = f"for n_total={n_total}, n_trainable={n_trainable}, bytes_per_number={size}"
-        if err:
-            problems.append(f"{where} your function raised {err}")
-            break
-        expected = counting.training_state_bytes(
-            n_total, n_trainable, {4: "float32", 2: "bfloat16"}[size]
-        ).total
-        got = integer(out)
-        if got == expected:
-            continue
-        if got is None:
-            problems.append(f"{where} you returned {describe(out)}, expected the int {expected:,}")
-            break
-        no_moments, no_gradients = (
-            (n_total + n_trainable) * size,
-            (n_total + 3 * n_trainable) * size,
-        )
-        one_missing, all_trained = (n_total + 2 * n_trainable) * size, 4 * n_total * size
-        hints = {
-            no_moments: "AdamW's two moments per trained number are missing",
-            no_gradients: "gradients are missing: every trained number has one",
-            one_missing: "one of: gradients, or AdamW's second moment, is missing",
-            all_trained: "gradients and AdamW state exist only for trained numbers, "
-            "not frozen ones",
-            n_total + 3 * n_trainable: "that counts numbers; multiply by bytes_per_number",
-            n_total + 4 * n_trainable: "that counts numbers; multiply by bytes_per_number",
-        }
-        problems.append(
-            f"{where} you returned {got!r}, expected {expected:,}"
-            + (f" ({hints[got]})" if got in hints else "")
-        )
-        break
-    return (
-        problems,
-        "Weights for every number; a gradient and two AdamW moments for each trained one.",
-    )
-
-
-check_training_bytes = Check(_probe_training_bytes, _judge_training_bytes)
-"""Check ``fn(n_total, n_trainable, bytes_per_number)``: weights + gradients + AdamW state, in
-bytes."""
-
-
-__all__ = ["check_qv_lora_params", "check_training_bytes"]
+__all__ = [
+    "check_activation_growth",
+    "check_sgd_state_prediction",
+    "check_trainable_prediction",
+    "sgd_exercise_model",
+    "tiny_lora_classifier",
+]

@@ -1,168 +1,182 @@
-"""Checks for chapter 3's coding exercises: merging an adapter and freezing everything else."""
+"""Checks for chapter 3's coding exercises: LoRA for an embedding, merging an adapter into a plain
+`nn.Linear`, and the rsLoRA alpha that reproduces a layer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lora_tutorial import lora
-from lora_tutorial.exercises._feedback import (
-    Check,
-    Verdict,
-    call,
-    close,
-    field,
-    names,
-    near,
-    number,
-    outcome,
-    tensor,
-)
+from lora_tutorial.exercises._feedback import call, report
 
 
-class _Toy(nn.Module):
-    """Two wrapped layers, one plain layer and a LayerNorm: every kind a freeze must handle."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(8)
-        self.body = nn.Sequential(
-            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
-            nn.ReLU(),
-            lora.LinearWithLoRA(nn.Linear(8, 8), 2, 4),
-        )
-        self.head = nn.Linear(8, 2)
+def _adapted(in_dim: int, out_dim: int, bias: bool, seed: int) -> lora.LinearWithLoRA:
+    """A LoRA layer with a random, non-zero ``B``: an adapter as if trained."""
+    torch.manual_seed(seed)
+    layer = lora.LinearWithLoRA(nn.Linear(in_dim, out_dim, bias=bias), rank=3, alpha=6)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    return layer
 
 
-def _trainable(model: nn.Module) -> list[str]:
-    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
-
-
-def _probe_freeze(fn: Callable[[nn.Module], object]) -> tuple:
-    model = _Toy()
-    _, err = call(fn, model)
-    return _trainable(model), err
-
-
-def _judge_freeze(data: object) -> Verdict:
-    listed, err = outcome(data)
-    if err:
-        return [f"your function raised {err}"], ""
-    trainable = names(listed)
-    expected = sorted(
-        name for name, _ in _Toy().named_parameters() if name.endswith(("lora.A", "lora.B"))
-    )
+def check_merge_to_linear(fn: Callable[[lora.LinearWithLoRA], nn.Module]) -> bool:
+    """Check ``fn(layer)``: a new plain ``nn.Linear`` computing what the LoRA ``layer`` computes,
+    with ``layer`` left as it was."""
     problems: list[str] = []
-    missing = [n for n in expected if n not in trainable]
-    extra = [n for n in trainable if n not in expected]
-    if missing:
-        problems.append(f"these adapter matrices are frozen but must train: {missing}")
-    if extra:
-        problems.append(f"these parameters still train but should be frozen: {extra}")
-    return problems, f"Only the {len(expected)} adapter matrices train; everything else is frozen."
+    for in_dim, out_dim, bias in [(12, 7, True), (5, 9, False)]:
+        where = f"for a {in_dim} -> {out_dim} layer{'' if bias else ' without bias'}"
+        layer = _adapted(in_dim, out_dim, bias, seed=in_dim)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(4, in_dim)
+        with torch.no_grad():
+            expected = layer(x)
+        out, err = call(fn, layer)
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(out) is not nn.Linear:
+            problems.append(f"{where} it returned {type(out).__name__}, not a plain nn.Linear")
+            break
+        if (out.in_features, out.out_features) != (in_dim, out_dim):
+            problems.append(
+                f"{where} the result maps {out.in_features} -> {out.out_features}; nn.Linear's "
+                "weight is (out_dim, in_dim), so the update (A @ B) must be transposed"
+            )
+            break
+        if (out.bias is None) != (not bias):
+            problems.append(f"{where} the result {'lacks' if bias else 'adds'} a bias")
+            break
+        if any(not torch.equal(v, layer.state_dict()[k]) for k, v in before.items()):
+            problems.append(f"{where} the LoRA layer's own tensors changed; build a new layer")
+            break
+        if out.weight.data_ptr() == layer.linear.weight.data_ptr():
+            problems.append(f"{where} the result shares its weight with the frozen base layer")
+            break
+        with torch.no_grad():
+            got = out(x)
+            base = layer.linear(x)
+            no_scaling = base + x @ layer.lora.A @ layer.lora.B
+        if not torch.allclose(got, expected, atol=1e-5):
+            hint = ""
+            if torch.allclose(got, base, atol=1e-5):
+                hint = ": the update is missing"
+            elif torch.allclose(got, no_scaling, atol=1e-5):
+                hint = ": multiply the update by s = layer.lora.scaling"
+            problems.append(f"{where} the result's outputs differ from the LoRA layer's{hint}")
+            break
+    return report(
+        problems,
+        "One product per layer now: W0 + s (A B)^T, the weight chapter 3's merge computes.",
+    )
 
 
-check_freeze = Check(_probe_freeze, _judge_freeze)
-"""Check ``fn(model)``: afterwards only the LoRA matrices ``A`` and ``B`` require gradients."""
+def check_rslora_alpha(fn: Callable[[float, int], float]) -> bool:
+    """Check ``fn(alpha, rank)``: the alpha for which an rsLoRA layer (``s = alpha / sqrt(r)``)
+    computes what a plain LoRA layer with ``alpha`` (``s = alpha / r``) computes."""
+    problems: list[str] = []
+    for alpha, rank in [(16, 4), (8.0, 16), (32, 8)]:
+        where = f"for alpha={alpha}, rank={rank}"
+        got, err = call(fn, alpha, rank)
+        if err:
+            problems.append(f"{where} your function raised {err}")
+            break
+        if type(got) not in (int, float):
+            problems.append(f"{where} it returned {type(got).__name__}, not a number")
+            break
+        expected = alpha / math.sqrt(rank)
+        if not abs(got - expected) <= 1e-6 * expected:
+            hints = {
+                round(alpha * math.sqrt(rank), 6): "that multiplies by sqrt(r); solve "
+                "alpha_rs / sqrt(r) = alpha / r for alpha_rs",
+                round(alpha / rank, 6): "that is s itself; the rsLoRA layer still divides "
+                "its alpha by sqrt(r)",
+            }
+            hint = hints.get(round(got, 6), "") if math.isfinite(got) else ""
+            problems.append(
+                f"{where} you returned {got!r}, expected {expected:.4f}"
+                + (f" ({hint})" if hint else "")
+            )
+            break
+        torch.manual_seed(rank)
+        base = nn.Linear(16, 16)
+        plain = lora.LinearWithLoRA(base, rank=rank, alpha=alpha)
+        rs = lora.LinearWithLoRA(base, rank=rank, alpha=got, use_rslora=True)
+        with torch.no_grad():
+            plain.lora.B.normal_()
+            rs.lora.load_state_dict(plain.lora.state_dict())
+            x = torch.randn(3, 16)
+            if not torch.allclose(plain(x), rs(x), atol=1e-5):
+                problems.append(f"{where} the two layers' outputs differ")
+                break
+    return report(
+        problems,
+        "Same s, same layer: alpha matters only through s.",
+    )
 
-_IDS = [[0, 5, 19], [3, 3, 7]]
 
+def check_embedding_lora(cls: Callable[..., nn.Module]) -> bool:
+    """Check ``cls(embedding, rank, alpha)``: LoRA for an ``nn.Embedding``.
 
-def _embedding() -> nn.Embedding:
+    The class keeps the embedding as ``.embedding`` (frozen), holds ``.A``
+    ``(num_embeddings, rank)``, ``.B`` ``(rank, embedding_dim)`` and ``.scaling = alpha / rank``,
+    starts exactly at the embedding, and returns ``embedding(ids) + scaling * A[ids] @ B``.
+    """
     torch.manual_seed(0)
-    return nn.Embedding(20, 6)
-
-
-def _filled(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.empty(shape).normal_(generator=torch.Generator().manual_seed(seed))
-
-
-def _probe_embedding_lora(cls: Callable[..., nn.Module]) -> dict:
-    """What the learner's layer does: built, called at the start, then with random A and B."""
-    embedding = _embedding()
+    embedding = nn.Embedding(20, 6)
+    original = embedding.weight.detach().clone()
     layer, err = call(cls, embedding, 3, 6.0)
     if err:
-        return {"init": err}
-    A, B = getattr(layer, "A", None), getattr(layer, "B", None)
-    seen: dict = {"init": None, "scaling": getattr(layer, "scaling", None)}
-    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-        return seen
-    ids = torch.tensor(_IDS)
-    seen |= {"A": A, "B": B, "A_trains": A.requires_grad, "B_trains": B.requires_grad}
-    seen["start"] = call(layer, ids)
-    seen["embedding_trains"] = embedding.weight.requires_grad
-    with torch.no_grad():
-        A.normal_(generator=torch.Generator().manual_seed(1))
-        B.normal_(generator=torch.Generator().manual_seed(2))
-    out, err = call(layer, ids)
-    seen["random"] = (out, err)
-    if isinstance(out, torch.Tensor) and out.requires_grad:
-        out.square().sum().backward()
-        seen["A_grad"], seen["B_grad"] = A.grad, B.grad
-    return seen
-
-
-def _judge_embedding_lora(data: object) -> Verdict:
-    init = field(data, "init", str, type(None))
-    if init:
-        return [f"cls(nn.Embedding(20, 6), 3, 6.0) raised {init}"], ""
-    assert isinstance(data, dict)  # field() checked it
-    A, B = tensor(data.get("A")), tensor(data.get("B"))
-    if A is None or B is None:
-        return ["the layer needs parameters .A and .B"], ""
+        return report([f"cls(nn.Embedding(20, 6), 3, 6.0) raised {err}"], "")
     problems: list[str] = []
+    ids = torch.tensor([[0, 5, 19], [3, 3, 7]])
+    A, B = getattr(layer, "A", None), getattr(layer, "B", None)
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        return report(["the layer needs parameters .A and .B"], "")
     if tuple(A.shape) != (20, 3) or tuple(B.shape) != (3, 6):
         problems.append(
             f"A is {tuple(A.shape)} and B {tuple(B.shape)}; expected (20, 3) and (3, 6)"
         )
-    if not near(number(data.get("scaling")), 2.0, tol=0.0):
-        problems.append("scaling should be alpha / rank = 6.0 / 3 = 2.0")
-    out, err = outcome(field(data, "start", tuple))
+    scaling = getattr(layer, "scaling", None)
+    if type(scaling) is not float or not abs(scaling - 2.0) <= 1e-9:
+        problems.append(f"scaling is {scaling!r}; it should be s = alpha / rank = 6.0 / 3 = 2.0")
+    out, err = call(layer, ids)
     if err:
-        return [*problems, f"layer(ids) raised {err}"], ""
-    embedding, ids = _embedding(), torch.tensor(_IDS)
-    original = embedding.weight.detach()
-    if not problems and not close(out, original[ids], atol=0.0, rtol=0.0):
+        return report([*problems, f"layer(ids) raised {err}"], "")
+    if not problems and not torch.equal(out, embedding(ids)):
         problems.append(
             "at the start the layer must return exactly the embedding (start A or B at 0)"
         )
-    if field(data, "embedding_trains", bool):
+    if embedding.weight.requires_grad:
         problems.append("the embedding's weight still trains; freeze it")
-    if not (field(data, "A_trains", bool) and field(data, "B_trains", bool)):
+    if not (A.requires_grad and B.requires_grad):
         problems.append("A and B must be trainable")
     if problems:
-        return problems, ""
-    out, err = outcome(field(data, "random", tuple))
-    expected = original[ids] + 2.0 * _filled((20, 3), 1)[ids] @ _filled((3, 6), 2)
+        return report(problems, "")
+    with torch.no_grad():
+        A.normal_(generator=torch.Generator().manual_seed(1))
+        B.normal_(generator=torch.Generator().manual_seed(2))
+    out, err = call(layer, ids)
+    expected = original[ids] + 2.0 * A.detach()[ids] @ B.detach()
     if err:
         problems.append(f"with non-zero A and B, layer(ids) raised {err}")
-    elif not close(out, expected):
+    elif not torch.allclose(out, expected, atol=1e-5):
         problems.append(
             "with non-zero A and B the output is not embedding(ids) + scaling * A[ids] @ B"
         )
     else:
-        A_grad, B_grad = tensor(data.get("A_grad")), tensor(data.get("B_grad"))
-        if A_grad is None or B_grad is None or tuple(A_grad.shape) != (20, 3):
+        out.square().sum().backward()
+        if A.grad is None or B.grad is None:
             problems.append("no gradient reached A or B")
-        elif A_grad[torch.tensor([1, 2, 4])].abs().sum() != 0:
+        elif A.grad[torch.tensor([1, 2, 4])].abs().sum() != 0:
             problems.append("rows of A for ids that were not looked up received gradient")
-    return (
+    return report(
         problems,
         "Each token id picks its own row of A, a rank-r update of the whole embedding matrix. "
         "PEFT's LoRA for embeddings works the same way (there A starts at zero and B at random).",
     )
 
 
-check_embedding_lora = Check(_probe_embedding_lora, _judge_embedding_lora)
-"""Check ``cls(embedding, rank, alpha)``: LoRA for an ``nn.Embedding``.
-
-The class keeps the embedding as ``.embedding`` (frozen), holds ``.A`` ``(num_embeddings, rank)``,
-``.B`` ``(rank, embedding_dim)`` and ``.scaling = alpha / rank``, starts exactly at the embedding,
-and returns ``embedding(ids) + scaling * A[ids] @ B``.
-"""
-
-
-__all__ = ["check_embedding_lora", "check_freeze"]
+__all__ = ["check_embedding_lora", "check_merge_to_linear", "check_rslora_alpha"]
