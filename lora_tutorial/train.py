@@ -6,7 +6,7 @@
 - **Evaluation**: :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall;
   :func:`all_logits` the logits of every message; :func:`wilson_interval` how far an accuracy on
   a test set of n messages may be from the true one; :func:`summarize` turns a trained model into
-  one row of a comparison table.
+  one row of a comparison table, :func:`mean_over_seeds` several seeds' rows into one per method.
 - **Training**: :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
   (:func:`train_epoch`, one :func:`train_step` per batch) and returns a :class:`History` that
   chapters plot. A loss that is NaN or infinite stops it with :class:`TrainingDiverged`. Under
@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -308,6 +309,27 @@ def summarize(
         val_accuracy=history.val_accuracy[-1] if history.val_accuracy else float("nan"),
         test_accuracy=test.accuracy if test is not None else None,
     )
+
+
+def mean_over_seeds(results: Sequence[MethodResult]) -> list[MethodResult]:
+    """One row per method (in order of first appearance) from runs with several seeds.
+
+    Times and accuracies are the means over the method's runs; the peak memory is the largest.
+    """
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        own = [r for r in results if r.method == method]
+        tests = [r.test_accuracy for r in own if r.test_accuracy is not None]
+        rows.append(
+            dataclasses.replace(
+                own[0],
+                seconds_per_epoch=statistics.mean(r.seconds_per_epoch for r in own),
+                peak_memory_bytes=max(r.peak_memory_bytes for r in own),
+                val_accuracy=statistics.mean(r.val_accuracy for r in own),
+                test_accuracy=statistics.mean(tests) if len(tests) == len(own) else None,
+            )
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- training

@@ -77,3 +77,20 @@ def test_all_logits_and_time_interleaved_are_capped_in_a_rehearsal(
     calls: list[int] = []
     serving.time_interleaved({"a": lambda: calls.append(1)}, rounds=50, warm_up=False)
     assert len(calls) == 2
+
+
+def _result(method: str, seconds: float, memory: int, test: float | None) -> train.MethodResult:
+    return train.MethodResult(method, 10, 100, seconds, memory, "cuda", 0.5, test)
+
+
+def test_mean_over_seeds_keeps_the_order_and_averages() -> None:
+    runs = [
+        _result("lora", 2.0, 5, 0.9),
+        _result("full", 4.0, 9, 0.8),
+        _result("lora", 4.0, 7, 1.0),
+    ]
+    lora_row, full_row = train.mean_over_seeds(runs)
+    assert (lora_row.method, full_row.method) == ("lora", "full")
+    assert lora_row.seconds_per_epoch == 3.0 and lora_row.peak_memory_bytes == 7
+    assert lora_row.test_accuracy == pytest.approx(0.95) and full_row.test_accuracy == 0.8
+    assert train.mean_over_seeds([_result("lora", 1.0, 1, None)])[0].test_accuracy is None
