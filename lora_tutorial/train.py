@@ -4,7 +4,7 @@
   (``"lora"``, ``"full"``, ``"last-block"``); ``DEFAULT_LR``, ``LORA_RANK``, :func:`default_alpha`
   and ``LORA_TARGETS`` are the settings the chapters and the command line share.
 - **Evaluation**: :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall;
-  :func:`all_logits` the logits of every message; :func:`wilson_interval` how far an accuracy on
+  :func:`all_logits` and :func:`predictions` the logits and answers for every message; :func:`wilson_interval` how far an accuracy on
   a test set of n messages may be from the true one; :func:`summarize` turns a trained model into
   one row of a comparison table, :func:`mean_over_seeds` several seeds' rows into one per method.
 - **Training**: :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
@@ -253,6 +253,18 @@ def all_logits(
                 )
             ]
         )
+
+
+def predictions(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted classes, labels)`` for every message of ``loader``, in order, on the CPU.
+
+    The same messages as :func:`all_logits` reads (in rehearsal mode the first two batches).
+    """
+    predicted = all_logits(model, loader, device=device).argmax(dim=-1)
+    batches = itertools.islice(loader, rehearsal.eval_batch_limit(None))
+    return predicted, torch.cat([labels for _, labels, _ in batches]).cpu()
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -69,11 +69,18 @@ def test_all_logits_covers_every_message_in_order_in_eval_mode() -> None:
     assert model.training and not logits.requires_grad  # the mode is restored
 
 
+def test_predictions_pair_each_answer_with_its_label() -> None:
+    predicted, labels = train.predictions(Echo(), _loader())
+    assert predicted.tolist() == [1] * 10  # the length is always the larger logit
+    assert labels.tolist() == [0] * 10
+
+
 def test_all_logits_and_time_interleaved_are_capped_in_a_rehearsal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(config, "mode", lambda: "rehearsal")
     assert len(train.all_logits(Echo(), _loader())) == 8  # two batches of four
+    assert [len(t) for t in train.predictions(Echo(), _loader())] == [8, 8]
     calls: list[int] = []
     serving.time_interleaved({"a": lambda: calls.append(1)}, rounds=50, warm_up=False)
     assert len(calls) == 2
