@@ -4,9 +4,10 @@
   (``"lora"``, ``"full"``, ``"last-block"``); ``DEFAULT_LR``, ``LORA_RANK``, :func:`default_alpha`
   and ``LORA_TARGETS`` are the settings the chapters and the command line share.
 - **Evaluation**: :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall;
-  :func:`all_logits` and :func:`predictions` the logits and answers for every message; :func:`wilson_interval` how far an accuracy on
-  a test set of n messages may be from the true one; :func:`summarize` turns a trained model into
-  one row of a comparison table, :func:`mean_over_seeds` several seeds' rows into one per method.
+  :func:`all_logits` and :func:`predictions` the logits and answers for every message;
+  :func:`wilson_interval` how far an accuracy on a test set of n messages may be from the true
+  one; :func:`summarize` turns a trained model into one row of a comparison table, and
+  :func:`mean_over_seeds` several seeds' rows into one per method.
 - **Training**: :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
   (:func:`train_epoch`, one :func:`train_step` per batch) and returns a :class:`History` that
   chapters plot. A loss that is NaN or infinite stops it with :class:`TrainingDiverged`. Under
