@@ -38,6 +38,7 @@ from lora_tutorial.lora import (
     set_submodule,
     unmerge_lora,
 )
+from lora_tutorial.runtime import rehearsal
 
 
 def multi_lora_delta(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor) -> Tensor:
@@ -287,9 +288,11 @@ def time_interleaved(
     Interleaving means a burst of load from other processes slows every candidate alike, and the
     median ignores the rounds it spoiled; compare the results as ratios from the same call.
     ``warm_up=False`` leaves out the warm-up calls, for functions that have just been called.
+    A rehearsal times at most two rounds: it only proves that the code runs.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: time at least one round")
+    rounds = rehearsal.capped_steps(rounds)
 
     def sync() -> None:
         if device is not None and device.type == "cuda":

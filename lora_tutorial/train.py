@@ -4,7 +4,10 @@
   (``"lora"``, ``"full"``, ``"last-block"``); ``DEFAULT_LR``, ``LORA_RANK``, :func:`default_alpha`
   and ``LORA_TARGETS`` are the settings the chapters and the command line share.
 - **Evaluation**: :func:`evaluate` gives accuracy, loss, confusion matrix, precision and recall;
-  :func:`summarize` turns a trained model into one row of a comparison table.
+  :func:`all_logits` and :func:`predictions` the logits and answers for every message;
+  :func:`wilson_interval` how far an accuracy on a test set of n messages may be from the true
+  one; :func:`summarize` turns a trained model into one row of a comparison table, and
+  :func:`mean_over_seeds` several seeds' rows into one per method.
 - **Training**: :func:`train_classifier` runs AdamW (or an optimizer you build) epoch by epoch
   (:func:`train_epoch`, one :func:`train_step` per batch) and returns a :class:`History` that
   chapters plot. A loss that is NaN or infinite stops it with :class:`TrainingDiverged`. Under
@@ -24,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -230,6 +234,62 @@ def evaluate(
     return scores(confusion, total_loss)
 
 
+def all_logits(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """The model's logits for every message of ``loader``, in order, as float32 on the CPU.
+
+    Runs in :func:`~lora_tutorial.gpt.eval_mode` and in float32 (no autocast), so that two models
+    that should compute the same function can be compared number by number. Rehearsal mode reads
+    the first two batches only, as :func:`evaluate` does.
+    """
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    with gpt.eval_mode(model):
+        return torch.cat(
+            [
+                model(input_ids.to(device), lengths.to(device)).float().cpu()
+                for input_ids, _, lengths in itertools.islice(
+                    loader, rehearsal.eval_batch_limit(None)
+                )
+            ]
+        )
+
+
+def predictions(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted classes, labels)`` for every message of ``loader``, in order, on the CPU.
+
+    The same messages as :func:`all_logits` reads (in rehearsal mode the first two batches).
+    """
+    predicted = all_logits(model, loader, device=device).argmax(dim=-1)
+    batches = itertools.islice(loader, rehearsal.eval_batch_limit(None))
+    return predicted, torch.cat([labels for _, labels, _ in batches]).cpu()
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's interval for an accuracy of ``correct`` out of ``n`` (95 % for ``z`` = 1.96).
+
+    A test set is one sample of messages: another sample of the same size from the same source
+    would score a little differently. The interval says how far: with 95 % confidence the accuracy
+    on the whole source lies inside it (Wilson 1927). Unlike the textbook interval p +/- z * sd,
+    it stays inside [0, 1] and is not zero wide when every message is right.
+    """
+    for name, value in (("correct", correct), ("n", n)):
+        if type(value) is not int:
+            raise TypeError(f"{name}={value!r}: give a whole number of messages (an int)")
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"correct={correct}, n={n}: need n >= 1 and 0 <= correct <= n")
+    if not (isinstance(z, (int, float)) and z > 0 and math.isfinite(z)):
+        raise ValueError(f"z={z!r}: give a positive number, e.g. 1.96 for a 95 % interval")
+    p, z2 = correct / n, z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 @dataclass
 class MethodResult:
     """One method's row in a comparison table."""
@@ -262,6 +322,27 @@ def summarize(
         val_accuracy=history.val_accuracy[-1] if history.val_accuracy else float("nan"),
         test_accuracy=test.accuracy if test is not None else None,
     )
+
+
+def mean_over_seeds(results: Sequence[MethodResult]) -> list[MethodResult]:
+    """One row per method (in order of first appearance) from runs with several seeds.
+
+    Times and accuracies are the means over the method's runs; the peak memory is the largest.
+    """
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        own = [r for r in results if r.method == method]
+        tests = [r.test_accuracy for r in own if r.test_accuracy is not None]
+        rows.append(
+            dataclasses.replace(
+                own[0],
+                seconds_per_epoch=statistics.mean(r.seconds_per_epoch for r in own),
+                peak_memory_bytes=max(r.peak_memory_bytes for r in own),
+                val_accuracy=statistics.mean(r.val_accuracy for r in own),
+                test_accuracy=statistics.mean(tests) if len(tests) == len(own) else None,
+            )
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- training

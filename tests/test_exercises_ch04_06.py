@@ -5,11 +5,18 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from _helpers import ROOT
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lora_tutorial import lora, train
-from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.classroom import notebooks
 from lora_tutorial.exercises import ch04, ch05, ch06
-from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
+
+CHAPTERS_5_6 = [
+    ROOT / "chapters" / "05_finetune_gpt2.ipynb",
+    ROOT / "chapters" / "06_adapters.ipynb",
+]
 
 # --- chapter 4: pooling -------------------------------------------------------------------------
 
@@ -98,16 +105,96 @@ def test_balance_check_rejects_typical_mistakes(
 # --- chapter 5 ----------------------------------------------------------------------------------
 
 
-def test_expected_lora_count_matches_the_real_lora_model() -> None:
-    model = train.prepare_model(GPTClassifier(GPTModel("tiny")), "lora", rank=3, alpha=3)
-    head = sum(p.numel() for p in model.gpt.out_head.parameters())
-    assert lora.count_parameters(model).trainable - head == ch05.expected_lora_parameters(
-        GPT_CONFIGS["tiny"], 3
-    )
+def _accuracy(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for input_ids, labels, lengths in loader:
+            correct += (model(input_ids, lengths).argmax(-1) == labels).sum().item()
+            total += len(labels)
+    return correct / total
 
 
-def test_gpt2_small_rank16_count() -> None:
-    assert ch05.expected_lora_parameters(GPT_CONFIGS["gpt2-small"], 16) == 2_654_208
+def _accuracy_without_lengths(model, loader) -> float:
+    model.eval()
+    with torch.no_grad():
+        right = [(model(i).argmax(-1) == y).float() for i, y, _ in loader]
+    return torch.cat(right).mean().item()
+
+
+def _accuracy_batch_mean(model, loader) -> float:
+    model.eval()
+    with torch.no_grad():
+        right = [(model(i, n).argmax(-1) == y).float().mean().item() for i, y, n in loader]
+    return sum(right) / len(right)
+
+
+def _accuracy_in_train_mode(model, loader) -> float:
+    model.train()
+    with torch.no_grad():
+        right = [(model(i, n).argmax(-1) == y).float() for i, y, n in loader]
+    return torch.cat(right).mean().item()
+
+
+def test_accuracy_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ch05.check_accuracy(_accuracy)
+    assert ch05.check_accuracy(lambda m, loader: train.evaluate(m, loader).accuracy)
+    capsys.readouterr()
+    for wrong, message in [
+        (_accuracy_without_lengths, "without lengths"),
+        (_accuracy_batch_mean, "mean of the batches"),
+        (_accuracy_in_train_mode, "model.eval()"),
+        (lambda m, loader: torch.tensor(_accuracy(m, loader)), "Python float"),
+        (lambda m, loader: float("nan"), "the classifier gets"),
+        (lambda m, loader: 1 / 0, "raised ZeroDivisionError"),
+    ]:
+        assert not ch05.check_accuracy(wrong)
+        assert message in capsys.readouterr().out
+
+
+def _train_step(model, optimizer, batch) -> float:
+    input_ids, labels, lengths = batch
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(input_ids, lengths), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _step_without_zero_grad(model, optimizer, batch) -> float:
+    input_ids, labels, lengths = batch
+    loss = torch.nn.functional.cross_entropy(model(input_ids, lengths), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _step_without_lengths(model, optimizer, batch) -> float:
+    input_ids, labels, _ = batch
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(input_ids), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _step_without_update(model, optimizer, batch) -> float:
+    input_ids, labels, lengths = batch
+    return torch.nn.functional.cross_entropy(model(input_ids, lengths), labels).item()
+
+
+def test_train_step_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ch05.check_train_step(_train_step)
+    capsys.readouterr()
+    for wrong, message in [
+        (_step_without_zero_grad, "zero_grad"),
+        (_step_without_lengths, "with the lengths"),
+        (_step_without_update, "did not change"),
+        (lambda m, o, b: torch.tensor(_train_step(m, o, b)), "loss.item()"),
+        (lambda m, o, b: _train_step(m, o, b) * float("nan"), "expected"),
+    ]:
+        assert not ch05.check_train_step(wrong)
+        assert message in capsys.readouterr().out
 
 
 def _freeze_last_block(model) -> None:
@@ -176,23 +263,69 @@ def test_use_adapter_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert "raised RuntimeError" in capsys.readouterr().out
 
 
-def test_adapter_bytes_check(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ch06.check_adapter_bytes(
-        lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
-    )
+def _save(model, path, keep=lambda name, p: p.requires_grad, metadata=None) -> None:
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
+    save_file(tensors, path, metadata={"rank": "2", "alpha": "4"} if metadata is None else metadata)
+
+
+def test_save_lora_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ch06.check_save_lora(_save)
     capsys.readouterr()
-    assert not ch06.check_adapter_bytes(
-        lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    )
-    assert "counts every parameter" in capsys.readouterr().out
-    assert not ch06.check_adapter_bytes(
-        lambda m: sum(4 * p.numel() for p in m.parameters() if p.requires_grad)
-    )
-    assert "assumes 4 bytes" in capsys.readouterr().out
-    assert not ch06.check_adapter_bytes(
-        lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
-    )
-    assert "not bytes" in capsys.readouterr().out
+    for wrong, message in [
+        (lambda m, path: _save(m, path, keep=lambda n, p: True), "frozen tensors"),
+        (lambda m, path: _save(m, path, keep=lambda n, p: ".lora." in n), "lacks trained"),
+        (lambda m, path: _save(m, path, metadata={}), "metadata should say rank"),
+        (lambda m, path: _save(m, path, metadata={"rank": "2", "alpha": "x"}), "say alpha"),
+        (lambda m, path: torch.save(m.state_dict(), path), "as safetensors"),
+        (lambda m, path: None, "could not read"),
+    ]:
+        assert not ch06.check_save_lora(wrong)
+        assert message in capsys.readouterr().out
+
+
+def _targets(path, dim=1, suffix=".lora.A") -> dict[str, int]:
+    found = {}
+    with safe_open(path, "pt") as f:
+        names = f.keys()  # a safetensors file is not iterable itself
+        for key in names:
+            if key.endswith(suffix):
+                found[key.removesuffix(suffix)] = f.get_slice(key).get_shape()[dim]
+    return found
+
+
+def test_adapter_targets_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ch06.check_adapter_targets(_targets)
+    capsys.readouterr()
+    for wrong, message in [
+        (lambda path: _targets(path, dim=0), "input size"),
+        (lambda path: _targets(path, suffix=".weight"), "the head"),
+        (lambda path: _targets(path, suffix="A"), "expected"),
+        (lambda path: sorted(_targets(path)), "return a dict"),
+    ]:
+        assert not ch06.check_adapter_targets(wrong)
+        assert message in capsys.readouterr().out
+
+
+# --- chapters 5 and 6: the stubs fail, the solutions pass ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exercise",
+    [ex for path in CHAPTERS_5_6 for ex in notebooks.exercises(path) if ex.check],
+    ids=lambda ex: ex.label,
+)
+def test_stub_fails_and_solution_passes(exercise, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exercise.solution_code, f"{exercise.label} has a check but no solution code"
+    exec(notebooks.answer_cell_source(exercise), {})  # the stub raises NotImplementedError
+    assert "Not yet:" in capsys.readouterr().out
+    exec(notebooks.answer_cell_source(exercise, exercise.solution_code), {})  # self-contained
+    assert "Correct!" in capsys.readouterr().out
+
+
+def test_chapters_5_and_6_have_three_checked_exercises_each() -> None:
+    for path in CHAPTERS_5_6:
+        checked = [ex for ex in notebooks.exercises(path) if ex.check]
+        assert len(checked) >= 3, path.name
 
 
 def test_balance_check_reports_a_non_frame_from_any_call(

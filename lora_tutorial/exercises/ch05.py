@@ -1,138 +1,202 @@
-"""Checks for chapter 5 (fine-tuning GPT-2 with LoRA)."""
+"""Checks for chapter 5 (fine-tuning GPT-2 with LoRA): the evaluation loop, the training step and
+the last-block method, each compared with what the package computes."""
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.exercises._feedback import (
-    Check,
-    Verdict,
-    call,
-    close,
-    describe,
-    names,
-    outcome,
-    tensor,
-)
-from lora_tutorial.gpt import GPTModel
-
-# The configurations the parameter-count check tries: GPT-2 small, and odd shapes that catch
-# shortcuts.
-_CONFIGS = [
-    {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
-    {"emb_dim": 64, "n_layers": 2, "n_heads": 4},
-    {"emb_dim": 96, "n_layers": 3, "n_heads": 2},
-]
+from lora_tutorial.data import PAD_TOKEN_ID
+from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
+from lora_tutorial.train import evaluate, prepare_model
 
 
-def expected_lora_parameters(cfg: dict, rank: int) -> int:
-    """LoRA parameters for rank ``rank`` on every attention and feed-forward linear layer.
+def _tiny_classifier(drop_rate: float = 0.0, seed: int = 0) -> GPTClassifier:
+    """A tiny GPT with a two-class head, shaped like the chapter's model."""
+    torch.manual_seed(seed)
+    return GPTClassifier(GPTModel({**GPT_CONFIGS["tiny"], "drop_rate": drop_rate}))
 
-    Each adapted ``d_in -> d_out`` layer adds ``rank * (d_in + d_out)`` numbers. A block has
-    four ``d -> d`` attention layers (query, key, value, output) and the ``d -> 4d -> d``
-    feed-forward pair, so ``4 * 2rd + 2 * 5rd = 18 r d`` per block.
+
+def _messages(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` right-padded random messages of 2 to 8 tokens: ``(input_ids, lengths)``."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (n,), generator=gen)
+    ids = torch.randint(0, 50000, (n, 8), generator=gen)
+    ids[torch.arange(8) >= lengths[:, None]] = PAD_TOKEN_ID
+    return ids, lengths
+
+
+def _accuracy_data(model: GPTClassifier) -> DataLoader:
+    """Ten messages in batches of 4, 4 and 2, labelled so that the model gets 7 of them right
+    (two wrong in the first batch, one in the last: a mean of batch accuracies is not 0.7)."""
+    ids, lengths = _messages(10, seed=1)
+    model.eval()
+    with torch.no_grad():
+        labels = model(ids, lengths).argmax(-1)
+    labels[[0, 1, 8]] = 1 - labels[[0, 1, 8]]
+    return DataLoader(TensorDataset(ids, labels, lengths), batch_size=4)
+
+
+def check_accuracy(accuracy: Callable[[nn.Module, DataLoader], float]) -> bool:
+    """Check ``accuracy(model, loader)``: the share of messages the classifier gets right.
+
+    The loader yields ``(input_ids, labels, lengths)``; the answer must equal
+    ``train.evaluate(model, loader).accuracy`` on a small model that has dropout.
     """
-    d = cfg["emb_dim"]
-    return 18 * rank * d * cfg["n_layers"]
-
-
-def _trainable(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _probe_last_block(freeze_fn: Callable[[nn.Module], None]) -> tuple:
-    model = _tiny_classifier()
-    _, err = call(freeze_fn, model)
-    return _trainable(model), err
-
-
-def _judge_last_block(data: object) -> Verdict:
-    listed, err = outcome(data)
+    model = _tiny_classifier(drop_rate=0.5)
+    loader = _accuracy_data(model)
+    want = evaluate(model, loader).accuracy
+    model.train()  # as a model is after training: dropout on
+    got, err = call(accuracy, model, loader)
     if err:
-        return [f"your function raised {err}"], ""
-    trainable = names(listed)
-    model = _tiny_classifier()
-    last = len(GPTModel("tiny").trf_blocks) - 1
-    wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
-    every = [name for name, _ in model.named_parameters()]
-    wrong_frozen = [n for n in every if n.startswith(wanted_prefixes) and n not in trainable]
-    wrong_trainable = [n for n in trainable if not n.startswith(wanted_prefixes) or n not in every]
+        return report([f"your function raised {err}"], "")
     problems: list[str] = []
+    if type(got) is not float:
+        problems.append(
+            f"return the accuracy as a Python float (e.g. correct / total), not "
+            f"{type(got).__name__}"
+        )
+    elif not abs(got - want) <= 1e-9:
+        again, _ = call(accuracy, model.train(), loader)
+        model.eval()
+        with torch.no_grad():
+            right = [(model(i, n).argmax(-1) == y).float() for i, y, n in loader]
+            at_last = [(model(i).argmax(-1) == y).float() for i, y, _ in loader]
+        batch_mean = sum(r.mean().item() for r in right) / len(right)
+        unpooled = torch.cat(at_last).mean().item()
+        if math.isfinite(got) and again != got:
+            problems.append(
+                "two calls gave different answers: dropout is still on. Call model.eval() "
+                "before predicting"
+            )
+        elif abs(got - unpooled) <= 1e-9:
+            problems.append(
+                "you called the model without lengths, so it read position -1, a padding token "
+                "for most messages: model(input_ids, lengths)"
+            )
+        elif abs(got - batch_mean) <= 1e-9:
+            problems.append(
+                "that is the mean of the batches' accuracies; the last batch is smaller, so "
+                "count correct messages and divide by all messages"
+            )
+        else:
+            problems.append(f"you return {got:.4f}; the classifier gets {want:.4f} right")
+    return report(problems, "the same accuracy as train.evaluate, message by message.")
+
+
+def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
+    input_ids, labels, lengths = batch
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(input_ids, lengths), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b, strict=True))
+
+
+def check_train_step(
+    train_step: Callable[[nn.Module, torch.optim.Optimizer, tuple], float],
+) -> bool:
+    """Check ``train_step(model, optimizer, batch)``: one optimizer step; returns the loss.
+
+    ``batch`` is ``(input_ids, labels, lengths)``. Three steps must change the trainable
+    parameters exactly as forward, cross-entropy, backward and AdamW's step do, from fresh
+    gradients each time.
+    """
+    ours = prepare_model(_tiny_classifier(), "lora", rank=2, alpha=4)
+    theirs = copy.deepcopy(ours)
+    batches = []
+    for seed in (2, 3, 4):
+        ids, lengths = _messages(4, seed)
+        batches.append((ids, torch.tensor([0, 1, 1, 0]), lengths))
+
+    def adamw(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    our_opt, their_opt = adamw(ours), adamw(theirs)
+    start = _trainable(theirs)
+    problems: list[str] = []
+    for step, batch in enumerate(batches, 1):
+        with torch.no_grad():  # what a step that forgets the lengths would report
+            unpooled = nn.functional.cross_entropy(theirs(batch[0]), batch[1]).item()
+        want = _reference_step(ours, our_opt, batch)
+        got, err = call(train_step, theirs, their_opt, batch)
+        if err:
+            problems.append(f"your function raised {err}")
+            break
+        if type(got) is not float:
+            problems.append(
+                f"return the loss as a Python float (loss.item()), not {type(got).__name__}"
+            )
+            break
+        if not abs(got - want) <= 1e-5:
+            hint = (
+                "call the model with the lengths, model(input_ids, lengths), so it reads each "
+                "message's last real token"
+                if step == 1 and abs(got - unpooled) <= 1e-5
+                else "the loss is the cross-entropy of the model's logits and the labels"
+            )
+            problems.append(f"step {step}: your loss is {got:.5f}, expected {want:.5f}; {hint}")
+            break
+        if not _same(_trainable(theirs), _trainable(ours)):
+            if _same(_trainable(theirs), start):
+                problems.append(
+                    "the parameters did not change: call loss.backward(), then optimizer.step()"
+                )
+            elif step > 1:
+                problems.append(
+                    f"step {step} moved the parameters differently: gradients add up from step "
+                    "to step unless you clear them, so call optimizer.zero_grad() in every step"
+                )
+            else:
+                problems.append("step 1 moved the parameters differently from AdamW's step")
+            break
+    return report(problems, "forward, loss, backward, step: the heart of train.train_classifier.")
+
+
+def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
+    """Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
+
+    ``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
+    """
+    model = _tiny_classifier()  # a tiny GPT with a two-class head, like the chapter's model
+    _, err = call(freeze_fn, model)
+    if err:
+        return report([f"your function raised {err}"], "")
+    problems: list[str] = []
+    last = len(model.gpt.trf_blocks) - 1
+    wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
+    wrong_frozen = [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith(wanted_prefixes) and not p.requires_grad
+    ]
+    wrong_trainable = [
+        n
+        for n, p in model.named_parameters()
+        if not n.startswith(wanted_prefixes) and p.requires_grad
+    ]
     if wrong_frozen:
         problems.append(f"these should be trainable but are frozen: {_few(wrong_frozen)}")
     if wrong_trainable:
         problems.append(f"these should be frozen but are trainable: {_few(wrong_trainable)}")
-    return problems, "only the last block, the final LayerNorm and the new head will learn."
-
-
-check_last_block = Check(_probe_last_block, _judge_last_block)
-"""Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
-
-``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
-"""
+    return report(problems, "only the last block, the final LayerNorm and the new head will learn.")
 
 
 def _few(names: list[str], k: int = 4) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-def _tiny_classifier() -> nn.Module:
-    """A tiny GPT with a two-class head, shaped like the chapter's model."""
-    return GPTClassifier(GPTModel("tiny"))
-
-
-def _forward_case() -> tuple[nn.Linear, list, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    linear = nn.Linear(8, 5)
-    adapters = [
-        (torch.randn(8, r, generator=g), torch.randn(r, 5, generator=g), s)
-        for r, s in ((2, 1.0), (2, 0.5), (2, 2.0))
-    ]
-    return linear, adapters, torch.randn(4, 3, 8, generator=g), torch.tensor([2, 0, 2, 1])
-
-
-def _probe_multi_adapter_forward(fn: Callable[..., torch.Tensor]) -> tuple:
-    linear, adapters, x, ids = _forward_case()
-    return call(fn, linear, adapters, x.clone(), ids.clone())
-
-
-def _judge_multi_adapter_forward(data: object) -> Verdict:
-    linear, adapters, x, ids = _forward_case()
-    with torch.no_grad():
-        expected = torch.stack(
-            [
-                linear(x[b]) + adapters[k][2] * x[b] @ adapters[k][0] @ adapters[k][1]
-                for b, k in enumerate(ids.tolist())
-            ]
-        )
-    out, err = outcome(data)
-    if err:
-        return [f"your function raised {err}"], ""
-    problems: list[str] = []
-    got = tensor(out)
-    if got is None or got.shape != expected.shape:
-        shape = tuple(got.shape) if got is not None else describe(out)
-        problems.append(f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
-    elif not close(got, expected):
-        wrong = [b for b in range(4) if not close(got[b], expected[b])]
-        problems.append(f"rows {wrong} do not match their own adapter's output")
-    return (
-        problems,
-        "One frozen base, many adapters, one batch: the idea behind serving systems such as "
-        "S-LoRA and Punica (chapter 8 builds it into the package).",
-    )
-
-
-check_multi_adapter_forward = Check(_probe_multi_adapter_forward, _judge_multi_adapter_forward)
-"""Check ``fn(linear, adapters, x, adapter_ids)``: one batch, each row with its own adapter.
-
-``adapters`` is a list of ``(A, B, scaling)``, ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``; ``x``
-is ``(batch, tokens, in)`` and row ``b`` uses ``adapters[adapter_ids[b]]``. The result equals
-running each row through its own ``LinearWithLoRA``.
-"""
