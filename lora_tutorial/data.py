@@ -1,14 +1,21 @@
-"""The SMS Spam Collection: read, balance, split, save (with a manifest), tokenize, batch.
+"""The SMS Spam Collection: read, deduplicate, balance, split (with a manifest), tokenize, batch.
 
 One run of the book's experiment starts here::
 
     messages = read_messages()                  # 5,574 rows, Label 0 = ham, 1 = spam
-    train, val, test = split(balance_classes(messages))   # 1,045 / 149 / 300
+    train, val, test = split(balance_classes(messages))   # 898 / 128 / 258
     loaders = make_loaders(train, val, test, tokenizer)
 
-Balancing undersamples the larger class and splitting shuffles once and cuts at 70 % and 80 %,
-both with a fixed seed and the same pandas calls as chapter 6 of *Build a Large Language Model
-(From Scratch)*, so a reader gets the same rows as that book for the same seed.
+The collection repeats many messages word for word (spam campaigns send the same text again and
+again). :func:`balance_classes` and :func:`split` first drop those repeats (:func:`drop_duplicates`:
+same text after normalising whitespace and case), so no validation or test message is also a
+training message. Balancing then undersamples the larger class and splitting shuffles once and
+cuts at 70 % and 80 %, both with a fixed seed and the same pandas calls as chapter 6 and appendix
+E of *Build a Large Language Model (From Scratch)*. :func:`appendix_e_split` is that book's
+procedure without deduplication, kept to measure the leak it causes.
+
+The file is found by :func:`sms_spam_file`: a folder given, the data folder, the copy shipped in
+the package (``lora_tutorial/bundled``, CC BY 4.0), and only then the UCI download.
 
 The same machinery serves other labels of the same messages: :func:`calls_to_action` is a
 rule-based second task, and every function that looks at labels takes a ``label_column``.
@@ -21,6 +28,7 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -84,14 +92,32 @@ def extract_zip(zip_path: str | Path, target_dir: str | Path) -> Path:
     return target_dir
 
 
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # UCI's file
+
+
+def bundled_sms_file() -> Path | None:
+    """The copy of ``SMSSpamCollection`` shipped in the package, checked by sha256; None if absent.
+
+    A copy whose bytes differ from UCI's file raises ``ValueError`` (reinstall the package).
+    """
+    path = config.bundled_file(SHARED_FOLDER, SMS_FILE)
+    if path is not None and _sha256(path) != SMS_SHA256:
+        raise ValueError(
+            f"{path} is not the SMS Spam Collection shipped with the package (its sha256 "
+            "differs); reinstall lora-tutorial or restore the file"
+        )
+    return path
+
+
 def sms_spam_file(folder: str | Path | None = None, *, progress: bool = True) -> Path:
     """The path of ``SMSSpamCollection``, downloading the UCI zip only when no copy is at hand.
 
-    Looks, in order, for ``folder/SMSSpamCollection``, for the offline copy in
-    :func:`config.shared_file`, and finally downloads the zip with :func:`download.fetch` and
-    extracts it (safely) into ``folder`` (default: ``<cache>/sms-spam-collection``).
-    Raises :class:`download.DownloadError` when offline with no copy; its message says where
-    to put the file.
+    Looks, in order, for ``folder/SMSSpamCollection``, for the copy in the data folder
+    (:func:`config.shared_file`: ``$LORA_TUTORIAL_DATA`` or ``../shared/data``), for the copy
+    shipped in the package (:func:`bundled_sms_file`), and only then downloads the zip with
+    :func:`download.fetch` and extracts it (safely) into ``folder`` (default:
+    ``<cache>/sms-spam-collection``). Raises :class:`download.DownloadError` when offline with no
+    copy; its message says where to put the file.
     """
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     if (folder / SMS_FILE).is_file():
@@ -99,6 +125,9 @@ def sms_spam_file(folder: str | Path | None = None, *, progress: bool = True) ->
     shared = config.shared_file(SHARED_FOLDER, SMS_FILE)
     if shared is not None:
         return shared
+    bundled = bundled_sms_file()
+    if bundled is not None:
+        return bundled
     try:
         zip_path = download.fetch(ZIP_NAME, progress=progress)
     except download.DownloadError as err:
@@ -206,16 +235,42 @@ def _require_column(df: pd.DataFrame, column: str) -> None:
         )
 
 
-def balance_classes(
-    df: pd.DataFrame, label_column: str = "Label", seed: int = SEED
-) -> pd.DataFrame:
-    """Undersample every class to the size of the smallest one, with a fixed seed.
+def normalised(text: str) -> str:
+    """``text`` in lower case with each run of whitespace made one space: what "the same" means."""
+    return " ".join(text.split()).lower()
 
-    Classes keep their order of first appearance; a class already at the smallest size keeps
-    all its rows in file order. For the SMS data and seed 123 this gives the 747 ham and 747
-    spam rows of chapter 6 of *Build a Large Language Model (From Scratch)*, in its order.
+
+def drop_duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without repeated messages: the first row of each text is kept, in order.
+
+    Two messages are the same when their texts are equal after :func:`normalised` (whitespace
+    and case do not count). A copy of a message could otherwise land in training and in test,
+    and a model that memorised it would look better than it is.
+    """
+    if "Text" not in df.columns:
+        raise ValueError(f"no column 'Text' in the data (columns: {list(df.columns)})")
+    return df[~df["Text"].map(normalised).duplicated()]
+
+
+def overlap(train: pd.DataFrame, other: pd.DataFrame) -> int:
+    """How many rows of ``other`` hold a message that is also in ``train`` (after normalising)."""
+    seen = set(train["Text"].map(normalised))
+    return int(other["Text"].map(normalised).isin(seen).sum())
+
+
+def balance_classes(
+    df: pd.DataFrame, label_column: str = "Label", seed: int = SEED, *, deduplicate: bool = True
+) -> pd.DataFrame:
+    """Drop repeated messages, then undersample every class to the size of the smallest one.
+
+    Sampling uses a fixed seed; classes keep their order of first appearance, and a class already
+    at the smallest size keeps all its rows in file order. ``deduplicate=False`` keeps repeats:
+    for the SMS data and seed 123 that gives the 747 ham and 747 spam rows of chapter 6 of *Build
+    a Large Language Model (From Scratch)* (read with quoting off), in its order.
     """
     _require_column(df, label_column)
+    if deduplicate:
+        df = drop_duplicates(df)
     counts = df[label_column].value_counts(sort=False)
     if len(counts) < 2:
         raise ValueError(
@@ -230,13 +285,47 @@ def balance_classes(
 
 
 def split(
-    df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = SEED
+    df: pd.DataFrame,
+    train_frac: float = 0.7,
+    validation_frac: float = 0.1,
+    seed: int = SEED,
+    *,
+    deduplicate: bool = True,
 ) -> Splits:
-    """Shuffle once with ``seed`` and cut into train, validation and test.
+    """Drop repeated messages, shuffle once with ``seed`` and cut into train, validation and test.
 
     ``train_end = int(n * train_frac)`` and ``val_end = train_end + int(n * validation_frac)``;
-    the rest is test (1,045 / 149 / 300 for 1,494 messages).
+    the rest is test (898 / 128 / 258 for the 1,284 balanced unique messages). With
+    ``deduplicate=False`` repeats stay, and a warning says how many validation and test messages
+    are then also training messages.
     """
+    if deduplicate:
+        df = drop_duplicates(df)
+    splits = _cut(df, train_frac, validation_frac, seed)
+    if not deduplicate:
+        seen = overlap(splits.train, splits.validation) + overlap(splits.train, splits.test)
+        if seen:
+            warnings.warn(
+                f"{seen} of the {len(splits.validation) + len(splits.test)} validation and test "
+                "messages are also in the training set; evaluation on them measures memory, "
+                "not generalisation (split with deduplicate=True)",
+                stacklevel=2,
+            )
+    return splits
+
+
+def appendix_e_split(messages: pd.DataFrame, seed: int = SEED) -> Splits:
+    """The split of appendix E (and chapter 6) of *Build a Large Language Model (From Scratch)*.
+
+    Undersample ham to the number of spam, shuffle, cut at 70 % and 80 %, all with ``seed`` and
+    without removing repeated messages: so some validation and test messages are also training
+    messages (:func:`overlap` counts them). Kept to measure that leak; use :func:`split`.
+    """
+    return _cut(balance_classes(messages, seed=seed, deduplicate=False), 0.7, 0.1, seed)
+
+
+def _cut(df: pd.DataFrame, train_frac: float, validation_frac: float, seed: int) -> Splits:
+    """Shuffle ``df`` once with ``seed`` and cut it at ``train_frac`` and the validation end."""
     if not (0 < train_frac < 1 and 0 <= validation_frac < 1 and train_frac + validation_frac < 1):
         raise ValueError(
             f"train_frac={train_frac}, validation_frac={validation_frac}: need 0 < train_frac, "
@@ -295,11 +384,17 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def save_splits(
-    splits: Splits, folder: str | Path, *, settings: dict | None = None, owned: bool = False
+    splits: Splits,
+    folder: str | Path,
+    *,
+    settings: dict | None = None,
+    counts: dict | None = None,
+    owned: bool = False,
 ) -> dict[str, Path]:
     """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv``; return the paths.
 
-    Beside them goes ``splits.json``: the ``settings`` that made them and each CSV's sha256.
+    Beside them goes ``splits.json``: the ``settings`` that made them, the ``counts`` of rows
+    along the way (messages read, duplicates dropped, ...) and each CSV's sha256.
     A file of those names is replaced only if that manifest says this module wrote it (and it is
     unchanged since) or it already holds exactly the new content; any other file is the user's,
     and ``FileExistsError`` names it (``owned``: the package's own cache, where older versions
@@ -324,7 +419,12 @@ def save_splits(
     for path, blob in blobs.items():
         with atomic_write(path) as tmp:
             tmp.write_bytes(blob)
-    manifest = {"written_by": "lora_tutorial.data", "settings": settings or {}, "files": hashes}
+    manifest = {
+        "written_by": "lora_tutorial.data",
+        "settings": settings or {},
+        "counts": counts or {},
+        "files": hashes,
+    }
     with atomic_write(folder / SPLITS_MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return paths
@@ -348,18 +448,24 @@ def prepare_splits(
     source: str | Path | None = None,
     progress: bool = True,
 ) -> Splits:
-    """Read, balance and split the SMS data and save the three CSVs in ``folder``.
+    """Read, deduplicate, balance and split the SMS data and save the three CSVs in ``folder``.
 
     ``folder`` defaults to ``<cache>/sms-spam-collection``; ``source`` is an explicit
     ``SMSSpamCollection`` path (otherwise :func:`sms_spam_file` finds or downloads it).
-    Splits already there, made from the same data with the same settings (``splits.json``
-    says so), are read back instead of written again; see :func:`save_splits` for the files
-    that are never replaced.
+    The manifest ``splits.json`` records, under ``counts``, how many messages were read and how
+    many repeats were dropped. Splits already there, made from the same data with the same
+    settings (``splits.json`` says so), are read back instead of written again; see
+    :func:`save_splits` for the files that are never replaced.
     """
     owned = folder is None  # the package's own cache folder
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
-    settings = {"source_sha256": _sha256(path), "seed": seed, "train_validation_frac": [0.7, 0.1]}
+    settings = {
+        "source_sha256": _sha256(path),
+        "seed": seed,
+        "train_validation_frac": [0.7, 0.1],
+        "deduplicate": "text after normalising whitespace and case",
+    }
     manifest = _read_manifest(folder)
     files = manifest.get("files", {})
     cached = set(files) == {f"{name}.csv" for name in SPLIT_NAMES} and all(
@@ -367,8 +473,16 @@ def prepare_splits(
     )
     if cached and manifest["settings"] == settings:
         return load_splits(folder)
-    splits = split(balance_classes(read_messages(path), seed=seed), seed=seed)
-    save_splits(splits, folder, settings=settings, owned=owned)
+    messages = read_messages(path)
+    unique = drop_duplicates(messages)
+    splits = split(balance_classes(unique, seed=seed), seed=seed)
+    counts = {
+        "messages": len(messages),
+        "duplicates_dropped": len(messages) - len(unique),
+        "unique_messages": len(unique),
+        **{name: len(frame) for name, frame in zip(SPLIT_NAMES, splits, strict=True)},
+    }
+    save_splits(splits, folder, settings=settings, counts=counts, owned=owned)
     return splits
 
 

@@ -24,8 +24,15 @@ SAMPLE = (
 
 
 @pytest.fixture(scope="module")
-def messages(data_dir: Path) -> pd.DataFrame:
-    return data.read_messages(data_dir / data.SHARED_FOLDER / data.SMS_FILE)
+def messages() -> pd.DataFrame:
+    """The real collection: from the data folder where there is one, else the package's copy."""
+    return data.read_messages(data.sms_spam_file())
+
+
+@pytest.fixture
+def no_bundled_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the package shipped no copy of the data (an install that lost its package data)."""
+    monkeypatch.setattr(config, "bundled_file", lambda *parts: None)
 
 
 def test_reads_every_line_despite_quotes(messages: pd.DataFrame) -> None:
@@ -34,10 +41,12 @@ def test_reads_every_line_despite_quotes(messages: pd.DataFrame) -> None:
 
 
 def test_balanced_split_sizes_and_determinism(messages: pd.DataFrame) -> None:
+    unique = data.drop_duplicates(messages)
+    assert unique["Label"].value_counts().to_dict() == {0: 4517, 1: 642}
     balanced = data.balance_classes(messages)
-    assert balanced["Label"].value_counts().to_dict() == {0: 747, 1: 747}
+    assert balanced["Label"].value_counts().to_dict() == {0: 642, 1: 642}
     splits = data.split(balanced)
-    assert [len(s) for s in splits] == [1045, 149, 300]
+    assert [len(s) for s in splits] == [898, 128, 258]
     again = data.split(data.balance_classes(messages))
     for first, second in zip(splits, again, strict=True):
         pd.testing.assert_frame_equal(first, second)
@@ -48,7 +57,74 @@ def test_balanced_split_sizes_and_determinism(messages: pd.DataFrame) -> None:
     assert sorted(texts) == sorted(balanced["Text"])
 
 
-def test_prepare_splits_writes_csvs(tmp_path: Path, data_dir: Path) -> None:
+def test_no_validation_or_test_message_is_a_training_message(messages: pd.DataFrame) -> None:
+    for seed in (123, 7):
+        splits = data.split(data.balance_classes(messages, seed=seed), seed=seed)
+        train = set(splits.train["Text"].map(data.normalised))
+        for held_out in splits[1:]:
+            assert not held_out["Text"].map(data.normalised).isin(train).any()
+            assert data.overlap(splits.train, held_out) == 0
+
+
+def test_appendix_e_split_keeps_the_leak(messages: pd.DataFrame) -> None:
+    naive = data.appendix_e_split(messages)
+    assert [len(s) for s in naive] == [1045, 149, 300]
+    assert (data.overlap(naive.train, naive.validation), data.overlap(naive.train, naive.test)) == (
+        14,
+        39,
+    )
+    with pytest.warns(UserWarning, match="53 of the 449 validation and test messages"):
+        again = data.split(data.balance_classes(messages, deduplicate=False), deduplicate=False)
+    for first, second in zip(naive, again, strict=True):
+        pd.testing.assert_frame_equal(first, second)
+
+
+def test_appendix_e_split_has_the_rows_of_the_books_own_functions(messages: pd.DataFrame) -> None:
+    ch06 = pytest.importorskip("llms_from_scratch.ch06")
+    frame = messages.assign(Label=messages["Label"].map(dict(enumerate(data.LABELS))))
+    theirs = ch06.random_split(ch06.create_balanced_dataset(frame), 0.7, 0.1)
+    for ours, their in zip(data.appendix_e_split(messages), theirs, strict=True):
+        assert ours["Text"].tolist() == their["Text"].tolist()
+        assert ours["Label"].map(dict(enumerate(data.LABELS))).tolist() == their["Label"].tolist()
+
+
+def _memoriser_accuracy(splits: data.Splits) -> float:
+    """Test accuracy of a "model" that answers a seen message's training label, else ham."""
+    memory = dict(zip(splits.train["Text"].map(data.normalised), splits.train["Label"]))
+    guesses = splits.test["Text"].map(data.normalised).map(lambda text: memory.get(text, 0))
+    return float((guesses == splits.test["Label"]).mean())
+
+
+def test_a_set_of_messages_each_present_twice_splits_without_a_leak() -> None:
+    texts = [f"message number {i} about {'a prize' if i % 2 else 'dinner'}" for i in range(200)]
+    labels = [i % 2 for i in range(200)]
+    twice = pd.DataFrame(
+        {"Label": labels * 2, "Text": texts + [t.upper().replace(" ", "  ") for t in texts]}
+    )
+    honest = data.split(data.balance_classes(twice))
+    assert [len(s) for s in honest] == [140, 20, 40]
+    assert data.overlap(honest.train, honest.validation) == data.overlap(honest.train, honest.test)
+    assert data.overlap(honest.train, honest.test) == 0
+    assert _memoriser_accuracy(honest) == pytest.approx((honest.test["Label"] == 0).mean())
+    with pytest.warns(UserWarning, match="also in the training set"):
+        leaky = data.split(twice, deduplicate=False)
+    assert data.overlap(leaky.train, leaky.test) > len(leaky.test) // 2
+    assert _memoriser_accuracy(leaky) > _memoriser_accuracy(honest) + 0.2
+
+
+def test_drop_duplicates_ignores_whitespace_and_case_and_keeps_the_first() -> None:
+    df = pd.DataFrame(
+        {"Label": [1, 0, 1, 0], "Text": ["WIN a prize", "hi", "win  a\tPRIZE ", "Hi there"]},
+        index=[10, 11, 12, 13],
+    )
+    out = data.drop_duplicates(df)
+    assert out.index.tolist() == [10, 11, 13]
+    assert len(df) == 4  # the input is left as it was
+    with pytest.raises(ValueError, match="no column 'Text'"):
+        data.drop_duplicates(df.rename(columns={"Text": "Body"}))
+
+
+def test_prepare_splits_writes_csvs_and_counts_the_dropped_duplicates(tmp_path: Path) -> None:
     splits = data.prepare_splits(tmp_path, progress=False)
     names = ["splits.json", "test.csv", "train.csv", "validation.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == names
@@ -56,6 +132,16 @@ def test_prepare_splits_writes_csvs(tmp_path: Path, data_dir: Path) -> None:
     for written, read in zip(splits, loaded, strict=True):
         assert written["Text"].tolist() == read["Text"].tolist()
         assert written["Label"].tolist() == read["Label"].tolist()
+    manifest = json.loads((tmp_path / data.SPLITS_MANIFEST).read_text())
+    assert manifest["counts"] == {
+        "messages": 5574,
+        "duplicates_dropped": 415,
+        "unique_messages": 5159,
+        "train": 898,
+        "validation": 128,
+        "test": 258,
+    }
+    assert manifest["settings"]["deduplicate"]
 
 
 def _zip(path: Path, members: dict[str, str]) -> Path:
@@ -66,7 +152,7 @@ def _zip(path: Path, members: dict[str, str]) -> Path:
 
 
 def test_download_and_extract_from_mirror(
-    http_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    http_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_bundled_copy: None
 ) -> None:
     known = download.KNOWN_FILES[data.ZIP_NAME]
     archive = _zip(
@@ -105,7 +191,7 @@ def test_unsafe_archive_is_refused(tmp_path: Path, member: str) -> None:
 
 
 def test_offline_without_copy_says_where_to_put_the_file(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_bundled_copy: None
 ) -> None:
     empty = tmp_path / "no-data"
     empty.mkdir()
@@ -176,16 +262,16 @@ def test_call_to_action_task_uses_the_same_machinery(messages: pd.DataFrame) -> 
     positives = int(labelled["CallToAction"].sum())
     assert 0 < positives < len(labelled) // 2
     balanced = data.balance_classes(labelled, label_column="CallToAction")
-    assert balanced["CallToAction"].value_counts().to_dict() == {0: positives, 1: positives}
+    unique = int(data.drop_duplicates(labelled)["CallToAction"].sum())
+    assert unique < positives  # spam campaigns repeat their calls to action word for word
+    assert balanced["CallToAction"].value_counts().to_dict() == {0: unique, 1: unique}
     train, validation, test = data.split(balanced)
-    assert len(train) + len(validation) + len(test) == 2 * positives
+    assert len(train) + len(validation) + len(test) == 2 * unique
     with pytest.raises(ValueError, match="no column 'Spammy'"):
         data.balance_classes(labelled, label_column="Spammy")
 
 
-def test_cached_splits_are_reused_and_rewritten_only_when_ours(
-    tmp_path: Path, data_dir: Path
-) -> None:
+def test_cached_splits_are_reused_and_rewritten_only_when_ours(tmp_path: Path) -> None:
     data.prepare_splits(tmp_path, progress=False)
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     data.prepare_splits(tmp_path, progress=False)  # same data, same settings: read back
@@ -200,7 +286,7 @@ def test_cached_splits_are_reused_and_rewritten_only_when_ours(
     }
 
 
-def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path, data_dir: Path) -> None:
+def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path) -> None:
     mine = tmp_path / "train.csv"
     mine.write_text("my,own\n1,2\n")
     with pytest.raises(FileExistsError, match=f"{re.escape(str(mine))}.*move it away"):
@@ -222,9 +308,7 @@ def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path, data_dir: P
         data.prepare_splits(third, progress=False)
 
 
-def test_splits_left_in_the_packages_cache_by_older_versions_are_replaced(
-    data_dir: Path,
-) -> None:
+def test_splits_left_in_the_packages_cache_by_older_versions_are_replaced() -> None:
     cache = config.cache_dir() / data.SHARED_FOLDER  # each test has its own cache (conftest)
     cache.mkdir(parents=True)
     (cache / "train.csv").write_text("Label,Text\n0,old\n")  # no splits.json: an old version's
@@ -253,3 +337,75 @@ def test_malformed_lines_name_the_file_line(tmp_path: Path, text: str, problem: 
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(f"{path}, {problem}")):
         data.read_messages(path)
+
+
+# --- where the file comes from ------------------------------------------------------------------
+
+
+def test_the_bundled_copy_is_the_uci_file_and_is_verified(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bundled = data.bundled_sms_file()
+    assert bundled is not None and bundled.is_relative_to(Path(data.__file__).parent)
+    assert hashlib.sha256(bundled.read_bytes()).hexdigest() == data.SMS_SHA256
+    licence = (bundled.parent / "LICENSE").read_text()
+    assert "CC BY 4.0" in licence and "Almeida" in licence and "dataset 228" in licence
+    damaged = tmp_path / data.SHARED_FOLDER / data.SMS_FILE
+    damaged.parent.mkdir()
+    damaged.write_bytes(bundled.read_bytes().replace(b"Ok lar", b"Ok LAR", 1))
+    monkeypatch.setattr(config, "bundled_file", lambda *parts: tmp_path.joinpath(*parts))
+    with pytest.raises(ValueError, match="sha256 differs"):
+        data.bundled_sms_file()
+
+
+def test_the_copy_matches_the_data_folders_byte_for_byte(data_dir: Path) -> None:
+    bundled = data.bundled_sms_file()
+    assert bundled is not None
+    assert bundled.read_bytes() == (data_dir / data.SHARED_FOLDER / data.SMS_FILE).read_bytes()
+
+
+def test_lookup_order_folder_then_data_folder_then_bundled_then_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("sms_spam_file tried to download")
+
+    monkeypatch.setattr(download, "fetch", fail)
+    shared = tmp_path / "shared"
+    (shared / data.SHARED_FOLDER).mkdir(parents=True)
+    (shared / data.SHARED_FOLDER / data.SMS_FILE).write_text(SAMPLE)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / data.SMS_FILE).write_text(SAMPLE)
+    monkeypatch.setenv(config.DATA_ENV, str(shared))
+    assert data.sms_spam_file(mine) == mine / data.SMS_FILE
+    assert data.sms_spam_file(tmp_path / "empty") == shared / data.SHARED_FOLDER / data.SMS_FILE
+    no_data = tmp_path / "no-data"
+    no_data.mkdir()
+    monkeypatch.setenv(config.DATA_ENV, str(no_data))
+    assert data.sms_spam_file(tmp_path / "empty") == data.bundled_sms_file()
+    monkeypatch.setattr(config, "bundled_file", lambda *parts: None)
+    with pytest.raises(AssertionError, match="tried to download"):
+        data.sms_spam_file(tmp_path / "empty")
+
+
+def test_without_a_data_folder_or_network_the_data_and_tokenizer_still_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a fresh clone offline has: no data folder, no cached files, no network."""
+    from lora_tutorial import gpt
+
+    monkeypatch.setattr(config, "data_dir", lambda: None)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(download, "fetch", fail)
+    splits = data.prepare_splits(tmp_path / "splits", progress=False)
+    assert [len(s) for s in splits] == [898, 128, 258]
+    cache = download.use_offline_tiktoken(tmp_path / "tiktoken")
+    assert cache is not None and len(list(cache.iterdir())) == 2
+    assert gpt.get_tokenizer().encode("Hello, world") == [15496, 11, 995]

@@ -9,7 +9,7 @@ from _helpers import ROOT
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_tutorial import lora, train
+from lora_tutorial import data, lora, train
 from lora_tutorial.classroom import notebooks
 from lora_tutorial.exercises import ch04, ch05, ch06
 
@@ -18,88 +18,153 @@ CHAPTERS_5_6 = [
     ROOT / "chapters" / "06_adapters.ipynb",
 ]
 
+# --- chapter 4: repeated messages ---------------------------------------------------------------
+
+
+def _dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    key = frame["Text"].map(lambda text: " ".join(text.split()).lower())
+    return frame[~key.duplicated()]
+
+
+def test_dedupe_check_accepts_the_solution_and_the_package(capsys) -> None:
+    assert ch04.check_dedupe(_dedupe)
+    assert "drops 415 of 5,574" in capsys.readouterr().out
+    assert ch04.check_dedupe(data.drop_duplicates)
+
+
+def _mutating_dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["Text"] = frame["Text"].str.lower()
+    return _dedupe(frame)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (lambda f: f.drop_duplicates("Text"), "lower case"),
+        (lambda f: f[~f["Text"].str.lower().duplicated()], "whitespace"),
+        (lambda f: f[~f["Text"].str.lower().str.strip().duplicated()], "whitespace"),
+        (lambda f: _dedupe(f).reset_index(drop=True), "index"),
+        (lambda f: _dedupe(f).iloc[::-1], "order"),
+        (
+            lambda f: f[~f["Text"].map(lambda t: " ".join(t.split()).lower()).duplicated("last")],
+            "first",
+        ),
+        (
+            lambda f: f[
+                ~f["Text"]
+                .str.replace(r"[^\w\s]", "", regex=True)
+                .map(lambda t: " ".join(t.split()).lower())
+                .duplicated()
+            ],
+            "different message",
+        ),
+        (_mutating_dedupe, "changed the DataFrame"),
+        (lambda f: _dedupe(f)["Text"], "DataFrame, not Series"),
+        (lambda f: 1 / 0, "ZeroDivisionError"),
+    ],
+    ids=[
+        "exact",
+        "lower-only",
+        "strip-only",
+        "reset-index",
+        "reordered",
+        "keeps-last",
+        "drops-punctuation",
+        "mutates",
+        "series",
+        "raises",
+    ],
+)
+def test_dedupe_check_rejects_typical_mistakes(wrong, message: str, capsys) -> None:
+    assert not ch04.check_dedupe(wrong)
+    out = capsys.readouterr().out
+    assert "Not yet" in out and message in out
+
+
+def test_dedupe_check_runs_on_the_whole_collection(capsys) -> None:
+    """Right on the eight examples, wrong on the real data (it also drops a real message)."""
+    assert not ch04.check_dedupe(lambda f: _dedupe(f).iloc[: 5 if len(f) == 8 else -1])
+    assert "you drop 416 rows" in capsys.readouterr().out
+
+
+# --- chapter 4: leaks ---------------------------------------------------------------------------
+
+
+def _count_leaks(train: pd.DataFrame, other: pd.DataFrame) -> int:
+    seen = set(train["Text"].map(lambda text: " ".join(text.split()).lower()))
+    return int(other["Text"].map(lambda text: " ".join(text.split()).lower()).isin(seen).sum())
+
+
+def test_count_leaks_check_accepts_the_solution_and_reports_seed_7(capsys) -> None:
+    assert ch04.check_count_leaks(_count_leaks)
+    out = capsys.readouterr().out
+    naive = data.appendix_e_split(data.read_messages(), seed=7)
+    assert f"with seed 7, {data.overlap(naive.train, naive.test)} of appendix E's 300" in out
+    assert ch04.check_count_leaks(data.overlap)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (lambda a, b: _count_leaks(a, b) * 1.0, "return an int, not float"),
+        (lambda a, b: _count_leaks(a, b) > 0, "return an int, not bool"),
+        (
+            lambda a, b: (
+                b["Text"]
+                .map(lambda t: " ".join(t.split()).lower())
+                .isin(set(a["Text"].map(lambda t: " ".join(t.split()).lower())))
+                .sum()
+            ),
+            "convert with int",
+        ),
+        (lambda a, b: int(b["Text"].isin(set(a["Text"])).sum()), "normalising"),
+        (lambda a, b: len(set(a["Text"].str.lower()) & set(b["Text"].str.lower())), "normalising"),
+        (
+            lambda a, b: sum(
+                any(s.split()[0].lower() in t.lower() for t in a["Text"]) for s in b["Text"]
+            ),
+            "exact",
+        ),
+        (lambda a, b: _count_leaks(b, a), "second argument"),
+    ],
+    ids=["float", "bool", "numpy", "exact-text", "unique", "substring", "swapped"],
+)
+def test_count_leaks_check_rejects_typical_mistakes(wrong, message: str, capsys) -> None:
+    assert not ch04.check_count_leaks(wrong)
+    out = capsys.readouterr().out
+    assert "Not yet" in out and message in out
+
+
 # --- chapter 4: pooling -------------------------------------------------------------------------
 
 
-def test_pooling_check_accepts_last_real_token(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ch04.check_pooling(lambda h, n: h[torch.arange(h.shape[0]), n - 1])
+def _mean_pool(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    mask = torch.arange(hidden.shape[1])[None, :] < lengths[:, None]
+    return (hidden * mask[..., None]).sum(1) / lengths[:, None]
+
+
+def test_mean_pooling_check_accepts_the_solution(capsys) -> None:
+    assert ch04.check_mean_pooling(_mean_pool)
     assert "Correct" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        (lambda h, n: h[:, -1], "position -1"),
-        (lambda h, n: h[torch.arange(h.shape[0]), n], "raised IndexError"),
-        (lambda h, n: h[:, n - 1], "shape"),
-        (lambda h, n: h[torch.arange(h.shape[0]), n.clamp(max=h.shape[1] - 1)], "off by one"),
-        (lambda h, n: h[:, 0], "rows"),
+        (lambda h, n: h.mean(1), "padding positions count"),
+        (lambda h, n: h[torch.arange(h.shape[0]), n - 1], "last real token"),
+        (lambda h, n: _mean_pool(h, n) * n[:, None], "sum of the real tokens"),
+        (lambda h, n: h.mean(2), "shape"),
+        (lambda h, n: torch.stack([h[i, 1 : int(k)].mean(0) for i, k in enumerate(n)]), "rows"),
+        (lambda h, n: h.mean(1).tolist(), "tensor, not list"),
+        (lambda h, n: h[n], "IndexError"),
     ],
-    ids=["last-position", "index-length", "broadcast", "off-by-one-clamped", "first-token"],
+    ids=["all-positions", "last-token", "sum", "wrong-axis", "skips-first", "list", "raises"],
 )
-def test_pooling_check_rejects_typical_mistakes(
-    wrong, message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert not ch04.check_pooling(wrong)
-    assert message in capsys.readouterr().out
-
-
-# --- chapter 4: balancing -----------------------------------------------------------------------
-
-
-def _balance(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    spam = df[df["Label"] == 1]
-    return pd.concat([df[df["Label"] == 0].sample(len(spam), random_state=seed), spam])
-
-
-def _mutating(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    df["order"] = (
-        df.sample(frac=1, random_state=seed).groupby("Label").cumcount()
-    )  # writes into the caller's frame
-    return df[df["order"] < (df["Label"] == 1).sum()]
-
-
-@pytest.mark.parametrize(
-    "fn", [_balance, lambda df, seed: ch04_package_balance(df, seed)], ids=["solution", "package"]
-)
-def test_balance_check_accepts_right_answers(fn, capsys: pytest.CaptureFixture[str]) -> None:
-    assert ch04.check_balance(fn)
-    assert "Correct" in capsys.readouterr().out
-
-
-def ch04_package_balance(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    from lora_tutorial.data import balance_classes
-
-    return balance_classes(df, seed=seed)
-
-
-@pytest.mark.parametrize(
-    ("wrong", "message"),
-    [
-        (lambda df, seed: df.copy(), "draw as many ham"),
-        (lambda df, seed: df.groupby("Label").sample(4, random_state=seed), "keep all 8 spam"),
-        (
-            lambda df, seed: pd.concat(
-                [
-                    df[df["Label"] == 0].sample(8, replace=True, random_state=seed),
-                    df[df["Label"] == 1],
-                ]
-            ),
-            "appear twice",
-        ),
-        (
-            lambda df, seed: pd.concat([df[df["Label"] == 0].sample(8), df[df["Label"] == 1]]),
-            "same seed",
-        ),
-        (_mutating, "changed the DataFrame"),
-    ],
-    ids=["no-balancing", "drops-spam", "with-replacement", "unseeded", "mutates-input"],
-)
-def test_balance_check_rejects_typical_mistakes(
-    wrong, message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert not ch04.check_balance(wrong)
-    assert message in capsys.readouterr().out
+def test_mean_pooling_check_rejects_typical_mistakes(wrong, message: str, capsys) -> None:
+    assert not ch04.check_mean_pooling(wrong)
+    out = capsys.readouterr().out
+    assert "Not yet" in out and message in out
 
 
 # --- chapter 5 ----------------------------------------------------------------------------------
@@ -326,16 +391,3 @@ def test_chapters_5_and_6_have_three_checked_exercises_each() -> None:
     for path in CHAPTERS_5_6:
         checked = [ex for ex in notebooks.exercises(path) if ex.check]
         assert len(checked) >= 3, path.name
-
-
-def test_balance_check_reports_a_non_frame_from_any_call(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    calls = []
-
-    def frame_once(df: pd.DataFrame, seed: int):
-        calls.append(seed)
-        return _balance(df, seed) if len(calls) == 1 else None
-
-    assert not ch04.check_balance(frame_once)
-    assert "return a pandas DataFrame, not NoneType" in capsys.readouterr().out

@@ -225,6 +225,7 @@ def test_offline_without_data_stops_with_advice(
     empty = tmp_path / "no-data"
     empty.mkdir()
     monkeypatch.setenv(config.DATA_ENV, str(empty))
+    monkeypatch.setattr(config, "bundled_file", lambda *parts: None)  # as if installed without it
     monkeypatch.setenv(download.MIRROR_ENV, "http://127.0.0.1:9")
     assert (
         finetune.main(
@@ -236,9 +237,11 @@ def test_offline_without_data_stops_with_advice(
     assert data.SMS_FILE in message and str(tmp_path / "d") in message
 
 
-def test_torchrun_stops_cleanly_when_data_is_missing(tmp_path: Path) -> None:
+def test_torchrun_stops_cleanly_when_the_data_is_bad(tmp_path: Path) -> None:
     empty = tmp_path / "no-data"
     empty.mkdir()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / data.SMS_FILE).write_text("not a label and a tab\n")  # found before the copy
     env = _env(empty, **{download.MIRROR_ENV: "http://127.0.0.1:9"})
     args = ["--quick", "--output-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d")]
     result = _run(args, env, TORCHRUN)
@@ -260,7 +263,7 @@ def test_rehearsal_runs_full_mode_at_full_size_without_downloads(
     assert "REHEARSAL" in result.stdout and "meaningless" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
     assert metrics["mode"] == "rehearsal"
-    assert metrics["examples"] == {"train": 1045, "validation": 149, "test": 300}
+    assert metrics["examples"] == {"train": 898, "validation": 128, "test": 258}
     assert metrics["summary"]["total_params"] > 124_000_000  # GPT-2 small's size
     assert metrics["history"]["steps"][-1] == TRAIN_STEPS
     assert metrics["projected_full_train_seconds"] > 0

@@ -1,4 +1,4 @@
-"""Checks for chapter 4 (the SMS spam data)."""
+"""Checks for chapter 4 (the SMS spam data): repeated messages, leaks, pooling the real tokens."""
 
 from __future__ import annotations
 
@@ -7,142 +7,182 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
-from lora_tutorial.exercises._feedback import (
-    Check,
-    Verdict,
-    call,
-    close,
-    describe,
-    field,
-    outcome,
-    tensor,
-)
+from lora_tutorial import data
+from lora_tutorial.exercises._feedback import call, report
 
 
-def _pooling_case() -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    return torch.randn(4, 7, 5), torch.tensor([3, 7, 1, 5])
+def check_dedupe(dedupe: Callable[[pd.DataFrame], pd.DataFrame]) -> bool:
+    """Check ``dedupe(frame)`` drops repeated messages, ignoring whitespace and case.
 
-
-def _probe_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple:
-    hidden, lengths = _pooling_case()
-    return call(pool_fn, hidden.clone(), lengths.clone())
-
-
-def _judge_pooling(data: object) -> Verdict:
-    hidden, lengths = _pooling_case()
-    batch, time, emb = hidden.shape
-    want = hidden[torch.arange(batch), lengths - 1]
-    out, err = outcome(data)
-    if err:
-        hint = (
-            " (an index equal to the length is one past the last real token)"
-            if err.startswith("IndexError")
-            else ""
-        )
-        return [f"your function raised {err}{hint}"], ""
+    A right answer keeps the first row of each message, keeps the rows' order and index, leaves
+    its input unchanged and, on the whole collection, drops as many rows as the package does.
+    """
+    frame = _repeats()
+    before = frame.copy()
+    out, error = call(dedupe, frame)
+    if error:
+        return report([f"your function raised {error}"], "")
+    if type(out) is not pd.DataFrame:
+        return report([f"return a pandas DataFrame, not {type(out).__name__}"], "")
     problems: list[str] = []
-    got = tensor(out)
-    if got is None:
-        problems.append(f"return a tensor, not {describe(out)}")
-    elif tuple(got.shape) != (batch, emb):
-        problems.append(
-            f"the result should have shape [batch, emb] = {[batch, emb]}, not {list(got.shape)}"
+    if not frame.equals(before):
+        problems.append("your function changed the DataFrame it was given; work on a copy")
+    if list(out.columns) != list(before.columns):
+        return report(
+            [f"keep the columns {list(before.columns)}; yours are {list(out.columns)}"], ""
         )
-    elif not close(got, want, atol=1e-8, rtol=1e-5):
-        rows = [i for i in range(batch) if not close(got[i], want[i], atol=1e-8, rtol=1e-5)]
-        if close(got, hidden[:, -1], atol=1e-8, rtol=1e-5):
+    kept, texts = out.index.tolist(), out["Text"].tolist()
+    want = [0, 1, 3, 5, 7]
+    if kept != want:
+        if texts == before["Text"][want].tolist():
+            problems.append("keep each row's index as it was (no reset_index)")
+        elif sorted(kept) == want:
+            problems.append("keep the rows in their original order")
+        elif set(kept) == {3, 4, 5, 6, 7}:
+            problems.append("keep the first of each repeated message, not the last")
+        elif "WIN a PRIZE now" in texts:
+            problems.append("'WIN a PRIZE now' repeats 'win a prize now': compare in lower case")
+        elif "win a  prize\tnow " in texts or " OK" in texts:
             problems.append(
-                "you read position -1: for every message shorter than the batch "
-                "that is a padding token"
+                "'win a  prize<TAB>now ' repeats 'win a prize now': make every run of "
+                "whitespace (spaces, tabs, newlines) one space and trim the ends"
             )
-        elif all(
-            lengths[i] < time and close(got[i], hidden[i, lengths[i]], atol=1e-8, rtol=1e-5)
-            for i in rows
-        ):
+        elif 3 not in kept:
             problems.append(
-                "off by one: position `length` is the first padding token; "
-                "the last real one is `length - 1`"
+                "'Win a prize, now!' is a different message from 'win a prize now': only "
+                "whitespace and case may differ"
             )
         else:
-            problems.append(
-                f"rows {rows} are not the hidden state at position length - 1 of their message"
-            )
-    return problems, "each message is read at its own last real token."
-
-
-check_pooling = Check(_probe_pooling, _judge_pooling)
-"""Check ``pool_fn(hidden, lengths)`` picks each sequence's last real token.
-
-``hidden`` is ``[batch, time, emb]`` from right-padded input and ``lengths`` holds each message's
-number of real tokens; the answer must be ``[batch, emb]``.
-"""
-
-
-def _probe_balance(balance_fn: Callable[[pd.DataFrame, int], pd.DataFrame]) -> dict:
-    df = _toy_messages()
-    out = call(balance_fn, df, 123)
-    return {
-        "out": out,
-        "again": call(balance_fn, df.copy(), 123),
-        "other": call(balance_fn, df.copy(), 7),
-        "input_after": df,
-    }
-
-
-def _judge_balance(data: object) -> Verdict:
-    label_column = "Label"
-    before = _toy_messages()
-    results = [outcome(field(data, key, tuple)) for key in ("out", "again", "other")]
-    errors = [err for _, err in results if err]
-    if errors:
-        return [f"your function raised {errors[0]}"], ""
-    out, again, other = (result for result, _ in results)
-    not_frames = [describe(r) for r in (out, again, other) if type(r) is not pd.DataFrame]
-    if not_frames:
-        return [f"return a pandas DataFrame, not {not_frames[0]}"], ""
-    problems: list[str] = []
-    after = field(data, "input_after", pd.DataFrame)
-    if not after.equals(before):
-        problems.append("your function changed the DataFrame it was given; work on a copy")
-    if label_column not in out.columns or "Text" not in out.columns:
-        return [f"keep the columns Label and Text; yours are {list(out.columns)}"], ""
-    n_spam = int((before[label_column] == 1).sum())
-    kept_spam, kept_ham = int((out[label_column] == 1).sum()), int((out[label_column] == 0).sum())
-    if kept_spam != n_spam:
-        problems.append(f"keep all {n_spam} spam messages (the rare class); you kept {kept_spam}")
-    if kept_ham != n_spam:
+            problems.append(f"you kept the rows {kept}; the first of each message are {want}")
+    if problems:
+        return report(problems, "")
+    messages = data.read_messages()
+    mine, error = call(dedupe, messages)
+    if error or type(mine) is not pd.DataFrame:
+        return report([f"on the whole collection your function gave {error or type(mine)}"], "")
+    dropped, expected = (
+        len(messages) - len(mine),
+        len(messages) - len(data.drop_duplicates(messages)),
+    )
+    if dropped != expected:
         problems.append(
-            f"draw as many ham messages as there are spam ({n_spam}); you kept {kept_ham}"
+            f"on the whole collection you drop {dropped} rows; repeats of an earlier message "
+            f"(ignoring whitespace and case) are {expected}"
         )
-    if out["Text"].duplicated().any() or (
-        "Text" in other.columns and other["Text"].duplicated().any()
-    ):
-        problems.append("some messages appear twice: sample without replacement")
-    if not set(out["Text"]) <= set(before["Text"]):
-        problems.append("the result holds messages that were not in the input")
-    if not out.reset_index(drop=True).equals(again.reset_index(drop=True)):
-        problems.append(
-            "the same seed should give the same rows: pass it to the sampler (random_state=seed)"
-        )
-    return problems, "both classes now have the size of the smaller one."
+    return report(
+        problems,
+        f"on the whole collection it drops {dropped:,} of {len(messages):,} messages, "
+        "as data.drop_duplicates does.",
+    )
 
 
-check_balance = Check(_probe_balance, _judge_balance)
-"""Check ``balance_fn(df, seed)`` undersamples ham (``Label`` 0) to the count of spam (``Label`` 1).
+def _repeats() -> pd.DataFrame:
+    """Eight messages: three write 'win a prize now' differently, two are 'ok', three unique."""
+    texts = [
+        "win a prize now",
+        "ok",
+        "WIN a PRIZE now",  # case
+        "Win a prize, now!",  # punctuation: a different message
+        "win a  prize\tnow ",  # whitespace
+        "see you at 5",
+        " OK",  # case and a leading space
+        "see you at five",
+    ]
+    labels = [1, 0, 1, 1, 1, 0, 0, 0]
+    return pd.DataFrame({"Label": labels, "Text": texts})
 
-A right answer keeps every spam message, draws as many ham messages without repeats, leaves its
-input unchanged and gives the same rows for the same seed.
-"""
 
+def check_count_leaks(count_leaks: Callable[[pd.DataFrame, pd.DataFrame], int]) -> bool:
+    """Check ``count_leaks(train, other)``: the rows of ``other`` whose message is in ``train``.
 
-def _toy_messages() -> pd.DataFrame:
-    """12 ham (``Label`` 0) and 8 spam (``Label`` 1) messages, each text unique, like
-    ``data.read_messages`` gives them.
-
-    Few ham messages, so that drawing 8 of them with replacement almost surely repeats one.
+    Messages are compared after normalising whitespace and case; each row of ``other`` counts,
+    so a message held out twice and seen in training counts twice. The answer is an ``int``.
+    On success the check measures appendix E's split with seed 7, the number to compare with the
+    learner's prediction.
     """
-    labels = [0] * 12 + [1] * 8
-    texts = [f"{'spam' if label else 'ham'} message number {i}" for i, label in enumerate(labels)]
-    frame = pd.DataFrame({"Label": labels, "Text": texts})
-    return frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    train = pd.DataFrame(
+        {
+            "Label": [1, 0, 1, 0, 0, 0],
+            "Text": ["Win a PRIZE", "ok", "win a prize", "OK", "Ok", "see you"],
+        }
+    )
+    other = pd.DataFrame(
+        {"Label": [1, 1, 0, 0, 1], "Text": ["win a  prize", "WIN A PRIZE ", "bye", "ok", "win"]}
+    )
+    got, error = call(count_leaks, train.copy(), other.copy())
+    if error:
+        return report([f"your function raised {error}"], "")
+    if type(got) is not int:
+        hint = " (convert with int(...))" if hasattr(got, "item") and type(got) is not bool else ""
+        return report([f"return an int, not {type(got).__name__}{hint}"], "")
+    problems: list[str] = []
+    if got != 3:
+        if got == 2:
+            problems.append(
+                "count every row of `other` whose message is in `train` (two rows of `other` "
+                "repeat the same message: both count), or compare after normalising"
+            )
+        elif got == 1:
+            problems.append(
+                "compare after normalising: lower case, every run of whitespace one space"
+            )
+        elif got == 5:
+            problems.append(
+                "you counted rows of `train`: count rows of the second argument (`other`) whose "
+                "message is in the first (`train`)"
+            )
+        elif got == 4:
+            problems.append("'win' is only part of 'Win a PRIZE': count exact (normalised) matches")
+        else:
+            problems.append(f"you counted {got}; 3 rows of `other` are training messages")
+    if problems:
+        return report(problems, "")
+    messages = data.read_messages()
+    naive = data.appendix_e_split(messages, seed=7)
+    leaked = count_leaks(naive.train, naive.test)
+    return report(
+        [],
+        f"with seed 7, {leaked} of appendix E's {len(naive.test)} test messages are training "
+        "messages too. How close was your prediction?",
+    )
+
+
+def check_mean_pooling(pool_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Check ``pool_fn(hidden, lengths)`` averages each row's real tokens, leaving out padding.
+
+    ``hidden`` is ``[batch, time, emb]`` from right-padded input and ``lengths`` holds each
+    message's number of real tokens; the answer is ``[batch, emb]``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    batch, time, emb = 4, 7, 5
+    hidden = torch.randn(batch, time, emb, generator=generator)
+    lengths = torch.tensor([3, 7, 1, 5])
+    want = torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths.tolist())])
+    got, error = call(pool_fn, hidden.clone(), lengths.clone())
+    if error:
+        return report([f"your function raised {error}"], "")
+    if not isinstance(got, torch.Tensor):
+        return report([f"return a tensor, not {type(got).__name__}"], "")
+    if tuple(got.shape) != (batch, emb):
+        return report(
+            [f"the result should have shape [batch, emb] = {[batch, emb]}, not {list(got.shape)}"],
+            "",
+        )
+    problems: list[str] = []
+    close = torch.isclose(got.float(), want, atol=1e-5).all(dim=1)
+    if not bool(close.all()):
+        if torch.allclose(got.float(), hidden.mean(1), atol=1e-5):
+            problems.append(
+                "you averaged every position: the padding positions count too; "
+                "average only the first `length` positions of each row"
+            )
+        elif torch.allclose(got.float(), hidden[torch.arange(batch), lengths - 1], atol=1e-5):
+            problems.append("that is the last real token; average all the real tokens instead")
+        else:
+            rows = [i for i in range(batch) if not bool(close[i])]
+            sums = torch.stack([hidden[i, :n].sum(0) for i, n in enumerate(lengths.tolist())])
+            if torch.allclose(got.float(), sums, atol=1e-5):
+                problems.append("that is the sum of the real tokens: divide by each row's length")
+            else:
+                problems.append(f"rows {rows} are not the mean of their first `length` positions")
+    return report(problems, "each message is summarised by its own tokens only.")

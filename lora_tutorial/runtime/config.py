@@ -103,6 +103,16 @@ def shared_file(*parts: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def bundled_file(*parts: str) -> Path | None:
+    """A copy shipped inside the package (``lora_tutorial/bundled``), or None when it is missing.
+
+    The package carries the SMS Spam Collection and GPT-2's BPE files, laid out like
+    :func:`data_dir`, so that quick mode and the tests need neither a download nor a data folder.
+    """
+    path = Path(__file__).resolve().parents[1].joinpath("bundled", *parts)
+    return path if path.is_file() else None
+
+
 def record_path() -> Path | None:
     """The file training runs append their timing records to: ``$LORA_TUTORIAL_RECORD`` or None."""
     env = os.environ.get(RECORD_ENV, "").strip()

@@ -21,13 +21,13 @@ its sha256 matches the pinned one.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import ipaddress
 import json
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -267,23 +267,46 @@ TIKTOKEN_GPT2_FILES = {
 }
 
 
-def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
-    """Let ``tiktoken.get_encoding("gpt2")`` work offline from the local BPE files.
+# What tiktoken checks before it uses a cached file (the digests of the files OpenAI publishes).
+TIKTOKEN_GPT2_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 
-    Copies ``gpt2-bpe/{vocab.bpe,encoder.json}`` from :func:`config.data_dir` into a cache folder
-    under the names tiktoken looks for and sets ``TIKTOKEN_CACHE_DIR``. Returns that folder,
-    or None (changing nothing) when there are no local files; tiktoken then downloads.
+
+def use_offline_tiktoken(cache: Path | None = None) -> Path | None:
+    """Let ``tiktoken.get_encoding("gpt2")`` work offline from local BPE files.
+
+    Takes ``gpt2-bpe/{vocab.bpe,encoder.json}`` from :func:`config.data_dir` or else the
+    gzip-compressed copies shipped in the package (:func:`config.bundled_file`), checks their
+    sha256, writes them into a cache folder under the names tiktoken looks for and sets
+    ``TIKTOKEN_CACHE_DIR``. Returns that folder, or None (changing nothing) when neither copy
+    exists; tiktoken then downloads.
     """
-    sources = {name: config.shared_file("gpt2-bpe", name) for name in TIKTOKEN_GPT2_FILES}
-    found = {name: src for name, src in sources.items() if src is not None}
-    if len(found) < len(sources):
-        return None
     target = cache if cache is not None else config.cache_dir() / "tiktoken"
-    for name, url in TIKTOKEN_GPT2_FILES.items():
-        dest = target / hashlib.sha1(url.encode()).hexdigest()
-        if not dest.exists():
-            with atomic_write(dest) as tmp:
-                shutil.copyfile(found[name], tmp)
+    blobs: dict[str, bytes] = {}
+    for name in TIKTOKEN_GPT2_FILES:
+        dest = target / hashlib.sha1(TIKTOKEN_GPT2_FILES[name].encode()).hexdigest()
+        if dest.is_file():
+            continue
+        shared = config.shared_file("gpt2-bpe", name)
+        bundled = config.bundled_file("gpt2-bpe", f"{name}.gz")
+        if shared is not None:
+            blobs[name] = shared.read_bytes()
+        elif bundled is not None:
+            blobs[name] = gzip.decompress(bundled.read_bytes())
+        else:
+            return None
+        if hashlib.sha256(blobs[name]).hexdigest() != TIKTOKEN_GPT2_SHA256[name]:
+            source = shared if shared is not None else bundled
+            raise ValueError(
+                f"{source} is not GPT-2's {name} (its sha256 differs); replace it with the "
+                "original file or reinstall the package"
+            )
+    for name, blob in blobs.items():
+        dest = target / hashlib.sha1(TIKTOKEN_GPT2_FILES[name].encode()).hexdigest()
+        with atomic_write(dest) as tmp:
+            tmp.write_bytes(blob)
     os.environ["TIKTOKEN_CACHE_DIR"] = str(target)
     return target
 
