@@ -88,8 +88,11 @@ def _arrow(
         ax.text(*mid, text, fontsize=9, color=INK, va="bottom", ha="center")
 
 
+Corner = Literal["upper left", "lower left", "lower right", "lower center"]
+
+
 def _legend(
-    ax: Axes, entries: list[tuple[str, str]], loc: str = "upper left", ncol: int = 1
+    ax: Axes, entries: list[tuple[str, str]], loc: Corner = "upper left", ncol: int = 1
 ) -> None:
     """A colour key with one entry per (label, colour); list only colours the diagram draws."""
     handles = [Patch(facecolor=color, edgecolor=INK, label=label) for label, color in entries]
