@@ -3,6 +3,7 @@ records pass, fail, raised, timeout, not-attempted and broken submissions withou
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 from pathlib import Path
@@ -248,3 +249,61 @@ def test_every_untouched_answer_cell_fails_its_check_without_raising(
         exec("\n".join(body), namespace)
         assert eval(last, namespace) is False, f"{ex.label}: the stub passed its check"
         assert "Not yet" in capsys.readouterr().out, f"{ex.label}: the check said nothing"
+
+
+def chapter_imports(chapter: Path) -> str:
+    """The chapter's top-level import statements: what a solution may use without defining it."""
+    nb = nbformat.read(chapter, as_version=4)
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(
+            line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
+        )
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        lines += [ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    return "\n".join(dict.fromkeys(lines))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_checked_solution_passes_its_check(
+    chapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each solution, put into its answer cell as in ``classroom.solved_notebook``, passes."""
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    imports = chapter_imports(chapter)
+    for ex in classroom.exercises(chapter):
+        if not ex.check:
+            continue
+        assert ex.solution_code, f"{ex.label}: a checked exercise without solution code"
+        *body, last = answer_cell_source(ex, ex.solution_code).rstrip().splitlines()
+        namespace: dict[str, object] = {}
+        exec(imports, namespace)
+        exec("\n".join(body), namespace)
+        passed = eval(last, namespace)
+        out = capsys.readouterr().out
+        assert passed is True, f"{ex.label}: its own solution fails its check:\n{out}"
+        assert "Correct!" in out, f"{ex.label}: the check passed without saying so"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_solved_notebook_runs_in_quick_mode_and_every_check_passes(
+    chapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The student notebook filled in with the chapter's solutions, run top to bottom."""
+    monkeypatch.setenv(config.QUICK_ENV, "1")
+    nb = classroom.solved_notebook(chapter)
+    client = NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises if any cell raises
+    for cell in nb.cells:
+        if "lora_tutorial" in cell.metadata:
+            result = [o for o in cell.outputs if o.output_type == "execute_result"]
+            assert result and result[0].data["text/plain"] == "True", cell.source
+            assert "Correct!" in "".join(o.get("text", "") for o in cell.outputs)

@@ -13,13 +13,14 @@ import base64
 import html
 import io
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from lora_tutorial.quantize import NF4_OFFSET, nf4_levels
 from lora_tutorial.train import LORA_TARGETS
@@ -27,10 +28,13 @@ from lora_tutorial.train import LORA_TARGETS
 if TYPE_CHECKING:
     from IPython.display import HTML
 
-FROZEN = "#c9d3e0"  # blue-grey: weights that do not train
-TRAINED = "#f4b183"  # orange: weights that train
-NEUTRAL = "#ffffff"
+FROZEN = "#c9d3e0"  # blue-grey: pretrained weights that stay frozen
+TRAINED = "#f4b183"  # orange: weights that train (adapters, a new head)
+MERGED = "#d9c3e6"  # lilac: a merged weight, fixed after training
+NEUTRAL = "#ffffff"  # white: a step without weights, or the data
 INK = "#222222"
+NOTATION = "x: a row of d_in numbers;  W₀: d_out × d_in, as nn.Linear stores it"
+"""The book's notation (chapter 3's box), which every diagram uses: y = x·W₀ᵀ + s·x·A·B."""
 
 
 def _canvas(width: float, height: float) -> tuple[Figure, Axes]:
@@ -41,140 +45,240 @@ def _canvas(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, color: str = NEUTRAL) -> None:
+def _box(
+    ax: Axes,
+    x: float,
+    y: float,
+    w: float,
+    h: float,
+    text: str,
+    color: str = NEUTRAL,
+    size: int = 10,
+) -> None:
     """A rounded box with its lower-left corner at (x, y) and centred text."""
     patch = FancyBboxPatch(
         (x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec=INK, lw=1.2
     )
     ax.add_patch(patch)
-    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=10, color=INK)
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, color=INK)
 
 
-def _arrow(ax: Axes, start: tuple[float, float], end: tuple[float, float], text: str = "") -> None:
+def _arrow(
+    ax: Axes,
+    start: tuple[float, float],
+    end: tuple[float, float],
+    text: str = "",
+    offset: tuple[float, float] = (0.1, 0.12),
+    connection: str = "arc3",
+) -> None:
     """An arrow from ``start`` to ``end``, with an optional label beside its middle."""
     ax.add_patch(
-        FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=INK, lw=1.2)
+        FancyArrowPatch(
+            start,
+            end,
+            arrowstyle="-|>",
+            mutation_scale=12,
+            color=INK,
+            lw=1.2,
+            connectionstyle=connection,
+        )
     )
     if text:
-        mid = ((start[0] + end[0]) / 2 + 0.1, (start[1] + end[1]) / 2 + 0.12)
+        mid = ((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1])
         ax.text(*mid, text, fontsize=9, color=INK, va="bottom", ha="center")
 
 
-def _legend(ax: Axes, x: float, y: float) -> None:
-    """The colour key: frozen and trained weights."""
-    _box(ax, x, y, 0.35, 0.3, "", FROZEN)
-    ax.text(x + 0.45, y + 0.15, "frozen", va="center", fontsize=9)
-    _box(ax, x + 1.4, y, 0.35, 0.3, "", TRAINED)
-    ax.text(x + 1.85, y + 0.15, "trained", va="center", fontsize=9)
+Corner = Literal["upper left", "lower left", "lower right", "lower center"]
+
+
+def _legend(
+    ax: Axes, entries: list[tuple[str, str]], loc: Corner = "upper left", ncol: int = 1
+) -> None:
+    """A colour key with one entry per (label, colour); list only colours the diagram draws."""
+    handles = [Patch(facecolor=color, edgecolor=INK, label=label) for label, color in entries]
+    ax.legend(handles=handles, loc=loc, fontsize=8, frameon=False, ncol=ncol)
+
+
+def box_colors(fig: Figure) -> set[str]:
+    """The fill colours of the boxes a diagram draws (for tests: every legend colour is used)."""
+    return {to_hex(p.get_facecolor()) for p in fig.axes[0].patches if isinstance(p, FancyBboxPatch)}
+
+
+def legend_entries(fig: Figure) -> dict[str, str]:
+    """A diagram's colour key as {label: fill colour}."""
+    legend = fig.axes[0].get_legend()
+    if legend is None:
+        return {}
+    return {
+        text.get_text(): to_hex(handle.get_facecolor())
+        for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True)
+        if isinstance(handle, Patch)
+    }
 
 
 def lora_block(in_dim: int = 768, out_dim: int = 768, rank: int = 16) -> Figure:
-    """x goes through the frozen W0 and, beside it, through A then B; their sum is the output."""
-    fig, ax = _canvas(8, 5)
-    _box(ax, 3.2, 0.2, 1.6, 0.6, f"x  (…, {in_dim})")
-    _box(ax, 0.6, 1.7, 2.6, 1.2, f"frozen W₀\n{in_dim} × {out_dim}", FROZEN)
-    _box(ax, 4.6, 1.3, 2.0, 0.7, f"A  {in_dim} × {rank}\n(random)", TRAINED)
-    _box(ax, 4.6, 2.5, 2.0, 0.7, f"B  {rank} × {out_dim}\n(zeros)", TRAINED)
-    _box(ax, 3.45, 3.9, 1.1, 0.6, "+")
-    _arrow(ax, (3.6, 0.8), (1.9, 1.7))
-    _arrow(ax, (4.4, 0.8), (5.6, 1.3))
-    _arrow(ax, (5.6, 2.0), (5.6, 2.5), f"rank {rank}")
-    _arrow(ax, (1.9, 2.9), (3.5, 3.95), "x·W₀")
-    _arrow(ax, (5.6, 3.2), (4.5, 3.95), "× α/r")
-    ax.text(4.0, 4.75, "h = x·W₀ + (α/r)·x·A·B", ha="center", fontsize=11, color=INK)
-    _legend(ax, 0.3, 4.4)
+    """One adapted linear layer: x goes through the frozen W₀ and, beside it, through A then B."""
+    fig, ax = _canvas(8.4, 5.6)
+    _box(ax, 3.3, 0.2, 1.8, 0.6, f"x   (…, {in_dim})")
+    _box(ax, 0.5, 1.6, 2.8, 1.3, f"W₀   {out_dim} × {in_dim}\n(d_out × d_in)\nfrozen", FROZEN)
+    _box(ax, 5.0, 1.2, 2.4, 0.8, f"A   {in_dim} × {rank}\n(d_in × r), starts random", TRAINED, 9)
+    _box(ax, 5.0, 2.6, 2.4, 0.8, f"B   {rank} × {out_dim}\n(r × d_out), starts at 0", TRAINED, 9)
+    _box(ax, 3.7, 4.0, 1.0, 0.6, "+")
+    _arrow(ax, (3.7, 0.8), (1.9, 1.6))
+    _arrow(ax, (4.7, 0.8), (6.2, 1.2))
+    _arrow(ax, (6.2, 2.0), (6.2, 2.6), f"x·A: only {rank} numbers", offset=(1.05, -0.12))
+    _arrow(ax, (1.9, 2.9), (3.75, 4.05), "x·W₀ᵀ", offset=(-0.3, 0.12))
+    _arrow(ax, (6.2, 3.4), (4.65, 4.05), "× s = α/r", offset=(0.55, 0.1))
+    ax.text(4.2, 5.3, "y = x·W₀ᵀ + s·x·A·B,   s = α/r", ha="center", fontsize=12, color=INK)
+    ax.text(4.2, 4.85, NOTATION, ha="center", fontsize=8, color=INK)
+    _legend(
+        ax,
+        [("frozen: pretrained weight", FROZEN), ("trained: adapter A, B", TRAINED)],
+        loc="lower left",
+    )
     fig.alt_text = (  # type: ignore[attr-defined]
-        f"The input x of width {in_dim} passes through the frozen weight W0 and, beside it, "
-        f"through A ({in_dim} by {rank}, random) and B ({rank} by {out_dim}, zeros); the "
-        "low-rank path is scaled by alpha over r and added to the frozen path."
+        f"An adapted linear layer. The input row x of width {in_dim} passes through the frozen "
+        f"weight W0 ({out_dim} by {in_dim}, as nn.Linear stores it, so this path computes x times "
+        f"W0 transposed) and, beside it, through the trained A ({in_dim} by {rank}, random at the "
+        f"start) and then the trained B ({rank} by {out_dim}, zero at the start); the low-rank "
+        "path is multiplied by s = alpha over r and added to the frozen path."
     )
     return fig
 
 
 def transformer_block(targets: tuple[str, ...] = LORA_TARGETS) -> Figure:
-    """A GPT-2 block from bottom to top, with the linear layers LoRA adapts highlighted."""
-    fig, ax = _canvas(8, 6.4)
-    ax.set_ylim(-0.4, 6.4)
-    x_mid = 4.0
-    rows = [
-        ("LayerNorm 1", None),
-        ("W_query   W_key   W_value", ("W_query", "W_key", "W_value")),
-        ("causal self-attention (softmax)", None),
-        ("out_proj", ("out_proj",)),
-        ("+ residual, LayerNorm 2", None),
-        ("ff.layers.0  (768 → 3072)", ("ff.layers.0",)),
-        ("GELU", None),
-        ("ff.layers.2  (3072 → 768)", ("ff.layers.2",)),
-        ("+ residual", None),
+    """A GPT-2 block from bottom to top, with residual paths and the layers LoRA adapts marked.
+
+    Every weight of the block stays frozen; an adapted layer gets a trained adapter beside it.
+    """
+    fig, ax = _canvas(9, 8.6)
+    x_mid, width, height, gap = 4.2, 4.8, 0.45, 0.22
+    rows: list[tuple[str, tuple[str, ...] | None, str]] = [
+        ("x  (input of the block)", None, NEUTRAL),
+        ("LayerNorm 1", None, FROZEN),
+        ("W_query   W_key   W_value", ("W_query", "W_key", "W_value"), FROZEN),
+        ("causal self-attention (softmax)", None, NEUTRAL),
+        ("out_proj", ("out_proj",), FROZEN),
+        ("⊕  add the residual", None, NEUTRAL),
+        ("LayerNorm 2", None, FROZEN),
+        ("ff.layers.0  (768 → 3072)", ("ff.layers.0",), FROZEN),
+        ("GELU", None, NEUTRAL),
+        ("ff.layers.2  (3072 → 768)", ("ff.layers.2",), FROZEN),
+        ("⊕  add the residual", None, NEUTRAL),
     ]
-    height, gap = 0.45, 0.2
-    y = 0.3
-    for i, (label, names) in enumerate(rows):
+    y, centres, any_adapted = 0.3, [], False
+    for i, (label, names, color) in enumerate(rows):
         adapted = names is not None and all(n in targets for n in names)
-        color = TRAINED if adapted else FROZEN if names else NEUTRAL
-        text = label + ("   ← LoRA" if adapted else "")
-        _box(ax, x_mid - 2.4, y, 4.8, height, text, color)
+        any_adapted |= adapted
+        _box(ax, x_mid - width / 2, y, width, height, label, color)
+        if adapted:
+            _box(ax, x_mid + width / 2 + 0.35, y, 1.7, height, "+ s·x·A·B  ← LoRA", TRAINED, 9)
+            ax.plot([x_mid + width / 2, x_mid + width / 2 + 0.35], [y + height / 2] * 2, color=INK)
         if i:
             _arrow(ax, (x_mid, y - gap), (x_mid, y))
+        centres.append(y + height / 2)
         y += height + gap
-    ax.text(x_mid, y + 0.05, "one transformer block (GPT-2 has 12)", ha="center", fontsize=11)
-    ax.text(6.55, 0.45, "input", fontsize=9)
-    _legend(ax, 0.2, 0.3 - 0.55)
-    adapted_names = ", ".join(targets)
+    _arrow(ax, (x_mid, y - gap), (x_mid, y + 0.1))
+    ax.text(x_mid, y + 0.2, "to the next block", ha="center", fontsize=9)
+    # The two residual paths: each half's input branches off, skips the half and is added to
+    # the half's output at ⊕.
+    left = x_mid - width / 2
+    for side, (start, end) in ((left - 0.7, (0, 5)), (left - 0.35, (5, 10))):
+        branch = centres[start] + (height + gap) / 2
+        ax.plot([x_mid, side, side], [branch, branch, centres[end]], color=INK, lw=1.2)
+        _arrow(ax, (side, centres[end]), (left, centres[end]))
+        middle = (branch + centres[end]) / 2
+        ax.text(side - 0.08, middle, "residual", rotation=90, ha="right", va="center", fontsize=9)
+    ax.text(x_mid, y + 0.75, "one transformer block (GPT-2 has 12)", ha="center", fontsize=11)
+    entries = [("frozen: pretrained weights", FROZEN), ("no weights", NEUTRAL)]
+    if any_adapted:
+        entries.insert(1, ("trained: LoRA adapter (A, B)", TRAINED))
+    _legend(ax, entries, loc="lower right")
+    adapted_names = [
+        name for _, names, _ in rows if names and all(n in targets for n in names) for name in names
+    ]
     fig.alt_text = (  # type: ignore[attr-defined]
         "A GPT-2 transformer block from input to output: layer norm, the query, key and value "
-        "projections, attention, the output projection, a residual sum and layer norm, the two "
-        "feed-forward layers around a GELU, and a residual sum. "
-        f"Highlighted for LoRA: {adapted_names}."
+        "projections, attention, the output projection and a residual sum that adds the block's "
+        "input back, then layer norm, the two feed-forward layers around a GELU, and a second "
+        "residual sum. All pretrained weights stay frozen; "
+        + (
+            f"a trained LoRA adapter sits beside {', '.join(adapted_names)}."
+            if adapted_names
+            else "no layer has an adapter."
+        )
     )
     return fig
 
 
 def merge_and_swap() -> Figure:
     """One layer in three states: unmerged (two paths), merged (one weight), another task in."""
-    fig, ax = _canvas(10, 3.6)
+    fig, ax = _canvas(10.4, 4.4)
     panels = [
-        (0.2, "training / unmerged", [("W₀", FROZEN), ("+ B·A (task 1)", TRAINED)]),
-        (3.6, "merged: W = W₀ + ΔW₁", [("W₀ + ΔW₁", FROZEN)]),
-        (7.0, "unmerge, load task 2", [("W₀", FROZEN), ("+ B·A (task 2)", TRAINED)]),
+        (0.2, "training / unmerged", [("W₀", FROZEN), ("+ s·(A₁B₁)ᵀ   task 1", TRAINED)]),
+        (3.7, "merged", [("W = W₀ + s·(A₁B₁)ᵀ", MERGED)]),
+        (7.2, "unmerged, task 2 loaded", [("W₀", FROZEN), ("+ s·(A₂B₂)ᵀ   task 2", TRAINED)]),
     ]
     for x, title, parts in panels:
-        ax.text(x + 1.4, 3.2, title, ha="center", fontsize=10)
+        ax.text(x + 1.45, 3.2, title, ha="center", fontsize=10)
         for j, (label, color) in enumerate(parts):
-            _box(ax, x + 0.2, 2.0 - 1.0 * j, 2.4, 0.7, label, color)
-    _arrow(ax, (2.9, 2.35), (3.7, 2.35), "merge")
-    _arrow(ax, (6.3, 2.35), (7.1, 2.35), "unmerge\n+ swap")
+            _box(ax, x + 0.2, 2.0 - 1.0 * j, 2.5, 0.7, label, color)
+    _arrow(ax, (2.95, 2.35), (3.85, 2.35), "merge")
+    _arrow(ax, (6.45, 2.35), (7.35, 2.35), "unmerge\n+ swap")
     ax.text(
-        5.0,
-        0.2,
+        5.2,
+        3.75,
+        "W₀: d_out × d_in (nn.Linear's weight);  A: d_in × r;  B: r × d_out;  s = α/r",
+        ha="center",
+        fontsize=9,
+    )
+    ax.text(
+        5.2,
+        0.55,
         "merged: no extra cost per token  ·  unmerged: many small adapters share one base",
         ha="center",
         fontsize=9,
     )
+    _legend(
+        ax,
+        [
+            ("frozen: pretrained W₀", FROZEN),
+            ("trained: adapter", TRAINED),
+            ("merged: fixed after training", MERGED),
+        ],
+        loc="lower center",
+        ncol=3,
+    )
     fig.alt_text = (  # type: ignore[attr-defined]
-        "Three states of one layer. Unmerged: the frozen W0 plus the trained update BA of task 1. "
-        "Merged: a single weight W0 plus delta W1. After unmerging, the adapter of task 2 is "
-        "loaded beside the same W0."
+        "Three states of one layer. Unmerged: the frozen W0 plus the trained update of task 1, "
+        "s times (A1 B1) transposed, with s = alpha over r. Merged: a single fixed weight W0 plus "
+        "that update. After unmerging, the trained adapter of task 2 is loaded beside the same "
+        "frozen W0."
     )
     return fig
 
 
 def dora_split(seed: int = 0) -> Figure:
-    """DoRA writes each output unit's weight vector as a magnitude times a unit direction."""
+    """DoRA writes each output unit's weight row as a magnitude times a unit direction."""
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(2, generator=generator)
     w = w / w.norm() * 1.6
     delta = torch.tensor([-0.5, 0.6])
-    fig, ax = plt.subplots(figsize=(6, 4.6), facecolor="white")
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), facecolor="white")
     theta = torch.linspace(0, 2 * math.pi, 200)
     ax.plot(torch.cos(theta), torch.sin(theta), color="#888888", lw=0.8, ls=":")
     m = float(w.norm())
     new_direction = (w + delta) / (w + delta).norm()
     arrows = [
-        (w, f"W₀'s column: magnitude m = {m:.2f} times a direction", "#4a6fa5", "-"),
-        (w / m, "its direction W₀ / ‖W₀‖ (unit length)", "#1f3b63", "-"),
-        (new_direction, "new direction (W₀ + B·A) / ‖W₀ + B·A‖", "#c55a11", "-"),
-        (m * new_direction, "DoRA's weight: m times the new direction", "#c55a11", "--"),
+        (w, f"a row of W₀ (one output unit): length m = {m:.2f}", "#4a6fa5", "-"),
+        (w / m, "its direction: the row / its length (unit circle)", "#1f3b63", "-"),
+        (
+            new_direction,
+            "new direction: that row of V = W₀ + s·(AB)ᵀ, over its length",
+            "#c55a11",
+            "-",
+        ),
+        (m * new_direction, "DoRA's row: m times the new direction", "#c55a11", "--"),
     ]
     for vec, label, color, style in arrows:
         ax.annotate(
@@ -188,14 +292,16 @@ def dora_split(seed: int = 0) -> Figure:
     ax.axhline(0, color="#cccccc", lw=0.6)
     ax.axvline(0, color="#cccccc", lw=0.6)
     ax.set_title(
-        "DoRA: W = m · (W₀ + B·A) / ‖W₀ + B·A‖\n"
-        "the magnitude m trains on its own; LoRA only turns the direction"
+        "DoRA, row by row: W = m · V / ‖V‖,  V = W₀ + s·(AB)ᵀ\n"
+        "m (one length per output unit) trains on its own; A, B only turn the direction",
+        fontsize=9.5,
     )
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=7.5)
     fig.alt_text = (  # type: ignore[attr-defined]
-        "A two-dimensional picture of one output unit's weight vector: its magnitude m, its unit "
-        "direction on the unit circle, and the direction after adding the LoRA update; DoRA trains "
-        "the magnitude separately and lets LoRA change only the direction."
+        "A two-dimensional picture of one row of W0, the weights of one output unit: its length "
+        "m, its unit direction on the unit circle, and the direction of the same row after adding "
+        "the LoRA update s times (AB) transposed; DoRA trains the length m separately and lets "
+        "LoRA change only the direction."
     )
     return fig
 
