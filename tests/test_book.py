@@ -130,7 +130,8 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
 IMPORT_LAYERS = [
     {"__init__", "config", "files", "download", "display", "provenance", "output_folder"},
     {"lowrank", "lora", "gpt", "data", "sms_download"},
-    {"adapters", "variants", "quantize", "serving", "classify", "toy_tasks", "analysis", "hf"},
+    {"adapters", "variants", "quantize", "serving", "classify", "toy_tasks", "analysis", "hf"}
+    | {"encoder"},
     {"sizing", "methods", "evaluation", "distributed", "memory"},
     {"train"},
     {"finetune", "finetune_args", "plots", "diagrams", "sweeps", "exercises", "classroom"},
