@@ -578,7 +578,9 @@ class EncoderClassifier(nn.Module):
             raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
         weight = encoder.embeddings.word.weight  # the head lives where the encoder does
         self.encoder = encoder
-        self.head = nn.Linear(encoder.cfg.hidden, num_classes, device=weight.device)
+        self.head = nn.Linear(
+            encoder.cfg.hidden, num_classes, device=weight.device, dtype=weight.dtype
+        )
         self.num_classes, self.pooling, self.pad_id = num_classes, pooling, pad_id
 
     @property

@@ -348,6 +348,8 @@ def test_the_classifier_reads_lengths_masks_or_padding_alike() -> None:
         model(ids, mask)  # a mask passed where lengths go
     with pytest.raises(ValueError, match="pooling='max'"):
         EncoderClassifier(BertEncoder(TINY), pooling="max")
+    head = EncoderClassifier(BertEncoder(TINY).to(torch.float64)).head
+    assert head.weight.dtype == torch.float64  # the head is built where the encoder lives
 
 
 def test_sms_loaders_and_train_classifier_drive_it(data_dir: Path, one_thread: None) -> None:
