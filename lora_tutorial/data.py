@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_tutorial.runtime import config, download
-from lora_tutorial.runtime.files import atomic_write
+from lora_tutorial.runtime.files import atomic_write, sha256_file
 
 LABELS = ("ham", "spam")  # index = class id
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
@@ -158,6 +158,8 @@ def read_messages(path: str | Path | None = None) -> pd.DataFrame:
             raise ValueError(f"{path}, line {number}: {problem}")
         labels.append(LABEL_IDS[label])
         texts.append(message)
+    if not labels:
+        raise ValueError(f"{path}: the data file has no messages; expected label<TAB>text lines")
     return pd.DataFrame({"Label": pd.Series(labels, dtype="int64"), "Text": texts})
 
 
@@ -275,7 +277,7 @@ SPLITS_MANIFEST = "splits.json"  # written beside the CSVs: what made them, and 
 
 def _sha256(path: Path) -> str | None:
     """The sha256 of a file's bytes; None when ``path`` is no file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -295,15 +297,15 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def save_splits(
-    splits: Splits, folder: str | Path, *, settings: dict | None = None, owned: bool = False
+    splits: Splits, folder: str | Path, *, settings: dict | None = None
 ) -> dict[str, Path]:
     """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv``; return the paths.
 
     Beside them goes ``splits.json``: the ``settings`` that made them and each CSV's sha256.
     A file of those names is replaced only if that manifest says this module wrote it (and it is
     unchanged since) or it already holds exactly the new content; any other file is the user's,
-    and ``FileExistsError`` names it (``owned``: the package's own cache, where older versions
-    left splits without a manifest). Each file is written atomically.
+    and ``FileExistsError`` names it (also in the package's own cache). Each file is written
+    atomically.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -316,7 +318,7 @@ def save_splits(
     hashes = {path.name: hashlib.sha256(blob).hexdigest() for path, blob in blobs.items()}
     for path in blobs:
         listed = {recorded.get(path.name, ""), hashes[path.name]}
-        if path.exists() and not (owned and path.is_file()) and _sha256(path) not in listed:
+        if path.exists() and _sha256(path) not in listed:
             raise FileExistsError(
                 f"{path} exists and was not written by lora_tutorial.data (or was changed "
                 "since); it is left alone: move it away or choose another data folder"
@@ -356,7 +358,6 @@ def prepare_splits(
     says so), are read back instead of written again; see :func:`save_splits` for the files
     that are never replaced.
     """
-    owned = folder is None  # the package's own cache folder
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
     settings = {"source_sha256": _sha256(path), "seed": seed, "train_validation_frac": [0.7, 0.1]}
@@ -368,7 +369,7 @@ def prepare_splits(
     if cached and manifest["settings"] == settings:
         return load_splits(folder)
     splits = split(balance_classes(read_messages(path), seed=seed), seed=seed)
-    save_splits(splits, folder, settings=settings, owned=owned)
+    save_splits(splits, folder, settings=settings)
     return splits
 
 
