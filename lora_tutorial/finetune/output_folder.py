@@ -221,6 +221,7 @@ class OutputFolder:
         self._lock = _lock(self.destination)
         try:
             _remove_stale(self.destination)
+            check(self.destination)  # what came back from an interrupted swap, or arrived since
             prefix = f".{self.destination.name}.partial-{os.getpid()}-"
             self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.destination.parent))
         except BaseException:

@@ -193,8 +193,8 @@ LARGE_SCALING = 8.0  # alpha / rank; the book uses 1 or 2, the LoRA paper's scri
 def diverged_message(err: train.TrainingDiverged, args: argparse.Namespace) -> str:
     """One line: what went non-finite, that nothing was written, and which setting to change.
 
-    The advice follows the settings: a huge LoRA scaling (alpha / rank) or a weight decay that
-    scales the weights past zero in one step is named before the learning rate.
+    The advice follows the settings: a huge LoRA scaling (alpha / rank), or a large weight decay
+    that takes the weights past zero in one step, is named instead of the learning rate.
     """
     if isinstance(err, NonFiniteResult):
         what = f"{err.detail} after step {err.step}"
@@ -206,7 +206,7 @@ def diverged_message(err: train.TrainingDiverged, args: argparse.Namespace) -> s
             f"the LoRA scaling alpha / rank is {args.alpha / args.rank:g}, far above the usual "
             f"1 to 2: lower --alpha (it was {args.alpha:g}; about 2 x --rank is usual)"
         )
-    if args.lr * args.weight_decay >= 1:
+    if args.weight_decay > 1 and args.lr * args.weight_decay >= 1:
         advice.append(
             f"--lr x --weight-decay is {args.lr * args.weight_decay:g}, so each step shrinks the "
             "weights past zero: lower --weight-decay (0.1 is usual)"
