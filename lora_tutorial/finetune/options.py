@@ -84,6 +84,10 @@ def build_parser() -> _Parser:
         prog=PROG,
         description="Fine-tune GPT-2 to classify SMS messages as spam or ham, with LoRA or a "
         "baseline method.",
+        epilog="Exit status: 0 when the results are written; 2 when an option or an environment "
+        "variable cannot be used (checked before any work); 1 when the run stops (data, download, "
+        "another run writing to --output-dir, a diverged run); 130, 143 or 129 after Ctrl-C, "
+        "SIGTERM or SIGHUP. A run that stops writes nothing and leaves --output-dir as it was.",
     )
     add = parser.add_argument
     add("--model", default="gpt2-small", choices=PRETRAINED, help="GPT-2 size (%(default)s)")
@@ -143,8 +147,9 @@ def build_parser() -> _Parser:
         "--data-dir",
         type=_folder,
         default=None,
-        help="folder for SMSSpamCollection and the split CSVs, with their splits.json "
-        "(default: <cache>/sms-spam-collection)",
+        help="folder for SMSSpamCollection and the split CSVs, with their splits.json; a file "
+        "there that the package did not write is never replaced (default: "
+        "<cache>/sms-spam-collection)",
     )
     add(
         "--output-dir",

@@ -1,27 +1,29 @@
 """Fine-tune GPT-2 to tell spam from ham: ``python -m lora_tutorial.finetune --help``.
 
-One run checks every option and the output folder, reads and splits the SMS data, loads the
-pretrained model, adds the classification head, adapts it with the chosen method, trains,
-evaluates on the test split and writes to ``--output-dir``:
+One run checks every option, the environment variables it reads and the output folder, reads
+and splits the SMS data, loads the pretrained model, adds the classification head, adapts it
+with the chosen method, trains, evaluates on the test split and writes to ``--output-dir``:
 
 - ``adapter.safetensors`` (``--method lora``): the LoRA matrices and the classification head,
   loadable with :func:`lora_tutorial.adapters.load_adapter` into ``GPTClassifier(GPTModel(...))``;
   ``weights.safetensors`` (``full`` or ``last-block``): every parameter that the method
   trained, under its name in the classifier;
-- ``metrics.json`` (strict JSON): the settings, parameter counts, training history, validation
-  and test scores, time per epoch, peak memory, and a digest of the final weights per process;
+- ``metrics.json`` (strict JSON): the settings (``rank`` and ``alpha`` null for a method
+  without an adapter), parameter counts, training history, validation and test scores, time
+  per epoch, peak memory, and a digest of the final weights per process;
 - ``loss.png`` and ``accuracy.png``: the training curves;
 - ``manifest.json``: the files above with their sha256 (see
   :mod:`lora_tutorial.finetune.output_folder`: the folder must be new, empty, or hold a previous
   run's results; the set is swapped in whole; one run at a time writes to a folder, and the
   next run removes what a killed one left beside it).
 
-Every problem ends in one line on stderr and an exit status, never a traceback: 2 for an option
-or environment variable that cannot be used (checked before any work), 1 for a run that cannot
-go on (missing or unusable data, a download that fails, another run writing to the folder, a
-loss or weights that become NaN or infinite: the message names the setting to change), and for
-a signal 128 plus its number, as shells report it: Ctrl-C (SIGINT) 130, SIGTERM 143, SIGHUP 129.
-A run that stops writes nothing and leaves the output folder as it was.
+Every problem it foresees ends in one line on stderr (after argparse's usage line for a bad
+option) and an exit status, not a traceback: 2 for an option or an environment variable that
+cannot be used (checked before any work); 1 for a run that cannot go on (missing or unusable
+data, a download that fails, another run writing to the folder, a loss or weights that become
+NaN or infinite: the message names the setting to change); for a signal, 128 plus its number,
+as shells report it: Ctrl-C (SIGINT) 130, SIGTERM 143, SIGHUP 129. A run that stops writes
+nothing and leaves the output folder as it was.
 
 Modes: ``--quick`` (or ``LORA_TUTORIAL_QUICK=1``) trains a tiny randomly initialised model on a
 few messages: seconds on a CPU, no GPT-2 download. ``--rehearsal`` (or
