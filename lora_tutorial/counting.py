@@ -19,7 +19,6 @@ as in ``nn.Linear.weight``; its adapter holds ``A`` of shape ``(in_dim, rank)`` 
 
 from __future__ import annotations
 
-import numbers
 import os
 import threading
 import time
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_tutorial.runtime import rehearsal
+from lora_tutorial.runtime.checks import check_number, check_positive
 from lora_tutorial.runtime.rehearsal import peak_rss_bytes
 
 # --------------------------------------------------------------------------- parameter counts
@@ -38,11 +38,7 @@ from lora_tutorial.runtime.rehearsal import peak_rss_bytes
 
 def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(
-                f"{name} must be a positive integer, got {value!r}; "
-                "pass a whole number of at least 1"
-            )
+        check_positive(name, value, integer=True, hint="pass a whole number of at least 1")
 
 
 def full_param_count(in_dim: int, out_dim: int) -> int:
@@ -466,8 +462,7 @@ def measure_training_step(
     others. On CUDA the peak of allocated memory during the steps is recorded too. A rehearsal
     runs two steps (one warm-up, one timed): it only proves that the measurement works.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
-        raise ValueError(f"repeats must be at least 2 (one warm-up step, one timed), got {repeats}")
+    check_number("repeats", repeats, integer=True, at_least=2, hint="one warm-up step, one timed")
     repeats = rehearsal.capped_steps(repeats)
     device = next(model.parameters()).device
     on_cuda = device.type == "cuda"

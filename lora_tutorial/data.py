@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_tutorial.runtime import config, download
-from lora_tutorial.runtime.files import atomic_write
+from lora_tutorial.runtime.files import atomic_write, sha256_file
 
 LABELS = ("ham", "spam")  # index = class id
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
@@ -187,6 +187,8 @@ def read_messages(path: str | Path | None = None) -> pd.DataFrame:
             raise ValueError(f"{path}, line {number}: {problem}")
         labels.append(LABEL_IDS[label])
         texts.append(message)
+    if not labels:
+        raise ValueError(f"{path}: the data file has no messages; expected label<TAB>text lines")
     return pd.DataFrame({"Label": pd.Series(labels, dtype="int64"), "Text": texts})
 
 
@@ -364,7 +366,7 @@ SPLITS_MANIFEST = "splits.json"  # written beside the CSVs: what made them, and 
 
 def _sha256(path: Path) -> str | None:
     """The sha256 of a file's bytes; None when ``path`` is no file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -389,7 +391,6 @@ def save_splits(
     *,
     settings: dict | None = None,
     counts: dict | None = None,
-    owned: bool = False,
 ) -> dict[str, Path]:
     """Write the splits as ``train.csv``, ``validation.csv``, ``test.csv``; return the paths.
 
@@ -397,8 +398,8 @@ def save_splits(
     along the way (messages read, duplicates dropped, ...) and each CSV's sha256.
     A file of those names is replaced only if that manifest says this module wrote it (and it is
     unchanged since) or it already holds exactly the new content; any other file is the user's,
-    and ``FileExistsError`` names it (``owned``: the package's own cache, where older versions
-    left splits without a manifest). Each file is written atomically.
+    and ``FileExistsError`` names it (also in the package's own cache). Each file is written
+    atomically.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -411,7 +412,7 @@ def save_splits(
     hashes = {path.name: hashlib.sha256(blob).hexdigest() for path, blob in blobs.items()}
     for path in blobs:
         listed = {recorded.get(path.name, ""), hashes[path.name]}
-        if path.exists() and not (owned and path.is_file()) and _sha256(path) not in listed:
+        if path.exists() and _sha256(path) not in listed:
             raise FileExistsError(
                 f"{path} exists and was not written by lora_tutorial.data (or was changed "
                 "since); it is left alone: move it away or choose another data folder"
@@ -457,7 +458,6 @@ def prepare_splits(
     settings (``splits.json`` says so), are read back instead of written again; see
     :func:`save_splits` for the files that are never replaced.
     """
-    owned = folder is None  # the package's own cache folder
     folder = Path(folder) if folder is not None else config.cache_dir() / SHARED_FOLDER
     path = Path(source) if source is not None else sms_spam_file(folder, progress=progress)
     settings = {
@@ -482,7 +482,7 @@ def prepare_splits(
         "unique_messages": len(unique),
         **{name: len(frame) for name, frame in zip(SPLIT_NAMES, splits, strict=True)},
     }
-    save_splits(splits, folder, settings=settings, counts=counts, owned=owned)
+    save_splits(splits, folder, settings=settings, counts=counts)
     return splits
 
 

@@ -174,7 +174,7 @@ def test_progress_bars_render_once_in_their_final_state(monkeypatch: pytest.Monk
 # layer or below. Modules are named relative to the package ("runtime.config"); the subpackages
 # exercises and classroom count as one module each.
 IMPORT_LAYERS = [
-    {"__init__", "runtime.__init__", "runtime.config", "runtime.files"},
+    {"__init__", "runtime.__init__", "runtime.checks", "runtime.config", "runtime.files"},
     {"runtime.download", "runtime.rehearsal", "runtime.distributed"},
     {"lowrank", "counting", "lora", "gpt", "data"},
     {"adapters", "variants", "quantize", "serving", "classify", "analysis", "hf", "encoder"},

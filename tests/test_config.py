@@ -149,3 +149,40 @@ def test_rehearsal_first_keeps_the_first_items_in_a_rehearsal_only(
     assert list(rehearsal.capped(range(72), 6)) == list(range(72))
     monkeypatch.setenv(config.REHEARSAL_ENV, "1")
     assert list(rehearsal.capped(range(72), 6)) == list(range(6))
+
+
+@pytest.mark.parametrize("kind", ["a file", "unreadable", "under a file"])
+def test_a_cache_that_cannot_be_used_is_an_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "cache"
+    if kind == "a file":
+        path.write_text("mine")
+    elif kind == "unreadable":
+        path.mkdir(mode=0o000)
+    else:
+        path.write_text("mine")
+        path = path / "inside"
+    monkeypatch.setenv(config.CACHE_ENV, str(path))
+    try:
+        with pytest.raises(ValueError, match=rf"^{config.CACHE_ENV}=.*; point {config.CACHE_ENV}"):
+            config.cache_dir(create=False)
+    finally:
+        (tmp_path / "cache").chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [("folder", "is a folder"), ("missing/r.jsonl", "which is no folder"), ("ro.jsonl", "cannot")],
+)
+def test_a_record_file_that_cannot_be_written_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str, problem: str
+) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "ro.jsonl").write_text("")
+    (tmp_path / "ro.jsonl").chmod(0o444)
+    monkeypatch.setenv(config.RECORD_ENV, str(tmp_path / where))
+    with pytest.raises(ValueError, match=f"{config.RECORD_ENV}=.* {problem}"):
+        config.record_path()
+    monkeypatch.setenv(config.RECORD_ENV, str(tmp_path / "new.jsonl"))
+    assert config.record_path() == tmp_path / "new.jsonl"

@@ -308,13 +308,16 @@ def test_a_users_own_split_file_is_never_overwritten(tmp_path: Path) -> None:
         data.prepare_splits(third, progress=False)
 
 
-def test_splits_left_in_the_packages_cache_by_older_versions_are_replaced() -> None:
+def test_in_the_packages_cache_too_only_the_packages_own_splits_are_replaced() -> None:
     cache = config.cache_dir() / data.SHARED_FOLDER  # each test has its own cache (conftest)
-    cache.mkdir(parents=True)
-    (cache / "train.csv").write_text("Label,Text\n0,old\n")  # no splits.json: an old version's
     splits = data.prepare_splits(progress=False)
-    assert data.load_splits(cache).train["Text"].tolist() == splits.train["Text"].tolist()
+    (cache / data.SPLITS_MANIFEST).unlink()  # as an older version left them: no splits.json
+    assert data.prepare_splits(progress=False).train.equals(splits.train)  # same bytes: kept
     assert (cache / data.SPLITS_MANIFEST).is_file()
+    (cache / "train.csv").write_text("Label,Text\n0,mine\n")  # the user's own table
+    with pytest.raises(FileExistsError, match=r"train\.csv exists and was not written"):
+        data.prepare_splits(seed=7, progress=False)
+    assert (cache / "train.csv").read_text() == "Label,Text\n0,mine\n"
 
 
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import http.server
 import os
+import re
 import socket
 import threading
 import time
@@ -363,7 +364,7 @@ def test_trickling_server_meets_the_deadline(monkeypatch, cache, how) -> None:
 
 def test_bad_deadline_is_refused(monkeypatch, cache) -> None:
     _register(monkeypatch, "blob.bin", PAYLOAD)
-    with pytest.raises(ValueError, match="positive number of seconds"):
+    with pytest.raises(ValueError, match="deadline_s must be a positive, finite number, got 0"):
         fetch("blob.bin", cache_dir=cache, deadline_s=0)
     monkeypatch.setenv(download.DEADLINE_ENV, "soon")
     with pytest.raises(ValueError, match=download.DEADLINE_ENV):
@@ -443,3 +444,33 @@ def test_unpinned_file_placed_by_hand_is_kept_when_the_server_publishes_its_sha2
         assert fetch("blob.bin", cache_dir=cache, progress=False) == placed
     assert placed.stat().st_mtime_ns == 1_000_000_000  # checked against the server, not replaced
     assert (cache / "blob.bin.verified.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("ftp://example.org/files", "is not an http(s) base address"),
+        ("http://example.org/files", "uses plain http for a non-loopback host"),
+    ],
+)
+def test_a_mirror_that_cannot_be_used_is_an_error_before_any_download(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, value)
+    with pytest.raises(ValueError, match=f"{download.MIRROR_ENV}=.*{re.escape(problem)}"):
+        download.mirror()
+    monkeypatch.setenv(download.MIRROR_ENV, "https://example.org/files/")
+    assert download.mirror() == "https://example.org/files"
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_deadline_that_is_no_positive_number_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(download.DEADLINE_ENV, value)
+    with pytest.raises(ValueError, match=f"^{download.DEADLINE_ENV}='{value}' is not a positive"):
+        download.default_deadline_s()
+    monkeypatch.setenv(download.DEADLINE_ENV, " 90 ")
+    assert download.default_deadline_s() == 90.0
+    monkeypatch.delenv(download.DEADLINE_ENV)
+    assert download.default_deadline_s() == download.DEFAULT_DEADLINE_S

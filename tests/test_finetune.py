@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from lora_tutorial import adapters, data, finetune, gpt, train
 from lora_tutorial.book import plots
 from lora_tutorial.classify import GPTClassifier
+from lora_tutorial.finetune import output_folder
 from lora_tutorial.finetune.run import QUICK_SIZES
 from lora_tutorial.runtime import config, download
 from lora_tutorial.runtime.rehearsal import TRAIN_STEPS
@@ -102,7 +103,8 @@ def test_a_diverged_run_fails_and_writes_nothing(
     argv = ["--quick", "--lr", "1e30", "--max-steps", "2", "--no-progress"]
     assert finetune.main([*argv, "--output-dir", str(out), "--data-dir", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
-    assert "training diverged" in err and "Lower --lr" in err
+    assert "training diverged" in err and "lower --lr (it was 1e+30)" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folder left
 
@@ -163,7 +165,17 @@ def test_a_users_file_in_the_data_folder_is_left_alone(
     assert (folder / "train.csv").read_text() == "my own table\n" and not out.exists()
 
 
-def test_ctrl_c_ends_with_one_line(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status", "how"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "stopped by SIGTERM"),
+        (signal.SIGHUP, 129, "stopped by SIGHUP"),
+    ],
+)
+def test_ctrl_c_sigterm_and_sighup_end_with_one_line_and_no_leftovers(
+    tmp_path: Path, data_dir: Path, signum: int, status: int, how: str
+) -> None:
     out = tmp_path / "out"
     args = ["--quick", "--epochs", "200", "--output-dir", str(out), "--data-dir", str(tmp_path)]
     command = [sys.executable, "-u", "-m", "lora_tutorial.finetune", *args, "--no-progress"]
@@ -175,11 +187,13 @@ def test_ctrl_c_ends_with_one_line(tmp_path: Path, data_dir: Path) -> None:
         if line.startswith("Fine-tuning"):
             break
     time.sleep(2)
-    process.send_signal(signal.SIGINT)
+    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert err == f"python -m lora_tutorial.finetune: interrupted; {out} was left as it was\n"
+    assert process.returncode == status
+    assert err == f"python -m lora_tutorial.finetune: {how}; {out} was left as it was\n"
     assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # nor a lock
 
 
 def test_quick_mode_from_the_environment_and_baseline_weights(
@@ -286,3 +300,88 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path: Path, data_
     assert any(
         name.endswith("lora.B") and torch.count_nonzero(t) > 0 for name, t in tensors.items()
     )
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--quick", "--max-steps", "2", "--no-progress", "--output-dir", str(out)]
+    with output_folder.OutputFolder(out):  # a first run, still writing
+        assert finetune.main([*argv, "--data-dir", str(tmp_path / "d")]) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"python -m lora_tutorial.finetune: stopped: another run (process {os.getpid()}) is "
+            f"writing to {out}; wait until it ends or choose another --output-dir\n"
+        )
+    assert finetune.main([*argv, "--data-dir", str(tmp_path / "d")]) == 0  # once it has ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "out"]
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return int(process.stdout)
+
+
+def test_what_killed_runs_left_beside_the_folder_is_cleaned_up(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with output_folder.OutputFolder(out) as first:
+        (first.path / "metrics.json").write_text("{}")
+        first.commit()
+    previous = _files(out)
+    dead, alive = _dead_pid(), os.getpid()
+    for name in (f".out.partial-{dead}-x", f".out.old-{dead}-y", f".out.partial-{alive}-z"):
+        (tmp_path / name).mkdir()
+    with output_folder.OutputFolder(out):  # a killed run's folders go; a living run's stay
+        assert sorted(
+            p.name for p in tmp_path.iterdir() if ".partial-" not in p.name or str(dead) in p.name
+        ) == [".out.lock", "out"]
+        assert (tmp_path / f".out.partial-{alive}-z").is_dir()
+    # Killed in the middle of the swap (kill -9 between its two renames): the results come back.
+    out.rename(tmp_path / f".out.old-{dead}-w")
+    with output_folder.OutputFolder(out):
+        assert _files(out) == previous
+    assert not (tmp_path / f".out.old-{dead}-w").exists()
+
+
+def test_data_too_small_or_empty_and_a_users_split_in_the_cache_end_in_one_line(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    argv = ["--quick", "--batch-size", "1", "--max-steps", "2", "--no-progress"]
+    for lines, problem in (
+        ("ham\thi\nspam\tWIN now\nham\tok\nspam\tfree prize\n", "too few messages"),
+        ("", "the data file has no messages"),
+    ):
+        folder = tmp_path / f"d{len(lines)}"
+        folder.mkdir()
+        (folder / data.SMS_FILE).write_text(lines)
+        out = tmp_path / "out"
+        assert finetune.main([*argv, "--output-dir", str(out), "--data-dir", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and problem in err and not out.exists()
+
+    # The package's own data folder in the cache: a user's train.csv there is never replaced.
+    mine = config.cache_dir() / data.SHARED_FOLDER / "train.csv"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own table\n")
+    assert finetune.main([*argv, "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mine} exists and was not written" in err
+    assert mine.read_text() == "my own table\n"
+
+
+def test_a_huge_alpha_is_named_when_training_diverges(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    argv = ["--quick", "--alpha", "1e300", "--max-steps", "2", "--no-progress"]
+    out = tmp_path / "out"
+    assert finetune.main([*argv, "--output-dir", str(out), "--data-dir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged" in err
+    assert "lower --alpha (it was 1e+300" in err and "--lr" not in err

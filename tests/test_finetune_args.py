@@ -34,7 +34,7 @@ def test_bad_alpha_is_rejected_before_anything_is_fetched(
     with pytest.raises(SystemExit) as exit_info:
         finetune.parse_args(["--quick", "--alpha", "0"])
     assert exit_info.value.code == 2
-    assert "argument --alpha: '0': need a finite number above 0" in capsys.readouterr().err
+    assert "argument --alpha: '0' is not a positive, finite number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_a_data_folder_that_is_a_file_is_a_usage_error(
     inside = ["--output-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "o" / "data")]
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(["--quick", *inside])
-    assert "--data-dir lies inside --output-dir" in capsys.readouterr().err
+    assert "holds --data-dir" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
@@ -145,3 +145,96 @@ def test_output_folder_problems_stop_the_run_before_any_work(
     assert exit_info.value.code == 2 and "--output-dir:" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()  # stopped before the data was prepared
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a refused command line prints (after argparse's usage line, if any)."""
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", [".", ""])
+def test_the_current_folder_or_an_empty_name_is_no_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty folder: before, the run trained, then lost its results
+    line = _refused(["--quick", "--output-dir", name, "--data-dir", "d"], capsys)
+    expected = "is the current folder or holds it" if name else "--output-dir: an empty name"
+    assert expected in line
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    monkeypatch.chdir(inner)
+    assert "holds it" in _refused(["--quick", "--output-dir", str(tmp_path)], capsys)
+    assert list(tmp_path.iterdir()) == [inner] and list(inner.iterdir()) == []
+
+
+def test_an_output_folder_that_holds_the_cache_or_the_data_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results"
+    monkeypatch.setenv(config.CACHE_ENV, str(out / "cache"))  # the default data folder is in it
+    line = _refused(["--quick", "--output-dir", str(out)], capsys)
+    assert f"holds the cache folder ({config.CACHE_ENV}), {out / 'cache'}" in line
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.setenv(config.DATA_ENV, str(tmp_path / "shared" / "data"))
+    line = _refused(["--quick", "--output-dir", str(tmp_path / "shared")], capsys)
+    assert f"holds the offline data folder ({config.DATA_ENV})" in line
+
+
+def test_an_empty_data_folder_name_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # before, the split CSVs landed in the current folder
+    line = _refused(["--quick", "--data-dir", "", "--output-dir", "o"], capsys)
+    assert "argument --data-dir: an empty name; give a folder" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        (config.RECORD_ENV, "{tmp}", "is a folder"),
+        (config.RECORD_ENV, "{tmp}/no/such/folder/runs.jsonl", "which is no folder"),
+        (config.CACHE_ENV, "{tmp}/a-file", "is a file, not a folder"),
+        (config.CACHE_ENV, "{tmp}/locked", "cannot be read and written"),
+        ("LORA_TUTORIAL_MIRROR", "ftp://example.org", "is not an http(s) base address"),
+        ("LORA_TUTORIAL_MIRROR", "http://example.org", "plain http for a non-loopback host"),
+        ("LORA_TUTORIAL_DOWNLOAD_DEADLINE", "soon", "is not a positive, finite number"),
+        ("LORA_TUTORIAL_DOWNLOAD_DEADLINE", "0", "is not a positive, finite number"),
+        (config.DATA_ENV, "{tmp}/nowhere", "is not a folder"),
+    ],
+)
+def test_environment_variables_are_checked_before_any_work(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    problem: str,
+) -> None:
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "locked").mkdir(mode=0o000)
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    try:
+        line = _refused(["--quick", "--output-dir", str(tmp_path / "o")], capsys)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert line.startswith(f"python -m lora_tutorial.finetune: error: {variable}=")
+    assert problem in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"]
+
+
+def test_lora_options_with_another_method_are_refused_not_recorded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = _refused(["--quick", "--method", "full", "--rank", "9999"], capsys)
+    assert "--rank sets LoRA's adapter, but --method full trains none" in line
+    line = _refused(["--method", "last-block", "--rank", "4", "--alpha", "8"], capsys)
+    assert "--rank and --alpha set LoRA's adapter" in line
+    args = finetune.parse_args(["--method", "full"])
+    assert (args.rank, args.alpha) == (None, None)  # metrics.json records no adapter's settings

@@ -1,14 +1,18 @@
 """The command line's options, and every check on them before a run starts.
 
 :func:`parse_args` fills in the defaults that depend on the mode (quick, rehearsal or full) and
-turns every bad value (a NaN learning rate, a negative seed, an output folder that is a file or
-holds the user's files ...) into a usage error, before any data is read or any weight loaded.
+turns every bad value (a NaN learning rate, a negative seed, ``--rank`` with a method that trains
+no adapter, an empty folder name, an output folder that is a file, holds the user's files, the
+current folder or the cache ...) into a usage error, before any data is read or any weight loaded.
+Numbers are checked by :mod:`lora_tutorial.runtime.checks`, the package's one family of checks.
+The environment variables a run reads (the cache, the run record, the mirror, the download
+deadline, the offline data folder) are checked here too: one line and status 2 when one cannot
+be used.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,39 +22,45 @@ import torch
 
 from lora_tutorial import gpt, train
 from lora_tutorial.finetune import output_folder
-from lora_tutorial.runtime import config, download, rehearsal
+from lora_tutorial.runtime import checks, config, download, rehearsal
 
 PROG = "python -m lora_tutorial.finetune"
 PRETRAINED = [name for name in gpt.GPT_CONFIGS if name in download.KNOWN_FILES]
 MAX_SEED = 2**32 - 1  # pandas' random_state takes seeds below 2**32
 
 
-def _number(kind: type, minimum: float, *, strict: bool) -> Callable[[str], float]:
-    """An argparse ``type``: a finite ``kind`` above ``minimum`` (or at it, unless ``strict``)."""
+def _number(
+    *,
+    integer: bool = False,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+) -> Callable[[str], float]:
+    """An argparse ``type``: the number in the text, checked by :func:`checks.parse_number`."""
 
     def parse(text: str) -> float:
         try:
-            value = kind(text)
-        except ValueError:
-            what = "whole number" if kind is int else "number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            bound = f"{'above' if strict else 'at least'} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"{text!r}: need a finite number {bound}")
-        return value
+            return checks.parse_number(
+                text, integer=integer, at_least=at_least, above=above, at_most=at_most
+            )
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
 
 
-POSITIVE_INT, POSITIVE = _number(int, 0, strict=True), _number(float, 0, strict=True)
-NON_NEGATIVE = _number(float, 0, strict=False)
+POSITIVE_INT, POSITIVE = _number(integer=True, at_least=1), _number(above=0)
+NON_NEGATIVE = _number(at_least=0)
+SEED = _number(integer=True, at_least=0, at_most=MAX_SEED)
 
 
-def _seed(text: str) -> int:
-    value = int(_number(int, 0, strict=False)(text))
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text!r}: a seed is at most {MAX_SEED}")
-    return value
+def _folder(text: str) -> Path:
+    """An argparse ``type`` for a folder: an empty name (an unset shell variable?) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty name; give a folder (an unset shell variable leaves the name empty)"
+        )
+    return Path(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,13 +71,23 @@ class _Parser(argparse.ArgumentParser):
             raise SystemExit(2)
         super().error(message)
 
+    def refuse(self, message: str) -> NoReturn:
+        """Stop with status 2 and one line: a problem outside the options (the environment)."""
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser() -> _Parser:
     """The command line's options (defaults that depend on the mode are filled in later)."""
     parser = _Parser(
         prog=PROG,
         description="Fine-tune GPT-2 to classify SMS messages as spam or ham, with LoRA or a "
         "baseline method.",
+        epilog="Exit status: 0 when the results are written; 2 when an option or an environment "
+        "variable cannot be used (checked before any work); 1 when the run stops (data, download, "
+        "another run writing to --output-dir, a diverged run); 130, 143 or 129 after Ctrl-C, "
+        "SIGTERM or SIGHUP. A run that stops writes nothing and leaves --output-dir as it was.",
     )
     add = parser.add_argument
     add("--model", default="gpt2-small", choices=PRETRAINED, help="GPT-2 size (%(default)s)")
@@ -86,13 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"(also {config.REHEARSAL_ENV}=1)",
     )
     add("--method", default="lora", choices=train.METHODS, help="what to train (%(default)s)")
-    add("--rank", type=POSITIVE_INT, default=train.LORA_RANK, help="LoRA rank (%(default)s)")
+    add(
+        "--rank",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"LoRA rank, with --method lora only (default: {train.LORA_RANK})",
+    )
     add(
         "--alpha",
         type=POSITIVE,
         default=None,
-        help=f"LoRA alpha; scaling = alpha / rank (default: {train.LORA_ALPHA:g}, "
-        f"or {train.QUICK_LORA_ALPHA:g} with --quick)",
+        help=f"LoRA alpha, with --method lora only; scaling = alpha / rank (default: "
+        f"{train.LORA_ALPHA:g}, or {train.QUICK_LORA_ALPHA:g} with --quick)",
     )
     add("--epochs", type=POSITIVE_INT, default=None, help="epochs (default: 5, 1 with --quick)")
     defaults = ", ".join(f"{m} {lr:g}" for m, lr in train.DEFAULT_LR.items())
@@ -117,19 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["last_real", "last"],
         help="which token's hidden state the head reads (%(default)s)",
     )
-    add("--seed", type=_seed, default=123, help="seed for splits, initialisation, shuffling (123)")
+    add("--seed", type=SEED, default=123, help="seed for splits, initialisation, shuffling (123)")
     add(
         "--data-dir",
-        type=Path,
+        type=_folder,
         default=None,
-        help="folder for SMSSpamCollection and the split CSVs, with their splits.json "
-        "(default: <cache>/sms-spam-collection)",
+        help="folder for SMSSpamCollection and the split CSVs, with their splits.json; a file "
+        "there that the package did not write is never replaced (default: "
+        "<cache>/sms-spam-collection)",
     )
     add(
         "--output-dir",
-        type=Path,
+        type=_folder,
         default=Path("finetune-output"),
-        help="new, empty, or a previous run's results (default: %(default)s)",
+        help="new, empty, or a previous run's results; one run at a time (default: %(default)s)",
     )
     add("--device", default=None, help="cpu, cuda, mps ... (default: the best available)")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -162,7 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         env_mode = config.mode()
     except ValueError as err:
-        parser.error(str(err))
+        parser.refuse(str(err))
     if (args.quick and env_mode == "rehearsal") or (args.rehearsal and env_mode == "quick"):
         parser.error(
             f"--{'quick' if args.quick else 'rehearsal'} and the environment ({env_mode} mode) "
@@ -171,25 +197,60 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flag = "quick" if args.quick else "rehearsal" if args.rehearsal else None
     args.mode = flag or env_mode
     args.quick, args.rehearsal = args.mode == "quick", args.mode == "rehearsal"
-    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
-    args.lr = args.lr if args.lr is not None else train.default_lr(args.method, quick=args.quick)
-    args.alpha = args.alpha if args.alpha is not None else train.default_alpha(quick=args.quick)
-    args.eval_every = args.eval_every if args.eval_every is not None else (4 if args.quick else 50)
-    width = gpt.GPT_CONFIGS["tiny" if args.quick else args.model]["emb_dim"]
-    if args.method == "lora" and args.rank > width:  # a rank above a layer's size adds nothing
-        parser.error(f"--rank {args.rank} exceeds the model's layer width {width}; lower it")
+    _fill_in_defaults(parser, args)
     problem = _check_device(args.device)
     if problem:
         parser.error(f"--device: {problem}")
+    keep = _check_environment(parser, args)
     try:
-        output_folder.check(args.output_dir)
+        output_folder.check(args.output_dir, keep)
     except output_folder.OutputFolderError as err:
         parser.error(f"--output-dir: {err}")
     if args.data_dir is not None:
         for path in [args.data_dir, *args.data_dir.absolute().parents]:
             if path.exists() and not path.is_dir():
                 parser.error(f"--data-dir: {path} is a file, not a folder")
-        data_dir, out = args.data_dir.resolve(), args.output_dir.resolve()
-        if data_dir == out or out in data_dir.parents:
-            parser.error("--data-dir lies inside --output-dir, which each run replaces whole")
     return args
+
+
+def _fill_in_defaults(parser: _Parser, args: argparse.Namespace) -> None:
+    """The defaults that depend on the mode and the method; LoRA's options with LoRA only."""
+    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
+    args.lr = args.lr if args.lr is not None else train.default_lr(args.method, quick=args.quick)
+    args.eval_every = args.eval_every if args.eval_every is not None else (4 if args.quick else 50)
+    if args.method != "lora":  # refused rather than ignored: metrics.json records what ran
+        given = [f"--{name}" for name in ("rank", "alpha") if getattr(args, name) is not None]
+        if given:
+            verb, them = ("set", "them") if len(given) > 1 else ("sets", "it")
+            parser.error(
+                f"{' and '.join(given)} {verb} LoRA's adapter, but --method {args.method} trains "
+                f"none: leave {them} out or use --method lora"
+            )
+        return
+    args.rank = args.rank if args.rank is not None else train.LORA_RANK
+    args.alpha = args.alpha if args.alpha is not None else train.default_alpha(quick=args.quick)
+    width = gpt.GPT_CONFIGS["tiny" if args.quick else args.model]["emb_dim"]
+    if args.rank > width:  # a rank above a layer's size adds nothing
+        parser.error(f"--rank {args.rank} exceeds the model's layer width {width}; lower it")
+
+
+def _check_environment(parser: _Parser, args: argparse.Namespace) -> dict[str, Path]:
+    """Check the environment variables the run will read; return the paths it uses elsewhere.
+
+    A variable that cannot be used stops the run here, in one line, instead of after training.
+    """
+    try:
+        cache = config.cache_dir(create=False)
+        record = config.record_path()
+        offline_data = config.data_dir()
+        download.mirror()
+        download.default_deadline_s()
+    except (ValueError, FileNotFoundError) as err:
+        parser.refuse(str(err))
+    paths = {
+        "--data-dir": args.data_dir,
+        f"the cache folder ({config.CACHE_ENV})": cache,
+        f"the offline data folder ({config.DATA_ENV})": offline_data,
+        f"the run record file ({config.RECORD_ENV})": record,
+    }
+    return {what: path for what, path in paths.items() if path is not None}

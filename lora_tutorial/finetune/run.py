@@ -1,22 +1,29 @@
 """Fine-tune GPT-2 to tell spam from ham: ``python -m lora_tutorial.finetune --help``.
 
-One run checks every option and the output folder, reads and splits the SMS data, loads the
-pretrained model, adds the classification head, adapts it with the chosen method, trains,
-evaluates on the test split and writes to ``--output-dir``:
+One run checks every option, the environment variables it reads and the output folder, reads
+and splits the SMS data, loads the pretrained model, adds the classification head, adapts it
+with the chosen method, trains, evaluates on the test split and writes to ``--output-dir``:
 
 - ``adapter.safetensors`` (``--method lora``): the LoRA matrices and the classification head,
   loadable with :func:`lora_tutorial.adapters.load_adapter` into ``GPTClassifier(GPTModel(...))``;
   ``weights.safetensors`` (``full`` or ``last-block``): every parameter that the method
   trained, under its name in the classifier;
-- ``metrics.json`` (strict JSON): the settings, parameter counts, training history, validation
-  and test scores, time per epoch, peak memory, and a digest of the final weights per process;
+- ``metrics.json`` (strict JSON): the settings (``rank`` and ``alpha`` null for a method
+  without an adapter), parameter counts, training history, validation and test scores, time
+  per epoch, peak memory, and a digest of the final weights per process;
 - ``loss.png`` and ``accuracy.png``: the training curves;
 - ``manifest.json``: the files above with their sha256 (see
   :mod:`lora_tutorial.finetune.output_folder`: the folder must be new, empty, or hold a previous
-  run's results; the set is swapped in whole).
+  run's results; the set is swapped in whole; one run at a time writes to a folder, and the
+  next run removes what a killed one left beside it).
 
-A run whose loss or weights become non-finite stops with a message and exit status 1 and
-writes nothing. Ctrl-C stops with one line and status 130.
+Every problem it foresees ends in one line on stderr (after argparse's usage line for a bad
+option) and an exit status, not a traceback: 2 for an option or an environment variable that
+cannot be used (checked before any work); 1 for a run that cannot go on (missing or unusable
+data, a download that fails, another run writing to the folder, a loss or weights that become
+NaN or infinite: the message names the setting to change); for a signal, 128 plus its number,
+as shells report it: Ctrl-C (SIGINT) 130, SIGTERM 143, SIGHUP 129. A run that stops writes
+nothing and leaves the output folder as it was.
 
 Modes: ``--quick`` (or ``LORA_TUTORIAL_QUICK=1``) trains a tiny randomly initialised model on a
 few messages: seconds on a CPU, no GPT-2 download. ``--rehearsal`` (or
@@ -35,7 +42,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -68,8 +77,20 @@ class BadInput(RuntimeError):
     """The data cannot be used as given (a malformed file, too few messages for a batch ...)."""
 
 
-class Diverged(RuntimeError):
-    """Training produced a non-finite loss or non-finite weights."""
+class NonFiniteResult(train.TrainingDiverged):
+    """Training's losses stayed finite, but the weights or an evaluation's loss did not."""
+
+    def __init__(self, detail: str, step: int) -> None:
+        ValueError.__init__(self, f"training diverged: {detail} after step {step}")
+        self.loss, self.step, self.epoch, self.detail = math.nan, step, 0, detail
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: the run stops as it does on Ctrl-C (cleaned up, one line)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _main_first(info: DistInfo, step: Callable[[], object]) -> None:
@@ -102,6 +123,14 @@ def _splits(args: argparse.Namespace, info: DistInfo) -> data.Splits:
         splits = data.load_splits(folder)
     except (ValueError, FileExistsError) as err:  # a malformed SMS file, a user's file in the way
         raise BadInput(str(err)) from None
+    empty = [name for name, df in zip(data.SPLIT_NAMES, splits, strict=True) if df.empty]
+    if empty:
+        sizes = " / ".join(str(len(df)) for df in splits)
+        raise BadInput(
+            f"the data file has too few messages: balanced and split, they make {sizes} "
+            f"(train / validation / test), so {' and '.join(empty)} would be empty; use a "
+            "file with more messages (at least 5 of each class)"
+        )
     if args.quick:
         splits = data.Splits(
             *(
@@ -160,55 +189,75 @@ def _finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
-def _diverged(args: argparse.Namespace, detail: str) -> Diverged:
-    return Diverged(
-        f"training diverged ({detail}); nothing was written. Lower --lr (it was {args.lr:g}) "
-        "and run again"
-    )
+LARGE_SCALING = 8.0  # alpha / rank; the book uses 1 or 2, the LoRA paper's scripts up to 8
+
+
+def diverged_message(err: train.TrainingDiverged, args: argparse.Namespace) -> str:
+    """One line: what went non-finite, that nothing was written, and which setting to change.
+
+    The advice follows the settings: a huge LoRA scaling (alpha / rank), or a large weight decay
+    that takes the weights past zero in one step, is named instead of the learning rate.
+    """
+    if isinstance(err, NonFiniteResult):
+        what = f"{err.detail} after step {err.step}"
+    else:
+        what = f"the loss is {err.loss} at step {err.step} (epoch {err.epoch})"
+    advice = []
+    if args.method == "lora" and args.alpha / args.rank > LARGE_SCALING:
+        advice.append(
+            f"the LoRA scaling alpha / rank is {args.alpha / args.rank:g}, far above the usual "
+            f"1 to 2: lower --alpha (it was {args.alpha:g}; about 2 x --rank is usual)"
+        )
+    if args.weight_decay > 1 and args.lr * args.weight_decay >= 1:
+        advice.append(
+            f"--lr x --weight-decay is {args.lr * args.weight_decay:g}, so each step shrinks the "
+            "weights past zero: lower --weight-decay (0.1 is usual)"
+        )
+    if not advice:
+        advice.append(f"lower --lr (it was {args.lr:g}), e.g. ten times")
+    return f"training diverged: {what}; nothing was written. To fix it, {'; '.join(advice)}"
 
 
 def _train(
     args: argparse.Namespace, model: GPTClassifier, loaders: data.Loaders, device: torch.device
 ) -> train.History:
-    """Train; raise :class:`Diverged` when the loss or the weights become NaN or infinite."""
+    """Train; :class:`~train.TrainingDiverged` if the loss or the weights become NaN or infinite."""
     eval_batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
     max_steps = args.max_steps
     if args.rehearsal:
         max_steps = min(max_steps or rehearsal.TRAIN_STEPS, rehearsal.TRAIN_STEPS)
-    try:
-        history = train.train_classifier(
-            model,
-            loaders.train,
-            loaders.validation,
-            epochs=args.epochs,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            eval_every=args.eval_every,
-            eval_batches=eval_batches or 5,
-            accuracy_batches=eval_batches,
-            max_steps=max_steps,
-            device=device,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except Exception as err:  # train.py may stop on a non-finite loss itself
-        text = str(err).lower()
-        if _finite(model) and not any(word in text for word in ("finite", "nan")):
-            raise
-        raise _diverged(args, str(err)) from None
-    losses = [*history.train_losses, *history.val_losses]
-    if not all(math.isfinite(x) for x in losses):
-        raise _diverged(args, f"losses {losses}")
+    history = train.train_classifier(  # stops itself on a non-finite training loss
+        model,
+        loaders.train,
+        loaders.validation,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        eval_batches=eval_batches or 5,
+        accuracy_batches=eval_batches,
+        max_steps=max_steps,
+        device=device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    step = history.steps[-1] if history.steps else 0
+    bad = [x for x in [*history.train_losses, *history.val_losses] if not math.isfinite(x)]
+    if bad:
+        raise NonFiniteResult(f"a recorded loss is {bad[0]}", step)
     if not _finite(model):
-        raise _diverged(args, "the trained weights hold NaN or infinite values")
+        raise NonFiniteResult("the trained weights hold NaN or infinite values", step)
     return history
 
 
-def _evaluate(args: argparse.Namespace, model: GPTClassifier, loader, device) -> train.Evaluation:
+def _evaluate(
+    args: argparse.Namespace, model: GPTClassifier, loader, device, history: train.History
+) -> train.Evaluation:
     batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
     result = train.evaluate(model, loader, device=device, num_batches=batches)
     if not math.isfinite(result.loss):
-        raise _diverged(args, f"evaluation loss {result.loss}")
+        step = history.steps[-1] if history.steps else 0
+        raise NonFiniteResult(f"the evaluation loss is {result.loss}", step)
     return result
 
 
@@ -232,7 +281,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
         tokenizer = _tokenizer()
         train.set_seed(args.seed)  # the same model, head and LoRA matrices on every process
         model = GPTClassifier(_backbone(args, info), pooling=args.pooling)
-        train.prepare_model(model, args.method, rank=args.rank, alpha=args.alpha)
+        lora_options = {"rank": args.rank, "alpha": args.alpha} if args.method == "lora" else {}
+        train.prepare_model(model, args.method, **lora_options)
         try:
             loaders = data.make_loaders(
                 *splits,
@@ -244,8 +294,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
         except ValueError as err:  # e.g. fewer messages than one batch
             raise BadInput(str(err)) from None
         history = _train(args, model, loaders, device)
-        validation = _evaluate(args, model, loaders.validation, device)
-        test = _evaluate(args, model, loaders.test, device)
+        validation = _evaluate(args, model, loaders.validation, device, history)
+        test = _evaluate(args, model, loaders.test, device, history)
         digests = gather(train.weights_digest(model))
         result = train.summarize(args.method, model, history, test)
         steps = history.steps[-1] if history.steps else 0
@@ -325,14 +375,31 @@ def _mode_environment(mode: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-USER_ERRORS = (
-    download.DownloadError,
-    MissingInput,
-    BadInput,
-    FileNotFoundError,
-    OutputFolderError,
-    Diverged,
+USER_ERRORS = (download.DownloadError, MissingInput, BadInput, FileNotFoundError, OutputFolderError)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Stopped` while the run lasts, as Ctrl-C raises
+    KeyboardInterrupt, so that the run cleans up after itself; a second signal is then ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        for other in STOP_SIGNALS:  # cleaning up takes a moment: let nothing cut it short
+            signal.signal(other, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _peer_stopped(err: Exception) -> bool:
@@ -342,7 +409,9 @@ def _peer_stopped(err: Exception) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status: 0, 1 with a message on stderr, 130 on Ctrl-C.
+    """Run the command line; return the exit status: 0, or 1 with one line on stderr, or
+    128 + the signal's number after Ctrl-C (130), SIGTERM (143) or SIGHUP (129). Bad options
+    raise SystemExit(2) (a usage error) before any work.
 
     Under torchrun only rank 0 prints the message; the other processes exit quietly, also when
     rank 0's exit breaks the process group under them.
@@ -351,12 +420,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")  # files only, no windows
     is_main = os.environ.get("RANK", "0") == "0"
     try:
-        with _mode_environment(args.mode), distributed() as info:
+        with _stop_on_signals(), _mode_environment(args.mode), distributed() as info:
             run(args, info)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        signum = signal.Signals(err.signum) if isinstance(err, Stopped) else signal.SIGINT
         if is_main:
-            print(f"{PROG}: interrupted; {args.output_dir} was left as it was", file=sys.stderr)
-        return 130
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
+            print(f"{PROG}: {how}; {args.output_dir} was left as it was", file=sys.stderr)
+        return 128 + signum
+    except train.TrainingDiverged as err:
+        if is_main:
+            print(f"{PROG}: stopped: {diverged_message(err, args)}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         if is_main:
             hint = (

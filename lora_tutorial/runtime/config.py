@@ -16,9 +16,11 @@ Environment variables:
 - ``LORA_TUTORIAL_QUICK``, ``LORA_TUTORIAL_REHEARSAL``: ``1`` (or ``true``/``yes``/``on``) turns
   the mode on, ``0`` (or ``false``/``no``/``off``/empty) leaves it off; anything else is an error.
 - ``LORA_TUTORIAL_DATA``: a folder laid out like ``../shared/data`` (offline copies).
-- ``LORA_TUTORIAL_CACHE``: where downloads are kept (default ``~/.cache/lora_tutorial``).
+- ``LORA_TUTORIAL_CACHE``: where downloads are kept (default ``~/.cache/lora_tutorial``); a file,
+  or a folder this user cannot read and write, is an error.
 - ``LORA_TUTORIAL_RECORD``: a file to which every training run appends one JSON line of timings
-  (see :mod:`lora_tutorial.runtime.rehearsal`); unset, nothing is recorded.
+  (see :mod:`lora_tutorial.runtime.rehearsal`); unset, nothing is recorded. A folder, or a file
+  that cannot be written, is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from lora_tutorial.runtime import files
 
 QUICK_ENV = "LORA_TUTORIAL_QUICK"
 REHEARSAL_ENV = "LORA_TUTORIAL_REHEARSAL"
@@ -114,20 +118,45 @@ def bundled_file(*parts: str) -> Path | None:
 
 
 def record_path() -> Path | None:
-    """The file training runs append their timing records to: ``$LORA_TUTORIAL_RECORD`` or None."""
+    """The file training runs append their timing records to: ``$LORA_TUTORIAL_RECORD`` or None.
+
+    A value that cannot name such a file (a folder, a file in a folder that does not exist or
+    cannot be written) is a ValueError that says so, before any run has to find out.
+    """
     env = os.environ.get(RECORD_ENV, "").strip()
-    return Path(env).expanduser() if env else None
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    problem = None
+    if path.is_dir():
+        problem = "is a folder; name a file (it is created if missing)"
+    elif not path.parent.is_dir():
+        problem = f"is in {path.parent}, which is no folder; make that folder first"
+    elif not files.writable(path if path.exists() else path.parent):
+        problem = f"cannot be written by this user ({path if path.exists() else path.parent})"
+    if problem:
+        raise ValueError(f"{RECORD_ENV}={env!r} {problem}, or unset {RECORD_ENV}")
+    return path
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: ``$LORA_TUTORIAL_CACHE`` or ``~/.cache/lora_tutorial``."""
+def cache_dir(*, create: bool = True) -> Path:
+    """Where downloads are kept: ``$LORA_TUTORIAL_CACHE`` or ``~/.cache/lora_tutorial``.
+
+    The folder is made unless ``create`` is False. One that is a file, or that this user cannot
+    read and write, is a ValueError naming the folder and the variable to change.
+    """
     env = os.environ.get(CACHE_ENV)
     if env:
         path = Path(env).expanduser()
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         path = base / "lora_tutorial"
-    path.mkdir(parents=True, exist_ok=True)
+    problem = files.folder_problem(path)
+    if problem:
+        where = f"{CACHE_ENV}={env!r}" if env else "the cache folder"
+        raise ValueError(f"{where}: {problem}; point {CACHE_ENV} at a folder you can write to")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

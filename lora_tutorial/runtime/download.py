@@ -16,7 +16,9 @@ its sha256 matches the pinned one.
 
 ``LORA_TUTORIAL_MIRROR=https://host/path`` makes :func:`fetch` get ``{mirror}/{filename}`` instead
 (plain ``http`` only for a loopback host, which is how the tests serve files);
-``LORA_TUTORIAL_DOWNLOAD_DEADLINE`` limits one transfer, in seconds.
+``LORA_TUTORIAL_DOWNLOAD_DEADLINE`` limits one transfer, in seconds. A value of either that
+cannot be used is an error naming the variable (:func:`mirror`, :func:`default_deadline_s`), never
+a silent fallback.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from lora_tutorial.runtime import config
-from lora_tutorial.runtime.files import atomic_write
+from lora_tutorial.runtime import checks, config
+from lora_tutorial.runtime.files import atomic_write, sha256_file
 
 MIRROR_ENV = "LORA_TUTORIAL_MIRROR"
 DEADLINE_ENV = "LORA_TUTORIAL_DOWNLOAD_DEADLINE"
@@ -137,10 +139,8 @@ def fetch(
     """
     remote = _resolve(name_or_file)
     if deadline_s is None:
-        value = os.environ.get(DEADLINE_ENV, "").strip() or str(DEFAULT_DEADLINE_S)
-        deadline_s = float(value) if re.fullmatch(r"\d+(\.\d*)?", value) else 0.0
-    if not deadline_s > 0:
-        raise ValueError(f"deadline_s and {DEADLINE_ENV} must be a positive number of seconds")
+        deadline_s = default_deadline_s()
+    checks.check_positive("deadline_s", deadline_s, hint="give seconds, e.g. 7200")
     deadline = time.monotonic() + deadline_s
     folder = Path(cache_dir) if cache_dir is not None else config.cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def fetch(
     recorded = _recorded_sha256(dest)
     if recorded is not None and remote.sha256 in (None, recorded):
         return dest  # checked before, and unchanged since
-    cached = _file_sha256(dest) if dest.is_file() else None
+    cached = sha256_file(dest) if dest.is_file() else None
     if cached is None or cached != remote.sha256:
         try:
             cached = _download(_source_url(remote), remote, dest, cached, deadline, progress)
@@ -182,14 +182,6 @@ def _record_sha256(dest: Path, sha256: str) -> None:
         tmp.write_text(json.dumps(record))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
     if isinstance(name_or_file, str):
         if name_or_file not in KNOWN_FILES:
@@ -215,11 +207,27 @@ def _resolve(name_or_file: str | RemoteFile) -> RemoteFile:
     return remote
 
 
-def _source_url(remote: RemoteFile) -> str:
-    """The known https address, or ``{mirror}/{filename}`` when a mirror is configured."""
+def default_deadline_s() -> float:
+    """``$LORA_TUTORIAL_DOWNLOAD_DEADLINE`` in seconds, or two hours when it is unset or empty.
+
+    A value that is not a positive number of seconds is a ValueError naming the variable.
+    """
+    text = os.environ.get(DEADLINE_ENV, "").strip()
+    if not text:
+        return DEFAULT_DEADLINE_S
+    return checks.parse_number(
+        text, name=DEADLINE_ENV, above=0, hint=f"give seconds, e.g. 7200, or unset {DEADLINE_ENV}"
+    )
+
+
+def mirror() -> str | None:
+    """``$LORA_TUTORIAL_MIRROR`` when set: an https base address (http only for a loopback host).
+
+    Anything else is a ValueError naming the variable, so a typo never sends a download elsewhere.
+    """
     mirror = os.environ.get(MIRROR_ENV, "").strip()
     if not mirror:
-        return remote.url
+        return None
     parts = urllib.parse.urlsplit(mirror)
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError(
@@ -230,7 +238,13 @@ def _source_url(remote: RemoteFile) -> str:
         raise ValueError(
             f"{MIRROR_ENV}={mirror!r} is not an http(s) base address like https://example.org/files"
         )
-    return f"{mirror.rstrip('/')}/{urllib.parse.quote(remote.filename)}"
+    return mirror.rstrip("/")
+
+
+def _source_url(remote: RemoteFile) -> str:
+    """The known https address, or ``{mirror}/{filename}`` when a mirror is configured."""
+    base = mirror()
+    return remote.url if base is None else f"{base}/{urllib.parse.quote(remote.filename)}"
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
