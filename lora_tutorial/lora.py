@@ -477,5 +477,5 @@ def base_digest(tensors: Mapping[str, Tensor]) -> str:
         tensor = tensors[key].detach()
         digest.update(f"{key}{tuple(tensor.shape)};".encode())
         rounded = tensor.to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-        digest.update(rounded.reshape(-1).numpy().tobytes())
+        digest.update(rounded.reshape(-1).numpy().data)  # hashed in place, not copied
     return digest.hexdigest()

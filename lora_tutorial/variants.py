@@ -180,7 +180,7 @@ class LinearWithDoRA(LinearWithLoRA):
 
 
 class LinearWithPiSSA(LinearWithLoRA):
-    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is frozen.
+    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is the base.
 
     With ``W0 = U S V^T`` (``W0`` of shape ``(out, in)``), ``sqrt(S_r / scaling)`` goes to each
     side, as PEFT's ``init_lora_weights="pissa"`` does::
