@@ -52,6 +52,8 @@ class GPTClassifier(nn.Module):
     choosing which parameters to train).
     """
 
+    new_modules = ("gpt.out_head",)  # made here, not pretrained: an adapter file may replace it
+
     def __init__(self, gpt: GPTModel, num_classes: int = 2, pooling: str = "last_real") -> None:
         super().__init__()
         if pooling not in POOLINGS:

@@ -17,12 +17,13 @@ Every adapter kind (DoRA, PiSSA, VeRA in :mod:`~lora_tutorial.variants`, QLoRA i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from fnmatch import fnmatchcase
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +44,61 @@ def check_alpha(alpha: Any) -> None:
         )
 
 
-def check_rank_and_dropout(rank: Any, dropout: Any, max_rank: float = math.inf) -> None:
-    """Raise ValueError unless ``1 <= rank <= max_rank`` (an integer) and ``0 <= dropout < 1``."""
-    if not is_number(rank, integer=True) or not 1 <= rank <= max_rank:
-        most = "" if max_rank == math.inf else f" up to min(in_dim, out_dim) = {max_rank}"
+def check_rank_and_dropout(rank: Any, dropout: Any) -> None:
+    """Raise ValueError unless ``rank`` is a positive integer and ``0 <= dropout < 1``."""
+    if not is_number(rank, integer=True) or rank < 1:
         raise ValueError(
-            f"rank must be a positive integer{most}, got {rank!r}; typical values are 4, 8 or 16"
+            f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16"
         )
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def check_lora_arguments(
+    in_dim: int, out_dim: int, rank: Any, alpha: Any, use_rslora: Any, dropout: Any
+) -> None:
+    """ValueError for a bad rank, alpha, ``use_rslora`` or dropout; a warning for a rank above
+    ``min(in_dim, out_dim)``, which the layer accepts (as PEFT does) but cannot use in full."""
+    check_rank_and_dropout(rank, dropout)
+    check_alpha(alpha)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+    scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    if not 0 < scaling < math.inf:
+        raise ValueError(f"alpha={alpha!r} with rank={rank} gives a scaling of {scaling}")
+    if rank > min(in_dim, out_dim):
+        warnings.warn(
+            f"rank {rank} exceeds min(in_dim, out_dim) = {min(in_dim, out_dim)} of a "
+            f"{in_dim}->{out_dim} layer: its update's rank is capped at that, so the extra rank "
+            "only adds parameters",
+            stacklevel=4,
+        )
+
+
+@runtime_checkable
+class FrozenLinear(Protocol):
+    """What an adapter layer needs of the layer it wraps. ``nn.Linear`` has it all, and so has
+    QLoRA's 4-bit :class:`~lora_tutorial.quantize.LinearNF4`, whose ``weight`` is dequantized."""
+
+    in_features: int
+    out_features: int
+
+    @property
+    def weight(self) -> Tensor: ...  # (out_features, in_features)
+
+    @property
+    def bias(self) -> Tensor | None: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def check_base_layer(linear: Any) -> None:
+    """Raise TypeError unless ``linear`` is a module with :class:`FrozenLinear`'s attributes."""
+    if not isinstance(linear, nn.Module) or not isinstance(linear, FrozenLinear):
+        raise TypeError(
+            f"linear must be an nn.Linear (or a module with in_features, out_features, weight "
+            f"and bias, such as quantize.LinearNF4), got {type(linear).__name__}"
+        )
 
 
 # ----------------------------------------------------------------------------- layers
@@ -71,8 +118,7 @@ class LoRALayer(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_rank_and_dropout(rank, dropout, max_rank=min(in_dim, out_dim))
-        check_alpha(alpha)
+        check_lora_arguments(in_dim, out_dim, rank, alpha, use_rslora, dropout)
         self.scaling_rule = "alpha/sqrt(rank)" if use_rslora else "alpha/rank"
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank))
@@ -87,17 +133,21 @@ class LoRALayer(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    """A frozen ``nn.Linear`` (``.linear``) plus an update; subclasses pass their keyword arguments
-    to ``__init__`` (``config()`` returns them) and define ``forward`` and ``delta_weight()``."""
+    """A base layer (``.linear``) plus an update. Subclasses pass their keyword arguments to
+    ``__init__`` (``config()`` returns them) and define ``forward`` and ``delta_weight()``.
 
-    def __init__(self, linear: nn.Linear, **config: Any) -> None:
+    The layer never writes the base: ``merge()`` keeps base + update in a buffer of its own. Nor
+    does it freeze the base: ``mark_only_lora_as_trainable(model)`` does that for the whole model.
+    """
+
+    linear: FrozenLinear
+
+    def __init__(self, linear: FrozenLinear, **config: Any) -> None:
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_base_layer(linear)
         self.linear = linear
         self._config = config
-        # While merged: base weight + update. The base weight itself is never written.
-        self.register_buffer("merged_weight", None, persistent=False)
+        self.register_buffer("merged_weight", None, persistent=False)  # base + update, if merged
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -116,7 +166,8 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError  # the update, (out_dim, in_dim) like linear.weight
 
     def updated_weight(self) -> Tensor:
-        return self.linear.weight + self.delta_weight().to(self.linear.weight.dtype)
+        weight = self.linear.weight
+        return weight + self.delta_weight().to(weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -139,13 +190,11 @@ class AdapterLayer(nn.Module):
 
 
 class LinearWithLoRA(AdapterLayer):
-    """``linear(x) + lora(x)``: a frozen ``nn.Linear`` (``.linear``) and its LoRA (``.lora``)."""
-
-    kind = "lora"
+    """``linear(x) + lora(x)``: the base layer (``.linear``) and its LoRA update (``.lora``)."""
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: FrozenLinear,
         rank: int,
         alpha: float,
         *,
@@ -412,3 +461,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         set_submodule(model, name, unloaded_linear(layer))
     return model
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def base_digest(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of each tensor's name, shape and every value rounded to bfloat16.
+
+    Adapter files use it to recognise the base an adapter belongs to: another base (other weights
+    or seed) differs in it, while a float32 base and its bfloat16 copy agree.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach()
+        digest.update(f"{key}{tuple(tensor.shape)};".encode())
+        rounded = tensor.to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        digest.update(rounded.reshape(-1).numpy().data)  # hashed in place, not copied
+    return digest.hexdigest()

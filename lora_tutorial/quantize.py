@@ -103,6 +103,18 @@ class QuantizedTensor:
         return values.flatten()[: self.numel].view(self.shape).to(self.dtype)
 
 
+MAX_BLOCK_SIZE = 2**20  # the last block is padded to a full one, so a huge size costs memory
+
+
+def check_blocksize(blocksize: Any) -> None:
+    """Raise ValueError unless ``blocksize`` is an integer from 1 to :data:`MAX_BLOCK_SIZE`."""
+    if not is_number(blocksize, integer=True) or not 1 <= blocksize <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"blocksize must be an integer from 1 to {MAX_BLOCK_SIZE}, got {blocksize!r}; QLoRA "
+            f"uses {NF4_BLOCK_SIZE}"
+        )
+
+
 def quantize_blockwise(
     tensor: torch.Tensor, levels: torch.Tensor | None = None, blocksize: int = NF4_BLOCK_SIZE
 ) -> QuantizedTensor:
@@ -115,10 +127,7 @@ def quantize_blockwise(
     """
     if not tensor.is_floating_point():
         raise TypeError(f"can only quantize floating-point tensors, got dtype {tensor.dtype}")
-    if not is_number(blocksize, integer=True) or blocksize < 1:
-        raise ValueError(
-            f"blocksize must be a positive integer, got {blocksize!r}; QLoRA uses {NF4_BLOCK_SIZE}"
-        )
+    check_blocksize(blocksize)
     levels = nf4_levels() if levels is None else levels.detach().float().flatten()
     if levels.numel() != 16 or not bool((levels.diff() > 0).all()):
         raise ValueError(
@@ -126,14 +135,14 @@ def quantize_blockwise(
         )
     if tensor.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    bad = (~torch.isfinite(tensor.detach())).flatten().nonzero()
+    flat = tensor.detach().float().flatten()  # float64 beyond float32's range becomes inf here
+    bad = (~torch.isfinite(flat)).nonzero()
     if len(bad):
         raise ValueError(
             f"cannot quantize a tensor with {len(bad)} NaN or inf values (the first at flat index "
-            f"{bad[0].item()}): each would spoil its block of {blocksize}; fix or drop them first"
+            f"{bad[0].item()}; values beyond float32's range count as inf): each would spoil its "
+            f"block of {blocksize}; fix or drop them first"
         )
-
-    flat = tensor.detach().float().flatten()
     blocks = F.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
@@ -163,7 +172,10 @@ class LinearNF4(nn.Module):
 
     Nothing in this layer trains: the codes and scales are buffers. The forward pass dequantizes the
     weight to the input's dtype, multiplies, and lets the float copy go, which is how QLoRA keeps
-    the whole base model in 4 bits while LoRA adapters (in float) learn on top.
+    the whole base model in 4 bits while LoRA adapters (in float) learn on top. It has
+    ``nn.Linear``'s ``in_features``, ``out_features``, ``weight`` (dequantized on each read) and
+    ``bias``, so an adapter layer can wrap it like any linear layer
+    (:class:`~lora_tutorial.lora.FrozenLinear`).
     """
 
     packed: torch.Tensor
@@ -175,10 +187,10 @@ class LinearNF4(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearNF4 quantizes an nn.Linear, got {type(linear).__name__}")
-        self.in_dim = linear.in_features
-        self.out_dim = linear.out_features
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
         q = quantize_blockwise(linear.weight, blocksize=blocksize)
-        self.blocksize = blocksize
+        self.blocksize: int = blocksize
         self.weight_dtype = q.dtype
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
@@ -186,21 +198,25 @@ class LinearNF4(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def quantized_weight(self) -> QuantizedTensor:
-        shape = torch.Size((self.out_dim, self.in_dim))
+        shape = torch.Size((self.out_features, self.in_features))
         return QuantizedTensor(
             self.packed, self.absmax, self.levels, shape, self.weight_dtype, self.blocksize
         )
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float weight ``(out, in)`` that the 4-bit codes stand for."""
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight ``(out, in)`` that the 4-bit codes stand for, rebuilt on each read."""
         return self.quantized_weight().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, nf4 blocksize={self.blocksize}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nf4 blocksize={self.blocksize}"
+        )
 
 
 def quantize_linear_layers(
@@ -227,12 +243,12 @@ def quantize_linear_layers(
 class LinearWithQLoRA(LinearWithLoRA):
     """QLoRA's layer: a frozen NF4 base (``.linear`` is a :class:`LinearNF4`) plus a float LoRA.
 
-    Built from a float ``nn.Linear``, which it quantizes; ``.lora`` is an ordinary
-    :class:`~lora_tutorial.lora.LoRALayer` in the base layer's float dtype. Merging computes a
-    float weight (dequantized base + update): a 4-bit base could not hold the update.
+    Built from a float ``nn.Linear``, which it quantizes (the given layer is left as it is);
+    ``.lora`` is an ordinary :class:`~lora_tutorial.lora.LoRALayer` in the base layer's float
+    dtype. Merging computes a float weight (dequantized base + update) in a buffer of its own.
     """
 
-    kind = "qlora"
+    linear: LinearNF4
 
     def __init__(
         self,
@@ -244,15 +260,11 @@ class LinearWithQLoRA(LinearWithLoRA):
         dropout: float = 0.0,
         blocksize: int = NF4_BLOCK_SIZE,
     ) -> None:
-        super().__init__(linear, rank, alpha, use_rslora=use_rslora, dropout=dropout)
-        self.linear: LinearNF4 = LinearNF4(linear, blocksize)  # type: ignore[assignment]
+        base = LinearNF4(linear, blocksize)
+        super().__init__(base, rank, alpha, use_rslora=use_rslora, dropout=dropout)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "blocksize": self.linear.blocksize}
-
-    def updated_weight(self) -> torch.Tensor:
-        weight = self.linear.dequantized_weight()
-        return weight + self.delta_weight().to(weight.dtype)
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -33,6 +33,7 @@ from lora_tutorial.lora import (
     LinearWithLoRA,
     adapter_layers,
     find_submodule,
+    is_number,
     merge_and_unload,
     merge_lora,
     set_submodule,
@@ -133,6 +134,13 @@ def _stack_linear(name: str, adapted: Sequence[nn.Module]) -> MultiLinear:
     modules = [m for m in found if isinstance(m, nn.Linear)]
     if len(modules) != len(found):
         raise TypeError(f"extra module {name!r} must be an nn.Linear in every adapted model")
+    shapes = [tuple(m.weight.shape) for m in modules]
+    if len(set(shapes)) > 1:
+        raise ValueError(
+            f"extra module {name!r} has different shapes in the adapted models ({shapes}; "
+            "(out, in) each): one batch needs one output size, so serve models whose heads have "
+            "different numbers of classes separately"
+        )
     weight = torch.stack([m.weight.detach() for m in modules])
     has_bias = [m.bias is not None for m in modules]
     if any(has_bias) and not all(has_bias):
@@ -159,6 +167,11 @@ def _check_adapted(adapted: Sequence[nn.Module], base: nn.Module, extras: list[s
                 )
             if layer.merged:
                 raise ValueError(f"adapted[{k}].{name} is merged; unmerge it (lora.unmerge_lora)")
+            if not bool(torch.isfinite(layer.delta_weight()).all()):
+                raise ValueError(
+                    f"adapted[{k}].{name}: its update holds NaN or inf values (did training "
+                    "diverge?); it cannot be served"
+                )
             if name not in names:
                 names.append(name)
         renamed = {f"{name}.linear.": f"{name}." for name in layers}
@@ -209,11 +222,9 @@ class MultiAdapterModel(nn.Module):
         self._selected = [m for m in self.base.modules() if isinstance(m, _RowSelected)]
 
     def forward(self, *inputs: Tensor, adapter_ids: Tensor | Sequence[int]) -> Tensor:
-        ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=inputs[0].device)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_adapters):
-            raise ValueError(
-                f"adapter_ids must lie in 0..{self.num_adapters - 1}, got {ids.tolist()}"
-            )
+        if not inputs:
+            raise ValueError("give the model's inputs: model(input_ids, adapter_ids=ids)")
+        ids = adapter_id_tensor(adapter_ids, self.num_adapters).to(inputs[0].device)
         for module in self._selected:
             module.adapter_ids = ids
         try:
@@ -221,6 +232,34 @@ class MultiAdapterModel(nn.Module):
         finally:
             for module in self._selected:
                 module.adapter_ids = None
+
+
+def adapter_id_tensor(adapter_ids: Tensor | Sequence[int], num_adapters: int) -> Tensor:
+    """``adapter_ids`` as a long tensor, once checked: whole numbers in ``0..num_adapters - 1``.
+
+    A float (``0.2``), a bool or a negative number is refused rather than rounded or wrapped; so is
+    an empty batch, which has nothing to answer.
+    """
+    if isinstance(adapter_ids, Tensor):
+        if adapter_ids.dtype == torch.bool or adapter_ids.is_floating_point():
+            raise ValueError(
+                f"adapter_ids must hold integers, got a {adapter_ids.dtype} tensor; use dtype=long"
+            )
+        values = adapter_ids.reshape(-1).tolist() if adapter_ids.ndim == 1 else None
+    else:
+        values = list(adapter_ids) if isinstance(adapter_ids, Sequence) else None
+    if values is None or not all(is_number(v, integer=True) for v in values):
+        raise ValueError(
+            f"adapter_ids must be one whole number per row (a list or a 1-d tensor), got "
+            f"{adapter_ids!r}"
+        )
+    if not values:
+        raise ValueError(
+            "adapter_ids is empty: give one adapter index per row of a non-empty batch"
+        )
+    if not all(0 <= v < num_adapters for v in values):
+        raise ValueError(f"adapter_ids must lie in 0..{num_adapters - 1}, got {values}")
+    return torch.tensor(values, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- the alternatives
@@ -239,9 +278,10 @@ def forward_merging_per_request(
     One set of weights in memory, but every request pays two passes over its adapted weights and
     runs with a batch of one.
     """
+    ids = adapter_id_tensor(adapter_ids, len(adapted)).tolist()
     outputs = []
-    for i, k in enumerate(adapter_ids):
-        model = adapted[int(k)]
+    for i, k in enumerate(ids):
+        model = adapted[k]
         merge_lora(model)
         try:
             outputs.append(model(*_rows(inputs, torch.tensor([i]))))
@@ -263,7 +303,7 @@ def forward_per_task_models(
 
     As fast as a plain model per group, but it keeps ``len(merged)`` full copies of the weights.
     """
-    ids = torch.as_tensor(adapter_ids, dtype=torch.long)
+    ids = adapter_id_tensor(adapter_ids, len(merged))
     out: Tensor | None = None
     for k in ids.unique().tolist():
         index = (ids == k).nonzero().flatten()
@@ -315,6 +355,7 @@ __all__ = [
     "MultiAdapterModel",
     "MultiLinear",
     "MultiLoRALinear",
+    "adapter_id_tensor",
     "forward_merging_per_request",
     "forward_per_task_models",
     "merged_copies",

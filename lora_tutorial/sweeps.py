@@ -55,8 +55,8 @@ def lora_params_per_rank(cfg: Mapping, preset: str | tuple[str, ...]) -> int:
 def rank_for_budget(cfg: Mapping, preset: str | tuple[str, ...], budget: int) -> int:
     """The rank (at least 1) whose LoRA on ``preset``'s layers comes closest to ``budget``.
 
-    A rank cannot exceed a layer's smaller side (then the update is full rank anyway), so a small
-    model's few layers may get less than the budget: the rank stops at that side.
+    A rank above a layer's smaller side adds parameters but no rank to the update (it is full rank
+    already), so a small model's few layers may get less than the budget: the rank stops there.
     """
     if budget < 1:
         raise ValueError(f"budget={budget}: give the number of trainable LoRA parameters (>= 1)")
@@ -148,14 +148,14 @@ class Sweep:
         return (layers, rank, round(scaling(rank, alpha, use_rslora), 9), lr)
 
     def _prepared(self, layers: str, rank: int, alpha: float, use_rslora: bool) -> GPTClassifier:
-        model = train.prepare_model(
-            self.make_base(), "lora", rank=rank, alpha=alpha, targets=_preset(layers)
+        return train.prepare_model(
+            self.make_base(),
+            "lora",
+            rank=rank,
+            alpha=alpha,
+            targets=_preset(layers),
+            use_rslora=use_rslora,
         )
-        if use_rslora:  # prepare_model uses alpha / rank; rsLoRA only changes that multiplier
-            for layer in _lora_layers(model):
-                layer.lora.scaling_rule = "alpha/sqrt(rank)"
-                layer.lora.scaling = scaling(rank, alpha, True)
-        return model
 
     def run(
         self, layers: str, rank: int, alpha: float, lr: float, *, use_rslora: bool = False

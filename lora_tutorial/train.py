@@ -99,13 +99,14 @@ def prepare_model(
     alpha: float = LORA_ALPHA,
     targets: tuple[str, ...] = LORA_TARGETS,
     dropout: float = 0.0,
+    use_rslora: bool = False,
 ) -> GPTClassifier:
     """Freeze and adapt ``model`` in place for ``method``; returns it.
 
     - ``"lora"``: the linear layers whose names end with one of ``targets`` (patterns as in
       :func:`~lora_tutorial.lora.replace_linear_with_lora`) become
-      :class:`~lora_tutorial.lora.LinearWithLoRA` (rank, alpha); only the LoRA matrices and the
-      new classification head are trained.
+      :class:`~lora_tutorial.lora.LinearWithLoRA` (rank, alpha, and rsLoRA's scaling if
+      ``use_rslora``); only the LoRA matrices and the new classification head are trained.
     - ``"full"``: every weight is trained.
     - ``"last-block"``: the last transformer block, the final norm and the head are trained.
 
@@ -126,7 +127,13 @@ def prepare_model(
             "targets is empty: name at least one linear layer for LoRA, e.g. ('W_query', 'W_value')"
         )
     lora.replace_linear_with_lora(
-        model, rank, alpha, include=list(targets), exclude=HEAD, dropout=dropout
+        model,
+        rank,
+        alpha,
+        include=list(targets),
+        exclude=HEAD,
+        dropout=dropout,
+        use_rslora=use_rslora,
     )
     lora.mark_only_lora_as_trainable(model, extra_modules=HEAD)
     return model

@@ -32,6 +32,7 @@ from lora_tutorial.lora import (
     LoRALayer,
     Selector,
     adapter_layers,
+    base_digest,
     check_rank_and_dropout,
     is_number,
     replace_linear_with_lora,
@@ -142,8 +143,6 @@ class LinearWithDoRA(LinearWithLoRA):
     whole rescaled term; here dropout acts only on the LoRA branch, as in plain LoRA.
     """
 
-    kind = "dora"
-
     def __init__(
         self,
         linear: nn.Linear,
@@ -181,7 +180,7 @@ class LinearWithDoRA(LinearWithLoRA):
 
 
 class LinearWithPiSSA(LinearWithLoRA):
-    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is frozen.
+    """PiSSA: A and B start at the top ``rank`` singular directions of ``W0``; the rest is the base.
 
     With ``W0 = U S V^T`` (``W0`` of shape ``(out, in)``), ``sqrt(S_r / scaling)`` goes to each
     side, as PEFT's ``init_lora_weights="pissa"`` does::
@@ -193,10 +192,10 @@ class LinearWithPiSSA(LinearWithLoRA):
     so ``residual + scaling * (A @ B)^T == W0`` and the model is unchanged at initialisation (up
     to float rounding). The given ``linear`` is not modified: ``.linear`` becomes a new layer with
     the residual. Rebuilding from the same ``W0`` (as ``load_adapter`` does) gives the same
-    residual, because ``U_r S_r V_r^T`` does not depend on the signs the SVD picks.
+    residual, because ``U_r S_r V_r^T`` does not depend on the signs the SVD picks (up to rounding,
+    which may differ between devices: so ``.source_digest`` records ``W0`` for adapter files).
+    The rank cannot exceed ``min(in, out)``: there are no more singular directions.
     """
-
-    kind = "pissa"
 
     def __init__(
         self,
@@ -209,6 +208,13 @@ class LinearWithPiSSA(LinearWithLoRA):
     ) -> None:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if is_number(rank, integer=True) and rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"rank must be at most min(in_dim, out_dim) = "
+                f"{min(linear.in_features, linear.out_features)} for PiSSA, got {rank}: W0 has "
+                "no more singular directions"
+            )
+        digest = base_digest(linear.state_dict())
         residual = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         residual = residual.to(device=linear.weight.device, dtype=linear.weight.dtype)
         super().__init__(residual, rank, alpha, use_rslora=use_rslora, dropout=dropout)  # checks
@@ -222,6 +228,7 @@ class LinearWithPiSSA(LinearWithLoRA):
             if linear.bias is not None:
                 residual.bias.copy_(linear.bias)
         residual.requires_grad_(linear.weight.requires_grad)
+        self.source_digest = digest  # of W0 and bias: the base this adapter belongs to
 
 
 # ----------------------------------------------------------------------------- VeRA
@@ -271,8 +278,6 @@ class LinearWithVeRA(AdapterLayer):
     ``.projections`` holds A and B; :func:`share_vera_projections` makes layers of one shape use a
     single copy (PEFT instead slices one pair sized for the largest layer).
     """
-
-    kind = "vera"
 
     def __init__(
         self,

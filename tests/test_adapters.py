@@ -28,10 +28,14 @@ X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
 HIDDEN = ["0", "2"]  # the adapted layers; "4" is the head
 
 
+class Classifier(nn.Sequential):
+    new_modules = ("4",)  # its head is new, as a GPTClassifier's is: adapter files may replace it
+
+
 def base(seed: int = 0, width: int = 16) -> nn.Sequential:
     """Two hidden linear layers and a head ("4"): a stand-in for a pretrained base model."""
     torch.manual_seed(seed)
-    return nn.Sequential(
+    return Classifier(
         nn.Linear(8, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 3)
     )
 
@@ -314,7 +318,7 @@ def test_a_config_that_cannot_build_its_layer_is_named(tmp_path, monkeypatch) ->
 
     monkeypatch.setitem(adapters.ADAPTER_KINDS, "misspelled", MisspelledConfig)
     path = save_adapter(trained(wrapper=MisspelledConfig), tmp_path / "a.safetensors")
-    with pytest.raises(AdapterFileError, match=r"'layers\.0\.config'.*cannot build a misspelled"):
+    with pytest.raises(AdapterFileError, match=r"'layers\.0\.config' has keys .*'droput'"):
         load_adapter(base(), path)
 
 
@@ -358,7 +362,7 @@ def test_extra_module_that_is_a_base_layer_under_another_name_is_refused_at_load
     model = replace_linear_with_lora(base(), 4, 8, exclude="4")
     model.alias = model[0].linear  # here the same name reaches a frozen base layer
     with pytest.raises(AdapterFileError, match="'alias' overlaps the adapter layer '0'"):
-        load_adapter(model, path)
+        load_adapter(model, path, replace_modules="alias")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -418,3 +422,154 @@ def test_an_unregistered_subclass_cannot_be_saved(tmp_path) -> None:
     with pytest.raises(TypeError, match=r"Unnamed, which is not in adapters\.ADAPTER_KINDS"):
         save_adapter(model, tmp_path / "a.safetensors")
     assert adapters.ADAPTER_KINDS["lora"] is LinearWithLoRA
+
+
+# ----------------------------------------------------------------------------- what a user meets
+
+
+def gpt_classifier(seed: int = 0):
+    from lora_tutorial import classify, gpt
+
+    torch.manual_seed(seed)
+    return classify.GPTClassifier(gpt.GPTModel("tiny"), num_classes=2)
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(5))
+
+
+def test_a_model_in_eval_mode_gets_its_new_layers_in_eval_mode(tmp_path) -> None:
+    from lora_tutorial import train
+
+    model = train.prepare_model(gpt_classifier(), "lora", rank=4, alpha=8, dropout=0.1)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora.B.normal_(std=0.1)
+    path = save_adapter(model, tmp_path / "a.safetensors", extra_modules="gpt.out_head")
+    fresh = load_adapter(gpt_classifier().eval(), path)
+    assert not any(m.training for m in fresh.modules())
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens()), fresh(tokens()))  # no dropout at inference
+        assert torch.equal(fresh(tokens()), model.eval()(tokens()))
+
+
+def test_a_file_replacing_a_pretrained_module_needs_the_callers_consent(tmp_path) -> None:
+    from lora_tutorial import train
+
+    model = train.prepare_model(gpt_classifier(), "lora", rank=4, alpha=8)
+    extras = ["gpt.out_head", "gpt.final_norm"]
+    with torch.no_grad():
+        model.gpt.final_norm.weight.fill_(3.0)  # trained in full, say
+    path = save_adapter(model, tmp_path / "a.safetensors", extra_modules=extras)
+    fresh = gpt_classifier()
+    with pytest.raises(
+        ValueError,
+        match=r"replace the model's module 'gpt\.final_norm'.*"
+        r"replace_modules=\['gpt\.final_norm'\]",
+    ):
+        load_adapter(fresh, path)
+    assert adapter_layers(fresh) == {} and bool((fresh.gpt.final_norm.weight == 1).all())
+    load_adapter(fresh, path, replace_modules=["gpt.final_norm"])  # the head is new: allowed
+    assert bool((fresh.gpt.final_norm.weight == 3).all())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(tokens()), model.eval()(tokens()))
+
+
+def test_the_fingerprint_sees_a_change_to_any_single_base_weight(tmp_path) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    other = base()
+    with torch.no_grad():
+        other[2].weight[7, 13] += 0.5  # one value of 256 in one layer
+    with pytest.raises(ValueError, match="trained on another base model"):
+        load_adapter(other, path)
+    loaded = load_adapter(base(), path)
+    assert len(adapter_layers(loaded)) == 2
+    with torch.no_grad():
+        loaded[0].linear.weight[3, 3] += 0.5  # written in place after a first (cached) check
+    with pytest.raises(ValueError, match="trained on another base model"):
+        load_adapter(loaded, path)
+
+
+def test_a_file_with_the_old_sampled_fingerprint_is_refused_clearly(tmp_path) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    tensors, metadata = contents(path)
+    metadata.pop("fingerprint_version")
+    metadata["sha256"] = adapters._checksum(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(AdapterFileError, match="older lora_tutorial.*save it again"):
+        load_adapter(base(), path)
+    assert len(adapter_layers(load_adapter(base(), path, allow_other_base=True))) == 2
+
+
+def resaved(path: Path, layers=None, tensors=None, **fields: str) -> None:
+    """Rewrite a file as a careful forger would: new metadata, a checksum that matches it."""
+    old_tensors, metadata = contents(path)
+    tensors = old_tensors if tensors is None else tensors
+    if layers is not None:
+        metadata["layers"] = json.dumps(layers)
+    metadata.update(fields)
+    metadata["sha256"] = adapters._checksum(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("alpha", "1e308", "computes an update with inf or NaN"),
+        ("use_rslora", '"false"', r"'layers\.0\.config\.use_rslora' is 'false', not true or false"),
+        ("rank", "4.0", r"'layers\.0\.config\.rank' is 4\.0, not a positive integer"),
+        ("alpha", "true", r"'layers\.0\.config\.alpha' is True, not a positive finite number"),
+        ("dropout", '"0.1"', r"'layers\.0\.config\.dropout' is '0\.1', not a number in \[0, 1\)"),
+        ("rank", "1000000000", r"'layers\.0\.config\.rank' is 1000000000, more than its tensors"),
+    ],
+)
+def test_config_values_are_type_and_range_checked(tmp_path, key, value, named) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    layers = json.loads(contents(path)[1]["layers"])
+    for record in layers.values():
+        record["config"][key] = json.loads(value)
+    summary = adapters._summary(layers)
+    resaved(path, layers, **summary)
+    model = base()
+    with pytest.raises(ValueError, match=named) as error:
+        load_adapter(model, path)
+    assert "\n" not in str(error.value)
+    assert adapter_layers(model) == {}
+
+
+def test_the_summary_fields_must_agree_with_the_layers(tmp_path) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    resaved(path, rank="64")
+    with pytest.raises(
+        AdapterFileError, match=r"metadata field 'rank' is '64', but the layers say '4'"
+    ):
+        read_adapter(path)
+
+
+def test_an_integer_adapter_tensor_is_refused_not_truncated(tmp_path) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    tensors = contents(path)[0]
+    tensors["0.lora.B"] = (tensors["0.lora.B"] * 100).to(torch.int64)
+    resaved(path, tensors=tensors)
+    with pytest.raises(AdapterFileError, match=r"layer '0' holds a torch\.int64 tensor"):
+        load_adapter(base(), path)
+
+
+def test_deeply_nested_or_huge_metadata_is_refused_clearly(tmp_path) -> None:
+    path = save_adapter(trained(), tmp_path / "a.safetensors")
+    resaved(path, extra_modules="[" * 200_000)
+    with pytest.raises(AdapterFileError, match="'extra_modules' (is nested too deeply|holds)"):
+        read_adapter(path)
+    resaved(path, extra_modules="[" + " " * 2_000_000 + "]")
+    with pytest.raises(AdapterFileError, match="'extra_modules' holds 2,000,002 characters"):
+        read_adapter(path)
+
+
+def test_a_rank_above_a_layers_smaller_side_saves_and_loads(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="exceeds"):
+        model = trained()  # rank 4 on the hidden layers; now the 3-class head too:
+        replace_linear_with_lora(model, 8, 8, include="4")
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match=r"rank 8 exceeds .* = 3"):
+        fresh = load_adapter(base(), path)
+    assert torch.equal(fresh(X), model(X))

@@ -157,7 +157,7 @@ def test_quantize_linear_layers_leaves_the_base_of_adapters_alone() -> None:
 def test_a_non_finite_value_is_refused_with_its_position() -> None:
     w = torch.randn(4, 64)
     w[1, 5] = float("nan")
-    with pytest.raises(ValueError, match=r"1 NaN or inf values \(the first at flat index 69\)"):
+    with pytest.raises(ValueError, match=r"1 NaN or inf values \(the first at flat index 69;"):
         quantize_blockwise(w)
     w[1, 5] = float("inf")
     with pytest.raises(ValueError, match="would spoil its block of 64"):
@@ -222,3 +222,39 @@ def test_qlora_merges_to_float_weights_and_unloads_to_float_linears() -> None:
     plain = lora.merge_and_unload(model)
     assert all(type(m) is nn.Linear for m in (plain[0], plain[2], plain[4]))
     torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float64_value_beyond_float32s_range_is_refused_not_stored_as_inf() -> None:
+    w = torch.randn(4, 64, dtype=torch.float64)
+    w[2, 3] = 1e300
+    with pytest.raises(
+        ValueError,
+        match=r"1 NaN or inf values \(the first at flat index 131; "
+        r"values beyond float32's range count as inf\)",
+    ):
+        quantize_blockwise(w)
+
+
+@pytest.mark.parametrize("blocksize", [2**40, 0, -64, 64.0, True, "64"])
+def test_a_bad_blocksize_is_refused_clearly(blocksize) -> None:
+    with pytest.raises(ValueError, match=r"blocksize must be an integer from 1 to 1048576, got"):
+        quantize_blockwise(torch.randn(8, 8), blocksize=blocksize)
+    with pytest.raises(ValueError, match="blocksize must be an integer"):
+        LinearWithQLoRA(nn.Linear(8, 8), 2, 4, blocksize=blocksize)
+
+
+def test_the_4bit_base_is_a_frozen_linear_like_nn_linear() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    layer = LinearWithQLoRA(linear, 2, 4)
+    assert isinstance(layer.linear, lora.FrozenLinear) and isinstance(layer.linear, LinearNF4)
+    assert (layer.linear.in_features, layer.linear.out_features) == (16, 8)
+    assert layer.linear.weight.shape == linear.weight.shape  # dequantized on each read
+    assert torch.allclose(layer.linear.weight, linear.weight, atol=0.05)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), x @ layer.linear.weight.T + linear.bias)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    expected = layer(x)
+    layer.eval().merge()
+    torch.testing.assert_close(layer(x), expected)

@@ -131,6 +131,58 @@ def test_bad_inputs_are_explained(setup) -> None:
         serving.MultiAdapterModel(base, [dora])
 
 
+@pytest.mark.parametrize("ids", [[0.2] * 7, [1.9] * 7, [True] * 7, [-1] * 7, torch.ones(7)])
+def test_adapter_ids_must_be_whole_numbers_in_range(setup, ids) -> None:
+    base, adapted, input_ids, lengths = setup
+    served = serving.MultiAdapterModel(base, adapted, extra_modules=HEAD)
+    merged = serving.merged_copies(adapted)
+    with pytest.raises(
+        ValueError, match=r"adapter_ids must (be one whole number|hold integers|lie)"
+    ):
+        served(input_ids, lengths, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"adapter_ids must"):
+        serving.forward_merging_per_request(adapted, input_ids, lengths, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"adapter_ids must"):
+        serving.forward_per_task_models(merged, input_ids, lengths, adapter_ids=ids)
+
+
+def test_an_empty_batch_is_explained(setup) -> None:
+    base, adapted, input_ids, lengths = setup
+    served = serving.MultiAdapterModel(base, adapted, extra_modules=HEAD)
+    for call in (
+        lambda: served(input_ids[:0], lengths[:0], adapter_ids=[]),
+        lambda: serving.forward_merging_per_request(adapted, input_ids[:0], adapter_ids=[]),
+        lambda: serving.forward_per_task_models(adapted, input_ids[:0], adapter_ids=[]),
+    ):
+        with pytest.raises(ValueError, match="adapter_ids is empty"):
+            call()
+
+
+def test_a_nan_adapter_is_refused_as_merge_refuses_it(setup) -> None:
+    base, adapted, _, _ = setup
+    with torch.no_grad():
+        lora.adapter_layers(adapted[1])["gpt.trf_blocks.0.att.W_key"].lora.B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"adapted\[1\]\.gpt\.trf_blocks\.0\.att\.W_key: .*NaN"):
+        serving.MultiAdapterModel(base, adapted, extra_modules=HEAD)
+
+
+def test_heads_of_two_and_three_classes_are_served_apart(setup) -> None:
+    base, adapted, input_ids, lengths = setup
+    three = copy.deepcopy(adapted[0])
+    three.gpt.out_head = torch.nn.Linear(CFG["emb_dim"], 3)
+    with pytest.raises(
+        ValueError, match=r"'gpt\.out_head' has different shapes .*\[\(2, 16\), \(3, 16\)\]"
+    ):
+        serving.MultiAdapterModel(base, [adapted[0], three], extra_modules=HEAD)
+    three_base = GPTClassifier(copy.deepcopy(base.gpt), num_classes=3).eval()
+    threes = [adapted_copy(three_base, 2, ["W_query"], seed=s) for s in (1, 2)]
+    served = serving.MultiAdapterModel(three_base, threes, extra_modules=HEAD)
+    with torch.no_grad():
+        out = served(input_ids, lengths, adapter_ids=[0, 1, 1, 0, 0, 1, 0])
+    assert out.shape == (7, 3)
+    torch.testing.assert_close(out, per_row(threes, input_ids, lengths, [0, 1, 1, 0, 0, 1, 0]))
+
+
 @pytest.mark.parametrize(("warm_up", "calls"), [(True, 4), (False, 3)])
 def test_time_interleaved_alternates_the_functions_and_takes_medians(
     warm_up: bool, calls: int

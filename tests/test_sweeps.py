@@ -86,6 +86,22 @@ def test_a_rebuilt_model_is_the_trained_one() -> None:
     assert train.evaluate(model, val_loader).accuracy == pytest.approx(run.val_accuracy)
 
 
+def test_an_rslora_run_saves_and_reloads_with_identical_outputs(tmp_path) -> None:
+    from lora_tutorial import adapters
+
+    train_loader, val_loader = loaders()
+    sweep = sweeps.Sweep(make_base, train_loader, val_loader, epochs=1, eval_every=3)
+    model = sweep.model(sweep.run("query+value", 4, 2.0, 5e-2, use_rslora=True)).eval()
+    path = adapters.save_adapter(model, tmp_path / "rs.safetensors", extra_modules="gpt.out_head")
+    info = adapters.read_adapter(path)[1]
+    assert all(record["config"]["use_rslora"] is True for record in info["layers"].values())
+    assert info["scaling"] == "alpha/sqrt(rank)"
+    fresh = adapters.load_adapter(make_base().eval(), path)
+    ids = next(iter(val_loader))[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
 def test_a_rehearsal_trains_each_shape_once_and_records_the_repeats(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

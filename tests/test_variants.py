@@ -140,7 +140,7 @@ def test_save_and_load_adapter_into_a_fresh_base(wrapper, tmp_path) -> None:
     for layer in lora.adapter_layers(model).values():
         randomize_(layer)
     path = adapters.save_adapter(model, tmp_path / "adapter.safetensors", extra_modules="head")
-    fresh = adapters.load_adapter(tiny(), path)
+    fresh = adapters.load_adapter(tiny(), path, replace_modules="head")
     assert {type(m) for m in lora.adapter_layers(fresh).values()} == {
         type(m) for m in lora.adapter_layers(model).values()
     }
@@ -173,7 +173,7 @@ def test_bad_arguments_are_refused() -> None:
         LinearWithVeRA(nn.Linear(4, 4), 0)
     with pytest.raises(ValueError, match="d_initial"):
         LinearWithVeRA(nn.Linear(4, 4), 2, d_initial=float("nan"))
-    with pytest.raises(ValueError, match=r"up to min\(in_dim, out_dim\) = 3, got 4"):
+    with pytest.raises(ValueError, match=r"at most min\(in_dim, out_dim\) = 3 for PiSSA, got 4"):
         LinearWithPiSSA(nn.Linear(3, 8), 4, 8)
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         LinearWithDoRA(nn.Conv1d(2, 2, 1), 2, 4)
