@@ -38,10 +38,10 @@ from lora_tutorial.lora import (
     adapter_layers,
     base_digest,
     find_submodule,
-    is_number,
     set_submodule,
 )
 from lora_tutorial.quantize import MAX_BLOCK_SIZE, LinearWithQLoRA
+from lora_tutorial.runtime.checks import is_number
 from lora_tutorial.runtime.files import atomic_write
 from lora_tutorial.variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
 

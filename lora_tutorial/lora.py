@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from fnmatch import fnmatchcase
@@ -29,29 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def is_number(value: Any, *, integer: bool = False) -> bool:
-    """True for an int or a float (only an int if ``integer``); False for bools, strings, None."""
-    kind = numbers.Integral if integer else numbers.Real
-    return isinstance(value, kind) and not isinstance(value, bool)
+from lora_tutorial.runtime.checks import check_number
 
 
 def check_alpha(alpha: Any) -> None:
     """Raise ValueError unless ``alpha`` is a positive, finite number (LoRA layers and the CLI)."""
-    if not is_number(alpha) or not 0 < alpha < math.inf:
-        raise ValueError(
-            f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank"
-        )
+    check_number(
+        "alpha", alpha, above=0, what="a positive number", hint="a common choice is 2 * rank"
+    )
 
 
 def check_rank_and_dropout(rank: Any, dropout: Any) -> None:
     """Raise ValueError unless ``rank`` is a positive integer and ``0 <= dropout < 1``."""
-    if not is_number(rank, integer=True) or rank < 1:
-        raise ValueError(
-            f"rank must be a positive integer, got {rank!r}; typical values are 4, 8 or 16"
-        )
-    if not is_number(dropout) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    check_number("rank", rank, integer=True, at_least=1, hint="typical values are 4, 8 or 16")
+    check_number("dropout", dropout, at_least=0, below=1, what="a probability in [0, 1)")
 
 
 def check_lora_arguments(

@@ -32,10 +32,10 @@ from torch import nn
 from lora_tutorial.lora import (
     LinearWithLoRA,
     Selector,
-    is_number,
     select_linear_layers,
     set_submodule,
 )
+from lora_tutorial.runtime.checks import is_number
 
 NF4_BLOCK_SIZE = 64
 # Where the outermost NF4 level sits on the normal CDF (``Phi^-1(1)`` would be infinite). This is

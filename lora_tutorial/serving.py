@@ -33,13 +33,13 @@ from lora_tutorial.lora import (
     LinearWithLoRA,
     adapter_layers,
     find_submodule,
-    is_number,
     merge_and_unload,
     merge_lora,
     set_submodule,
     unmerge_lora,
 )
 from lora_tutorial.runtime import rehearsal
+from lora_tutorial.runtime.checks import is_number
 
 
 def multi_lora_delta(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor) -> Tensor:

@@ -34,9 +34,9 @@ from lora_tutorial.lora import (
     adapter_layers,
     base_digest,
     check_rank_and_dropout,
-    is_number,
     replace_linear_with_lora,
 )
+from lora_tutorial.runtime.checks import is_number
 
 # --------------------------------------------------------------------------- a one-layer playground
 # Chapter 7 compares every variant on one small task: a frozen layer, a target weight, and an
