@@ -80,7 +80,7 @@ def _judge_sgd_state_prediction(prediction: object) -> Verdict:
     if prediction == measured:
         return [], f"After one step the model and SGD hold {measured:,} bytes, as predicted."
     n_total, n_trained = lora.count_parameters(model)
-    hints = {
+    hints: dict[float, str] = {
         4 * (n_total + 3 * n_trained): "that is AdamW's state (two moments); SGD with momentum "
         "keeps one buffer per trained number",
         4 * (n_total + n_trained): "SGD with momentum keeps a buffer per trained number",
