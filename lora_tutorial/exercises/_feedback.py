@@ -9,6 +9,9 @@ A check is split in two so that a grader can run them in different processes:
 - the **judge** receives that data only, recomputes what the right answer is, and returns the
   problems found and the sentence printed on success. It never sees nor calls learner code.
 
+A check of a value rather than of code (``check_x(18_000)``, a learner's prediction) is
+``Check.on_value(judge)``: its probe returns the value as it is, and the judge measures.
+
 :func:`encode` and :func:`decode` carry plain data as JSON text between the two. A learner calling
 ``check_x(fn)`` in a notebook goes through the same ``probe → encode → decode → judge`` path that
 the grader uses, so both always agree; the grader runs the probe inside the sandboxed submission and
@@ -89,6 +92,11 @@ def call(fn: Callable, *args: object) -> tuple[Any, str | None]:
         return fn(*args), None
     except Exception as err:  # a learner's bug: report it in words instead of a traceback
         return None, _clip(f"{type(err).__name__}: {err}")
+
+
+def given(answer: Any) -> Any:
+    """The probe of a check that receives a value rather than a function: the value itself."""
+    return answer
 
 
 def _clip(text: str) -> str:
@@ -246,6 +254,11 @@ def close(value: Any, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 
     return bool(torch.allclose(value.double(), expected.double(), atol=atol, rtol=rtol))
 
 
+def type_name(value: Any) -> str:
+    """The name of a value's type as the learner wrote it: ``Tensor``, ``bool``, ``MyFloat``."""
+    return value.type_name if isinstance(value, Other) else type(value).__name__
+
+
 def describe(value: Any) -> str:
     """A value in a few words: ``NoneType``, ``3.5 (float)``, ``a tensor of shape (2, 3)``."""
     if type(value) is torch.Tensor:
@@ -307,6 +320,12 @@ class Check:
 
     probe: Callable[[Any], Any]
     judge: Callable[[Any], Verdict]
+
+    @classmethod
+    def on_value(cls, judge: Callable[[Any], Verdict]) -> Check:
+        """A check of a value (a prediction, a number) instead of code: its probe hands the value
+        itself to :func:`encode`, so the judge sees plain data or an :class:`Other`."""
+        return cls(given, judge)
 
     def verdict(self, data: str) -> Verdict:
         """The judge's verdict on a probe's encoded data (:class:`BadData` if malformed)."""

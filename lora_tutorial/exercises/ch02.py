@@ -4,14 +4,13 @@ optimizer keeps, and how the activations grow with the batch; each check then me
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_tutorial import classify, counting, gpt, lora
-from lora_tutorial.exercises._feedback import report
+from lora_tutorial.exercises._feedback import Check, Verdict, type_name
 
 RANK = 8  # the adapters' rank in the counting exercise
 
@@ -31,15 +30,12 @@ def tiny_lora_classifier(rank: int = RANK) -> nn.Module:
     return model
 
 
-def check_trainable_prediction(prediction: Any) -> bool:
-    """Check a prediction of ``tiny_lora_classifier()``'s trainable parameters, then count them."""
+def _judge_trainable_prediction(prediction: object) -> Verdict:
     counted = lora.count_parameters(tiny_lora_classifier()).trainable
     if type(prediction) is not int:
-        return report(
-            [f"give the count as a whole number (an int), got {type(prediction).__name__}"], ""
-        )
+        return [f"give the count as a whole number (an int), got {type_name(prediction)}"], ""
     if prediction == counted:
-        return report([], f"The model trains {counted:,} parameters, as you predicted.")
+        return [], f"The model trains {counted:,} parameters, as you predicted."
     cfg = gpt.GPT_CONFIGS["tiny"]
     d, layers = cfg["emb_dim"], cfg["n_layers"]
     adapters = layers * RANK * (4 * 2 * d + 2 * 5 * d)
@@ -53,13 +49,14 @@ def check_trainable_prediction(prediction: Any) -> bool:
         layers * RANK * 6 * 2 * d + 2 * d + 2: "the feed-forward layers are d x 4d and 4d x d, "
         "not d x d",
     }
-    return report(
-        [
-            f"you predicted {prediction:,}, the model trains {counted:,}"
-            + (f" ({hints[prediction]})" if prediction in hints else "")
-        ],
-        "",
-    )
+    return [
+        f"you predicted {prediction:,}, the model trains {counted:,}"
+        + (f" ({hints[prediction]})" if prediction in hints else "")
+    ], ""
+
+
+check_trainable_prediction = Check.on_value(_judge_trainable_prediction)
+"""Check a prediction of ``tiny_lora_classifier()``'s trainable parameters, then count them."""
 
 
 def sgd_exercise_model() -> nn.Module:
@@ -69,36 +66,36 @@ def sgd_exercise_model() -> nn.Module:
     return nn.Sequential(lora.LinearWithLoRA(base, rank=8, alpha=16), nn.ReLU(), nn.Linear(256, 4))
 
 
-def check_sgd_state_prediction(prediction: Any) -> bool:
-    """Check a prediction of the float32 bytes that weights, gradients and SGD-with-momentum's
-    state hold after one step of ``sgd_exercise_model()``; then measure them."""
+def _judge_sgd_state_prediction(prediction: object) -> Verdict:
     model = sgd_exercise_model()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
-    model(torch.randn(8, 256)).square().mean().backward()
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    model(x).square().mean().backward()
     optimizer.step()
     measured = counting.measured_state_bytes(model, optimizer).total
     if not _is_number(prediction):
-        return report([f"give a number of bytes, got {type(prediction).__name__}"], "")
+        return [f"give a number of bytes, got {type_name(prediction)}"], ""
+    assert isinstance(prediction, (int, float))  # for mypy: _is_number checked the exact type
     if prediction == measured:
-        return report(
-            [], f"After one step the model and SGD hold {measured:,} bytes, as predicted."
-        )
+        return [], f"After one step the model and SGD hold {measured:,} bytes, as predicted."
     n_total, n_trained = lora.count_parameters(model)
-    hints = {
+    hints: dict[float, str] = {
         4 * (n_total + 3 * n_trained): "that is AdamW's state (two moments); SGD with momentum "
         "keeps one buffer per trained number",
         4 * (n_total + n_trained): "SGD with momentum keeps a buffer per trained number",
         4 * (n_total + 2 * n_total): "frozen weights have no gradient and no momentum buffer",
         n_total + 2 * n_trained: "that counts numbers; each float32 number takes 4 bytes",
     }
-    return report(
-        [
-            f"you predicted {prediction:,} bytes, measured {measured:,}"
-            + (f" ({hints[prediction]})" if prediction in hints else "")
-        ],
-        "",
-    )
+    return [
+        f"you predicted {prediction:,} bytes, measured {measured:,}"
+        + (f" ({hints[prediction]})" if prediction in hints else "")
+    ], ""
+
+
+check_sgd_state_prediction = Check.on_value(_judge_sgd_state_prediction)
+"""Check a prediction of the float32 bytes that weights, gradients and SGD-with-momentum's state
+hold after one step of ``sgd_exercise_model()``; the judge runs that step and measures them."""
 
 
 def _activation_bytes(model: nn.Module, batch: int, n_tokens: int = 32) -> int:
@@ -112,26 +109,27 @@ def _activation_bytes(model: nn.Module, batch: int, n_tokens: int = 32) -> int:
     return saved["bytes"]
 
 
-def check_activation_growth(prediction: Any) -> bool:
-    """Check a prediction of how many times more activation bytes the LoRA classifier saves at
-    batch 16 than at batch 8 (32 tokens each); then measure both."""
+def _judge_activation_growth(prediction: object) -> Verdict:
     model = tiny_lora_classifier(rank=16)
     measured = _activation_bytes(model, 16) / _activation_bytes(model, 8)
     if not _is_number(prediction):
-        return report([f"give the ratio as a number, got {type(prediction).__name__}"], "")
+        return [f"give the ratio as a number, got {type_name(prediction)}"], ""
+    assert isinstance(prediction, (int, float))  # for mypy: _is_number checked the exact type
     if not math.isfinite(prediction) or not abs(prediction - measured) <= 0.1 * measured:
         hint = ""
         if abs(prediction - 1) <= 0.1:
             hint = " (the state does not grow with the batch, but every activation does)"
-        return report(
-            [f"you predicted {prediction:g}, measured {measured:.2f}{hint}"],
-            "",
-        )
-    return report(
+        return [f"you predicted {prediction:g}, measured {measured:.2f}{hint}"], ""
+    return (
         [],
         f"Measured: {measured:.2f} times. Every saved activation has one row per example, so "
         "doubling the batch doubles them, for LoRA as for full fine-tuning.",
     )
+
+
+check_activation_growth = Check.on_value(_judge_activation_growth)
+"""Check a prediction of how many times more activation bytes the LoRA classifier saves at batch
+16 than at batch 8 (32 tokens each); the judge measures both."""
 
 
 __all__ = [

@@ -3,7 +3,6 @@ the last-block method, each compared with what the package computes."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -13,7 +12,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.data import PAD_TOKEN_ID
-from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.exercises._feedback import (
+    BadData,
+    Check,
+    Verdict,
+    call,
+    close,
+    field,
+    names,
+    outcome,
+    type_name,
+)
 from lora_tutorial.gpt import GPT_CONFIGS, GPTModel
 from lora_tutorial.train import evaluate, prepare_model
 
@@ -44,27 +53,35 @@ def _accuracy_data(model: GPTClassifier) -> DataLoader:
     return DataLoader(TensorDataset(ids, labels, lengths), batch_size=4)
 
 
-def check_accuracy(accuracy: Callable[[nn.Module, DataLoader], float]) -> bool:
-    """Check ``accuracy(model, loader)``: the share of messages the classifier gets right.
-
-    The loader yields ``(input_ids, labels, lengths)``; the answer must equal
-    ``train.evaluate(model, loader).accuracy`` on a small model that has dropout.
-    """
+def _accuracy_case() -> tuple[GPTClassifier, DataLoader]:
+    """The small model with dropout, and its loader; the model in training mode, as after
+    training."""
     model = _tiny_classifier(drop_rate=0.5)
     loader = _accuracy_data(model)
-    want = evaluate(model, loader).accuracy
-    model.train()  # as a model is after training: dropout on
-    got, err = call(accuracy, model, loader)
+    return model.train(), loader
+
+
+def _probe_accuracy(accuracy: Callable[[nn.Module, DataLoader], float]) -> tuple:
+    """Two calls, each on the model in training mode: dropout left on shows as two answers."""
+    model, loader = _accuracy_case()
+    first = call(accuracy, model, loader)
+    return first, call(accuracy, model.train(), loader)
+
+
+def _judge_accuracy(data: object) -> Verdict:
+    if type(data) is not tuple or len(data) != 2:
+        raise BadData("expected two results")
+    (got, err), (again, _) = outcome(data[0]), outcome(data[1])
     if err:
-        return report([f"your function raised {err}"], "")
+        return [f"your function raised {err}"], ""
+    model, loader = _accuracy_case()
+    want = evaluate(model, loader).accuracy
     problems: list[str] = []
     if type(got) is not float:
         problems.append(
-            f"return the accuracy as a Python float (e.g. correct / total), not "
-            f"{type(got).__name__}"
+            f"return the accuracy as a Python float (e.g. correct / total), not {type_name(got)}"
         )
     elif not abs(got - want) <= 1e-9:
-        again, _ = call(accuracy, model.train(), loader)
         model.eval()
         with torch.no_grad():
             right = [(model(i, n).argmax(-1) == y).float() for i, y, n in loader]
@@ -88,7 +105,15 @@ def check_accuracy(accuracy: Callable[[nn.Module, DataLoader], float]) -> bool:
             )
         else:
             problems.append(f"you return {got:.4f}; the classifier gets {want:.4f} right")
-    return report(problems, "the same accuracy as train.evaluate, message by message.")
+    return problems, "the same accuracy as train.evaluate, message by message."
+
+
+check_accuracy = Check(_probe_accuracy, _judge_accuracy)
+"""Check ``accuracy(model, loader)``: the share of messages the classifier gets right.
+
+The loader yields ``(input_ids, labels, lengths)``; the answer must equal
+``train.evaluate(model, loader).accuracy`` on a small model that has dropout.
+"""
 
 
 def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
@@ -105,45 +130,59 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b, strict=True))
+    """The same number of tensors, pairwise of one shape and within 1e-6 (NaN never is)."""
+    return len(a) == len(b) and all(close(x, y, atol=1e-6, rtol=1e-5) for x, y in zip(a, b))
 
 
-def check_train_step(
-    train_step: Callable[[nn.Module, torch.optim.Optimizer, tuple], float],
-) -> bool:
-    """Check ``train_step(model, optimizer, batch)``: one optimizer step; returns the loss.
-
-    ``batch`` is ``(input_ids, labels, lengths)``. Three steps must change the trainable
-    parameters exactly as forward, cross-entropy, backward and AdamW's step do, from fresh
-    gradients each time.
-    """
-    ours = prepare_model(_tiny_classifier(), "lora", rank=2, alpha=4)
-    theirs = copy.deepcopy(ours)
+def _step_case() -> tuple[nn.Module, torch.optim.Optimizer, list[tuple]]:
+    """A small LoRA classifier, its AdamW and three batches: built alike by probe and judge."""
+    model = prepare_model(_tiny_classifier(), "lora", rank=2, alpha=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = []
     for seed in (2, 3, 4):
         ids, lengths = _messages(4, seed)
         batches.append((ids, torch.tensor([0, 1, 1, 0]), lengths))
+    return model, optimizer, batches
 
-    def adamw(model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
-    our_opt, their_opt = adamw(ours), adamw(theirs)
-    start = _trainable(theirs)
+def _probe_train_step(
+    train_step: Callable[[nn.Module, torch.optim.Optimizer, tuple], float],
+) -> list:
+    """Per step: what the learner's step returned, and the trainable parameters after it."""
+    model, optimizer, batches = _step_case()
+    return [
+        {"loss": call(train_step, model, optimizer, batch), "params": _trainable(model)}
+        for batch in batches
+    ]
+
+
+def _params(value: object) -> list[torch.Tensor]:
+    if type(value) is not list or not all(type(t) is torch.Tensor for t in value):
+        raise BadData("expected a list of tensors")
+    return value
+
+
+def _judge_train_step(data: object) -> Verdict:
+    ours, optimizer, batches = _step_case()
+    if type(data) is not list or len(data) != len(batches):
+        raise BadData(f"expected {len(batches)} steps")
+    start = _trainable(ours)
+    with torch.no_grad():  # what a first step that forgets the lengths would report
+        unpooled = nn.functional.cross_entropy(ours(batches[0][0]), batches[0][1]).item()
     problems: list[str] = []
-    for step, batch in enumerate(batches, 1):
-        with torch.no_grad():  # what a step that forgets the lengths would report
-            unpooled = nn.functional.cross_entropy(theirs(batch[0]), batch[1]).item()
-        want = _reference_step(ours, our_opt, batch)
-        got, err = call(train_step, theirs, their_opt, batch)
+    for step, (batch, seen) in enumerate(zip(batches, data), 1):
+        want = _reference_step(ours, optimizer, batch)
+        got, err = outcome(field(seen, "loss", tuple))
+        theirs = _params(field(seen, "params", list))
         if err:
             problems.append(f"your function raised {err}")
             break
         if type(got) is not float:
             problems.append(
-                f"return the loss as a Python float (loss.item()), not {type(got).__name__}"
+                f"return the loss as a Python float (loss.item()), not {type_name(got)}"
             )
             break
-        if not abs(got - want) <= 1e-5:
+        if not abs(got - want) <= 1e-5:  # NaN fails too
             hint = (
                 "call the model with the lengths, model(input_ids, lengths), so it reads each "
                 "message's last real token"
@@ -152,8 +191,8 @@ def check_train_step(
             )
             problems.append(f"step {step}: your loss is {got:.5f}, expected {want:.5f}; {hint}")
             break
-        if not _same(_trainable(theirs), _trainable(ours)):
-            if _same(_trainable(theirs), start):
+        if not _same(theirs, _trainable(ours)):
+            if _same(theirs, start):
                 problems.append(
                     "the parameters did not change: call loss.backward(), then optimizer.step()"
                 )
@@ -165,36 +204,51 @@ def check_train_step(
             else:
                 problems.append("step 1 moved the parameters differently from AdamW's step")
             break
-    return report(problems, "forward, loss, backward, step: the heart of train.train_classifier.")
+    return problems, "forward, loss, backward, step: the heart of train.train_classifier."
 
 
-def check_last_block(freeze_fn: Callable[[nn.Module], None]) -> bool:
-    """Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
+check_train_step = Check(_probe_train_step, _judge_train_step)
+"""Check ``train_step(model, optimizer, batch)``: one optimizer step; returns the loss.
 
-    ``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
-    """
+``batch`` is ``(input_ids, labels, lengths)``. Three steps must change the trainable parameters
+exactly as forward, cross-entropy, backward and AdamW's step do, from fresh gradients each time.
+"""
+
+
+def _probe_last_block(freeze_fn: Callable[[nn.Module], None]) -> tuple:
+    """The names of the parameters that require gradients after ``freeze_fn``, and its error."""
     model = _tiny_classifier()  # a tiny GPT with a two-class head, like the chapter's model
     _, err = call(freeze_fn, model)
+    return [n for n, p in model.named_parameters() if p.requires_grad], err
+
+
+def _judge_last_block(data: object) -> Verdict:
+    listed, err = outcome(data)
     if err:
-        return report([f"your function raised {err}"], "")
-    problems: list[str] = []
+        return [f"your function raised {err}"], ""
+    trainable = set(names(listed))
+    model = _tiny_classifier()
     last = len(model.gpt.trf_blocks) - 1
     wanted_prefixes = (f"gpt.trf_blocks.{last}.", "gpt.final_norm.", "gpt.out_head.")
-    wrong_frozen = [
-        n
-        for n, p in model.named_parameters()
-        if n.startswith(wanted_prefixes) and not p.requires_grad
-    ]
-    wrong_trainable = [
-        n
-        for n, p in model.named_parameters()
-        if not n.startswith(wanted_prefixes) and p.requires_grad
-    ]
+    every = [name for name, _ in model.named_parameters()]
+    wrong_frozen = [n for n in every if n.startswith(wanted_prefixes) and n not in trainable]
+    wrong_trainable = [n for n in every if not n.startswith(wanted_prefixes) and n in trainable]
+    unknown = sorted(trainable - set(every))
+    problems: list[str] = []
     if wrong_frozen:
         problems.append(f"these should be trainable but are frozen: {_few(wrong_frozen)}")
-    if wrong_trainable:
-        problems.append(f"these should be frozen but are trainable: {_few(wrong_trainable)}")
-    return report(problems, "only the last block, the final LayerNorm and the new head will learn.")
+    if wrong_trainable or unknown:
+        problems.append(
+            f"these should be frozen but are trainable: {_few(wrong_trainable + unknown)}"
+        )
+    return problems, "only the last block, the final LayerNorm and the new head will learn."
+
+
+check_last_block = Check(_probe_last_block, _judge_last_block)
+"""Check ``freeze_fn(model)`` leaves exactly the last block, final norm and head trainable.
+
+``model`` is a :class:`~lora_tutorial.classify.GPTClassifier`; the backbone is ``model.gpt``.
+"""
 
 
 def _few(names: list[str], k: int = 4) -> str:
