@@ -341,8 +341,9 @@ def compare_strategies(
     }
     outputs = {name: fn() for name, fn in strategies.items()}  # also the timing's warm-up
     device = inputs[0].device if inputs else None
+    timed: dict[str, Callable[[], object]] = dict(strategies)
     seconds = time_interleaved(
-        strategies, rounds=rehearsal.capped_steps(rounds), device=device, warm_up=False
+        timed, rounds=rehearsal.capped_steps(rounds), device=device, warm_up=False
     )
     one_model = _bytes_held(merged[0])
     held = {batched: _bytes_held(served), "merge per request": one_model}
