@@ -13,15 +13,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_tutorial import lowrank
 from lora_tutorial.gpt import GPTModel
 from lora_tutorial.lora import AdapterLayer, adapter_layers
+from lora_tutorial.runtime import rehearsal
 
 
 @torch.no_grad()
@@ -172,10 +174,49 @@ def subspace_amplification(update: WeightUpdate, rank: int, *, seed: int = 0) ->
     )
 
 
+# --------------------------------------------------------------------------- chapter 8's tables
+
+
+def held_out_token_ids(texts: Iterable[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """``encode(text)`` of every text, to score with :func:`language_model_loss`.
+
+    A rehearsal, which only proves the code runs, keeps the first two texts.
+    """
+    return [encode(text) for text in rehearsal.capped(texts)]
+
+
+def update_directions(
+    method: str, updates: Iterable[WeightUpdate], rank: int, *, rehearsal_layers: int = 6
+) -> list[dict[str, object]]:
+    """One row per layer: how many directions hold 90 % of ``ΔW`` and Hu et al.'s §7 numbers.
+
+    A rehearsal keeps the first ``rehearsal_layers`` layers (a GPT block has six linear ones).
+    """
+    rows: list[dict[str, object]] = []
+    for update in rehearsal.capped(updates, rehearsal_layers):
+        amp = subspace_amplification(update, rank)
+        rows.append(
+            {
+                "method": method,
+                "layer": update.name.split(".", 3)[-1],
+                "rank for 90% of ΔW": lowrank.rank_for_energy(
+                    lowrank.singular_values(update.delta), 0.9
+                ),
+                "‖W0‖ on ΔW's directions": amp.w0_in_delta_directions,
+                "on W0's own": amp.w0_in_own_directions,
+                "on random": amp.w0_in_random_directions,
+                "amplification": amp.factor,
+            }
+        )
+    return rows
+
+
 __all__ = [
     "Amplification",
     "WeightUpdate",
+    "held_out_token_ids",
     "language_model_loss",
     "subspace_amplification",
+    "update_directions",
     "weight_updates",
 ]

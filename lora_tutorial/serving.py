@@ -351,11 +351,61 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _bytes_held(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@torch.no_grad()
+def compare_strategies(
+    served: MultiAdapterModel,
+    adapted: Sequence[nn.Module],
+    *inputs: Tensor,
+    adapter_ids: Tensor,
+    rounds: int = 7,
+) -> dict[str, dict[str, float]]:
+    """Answer one mixed batch three ways and compare: time, weights held, agreement.
+
+    The three ways: ``served`` (one batched pass), :func:`forward_merging_per_request` on
+    ``adapted`` and :func:`forward_per_task_models` on merged copies of ``adapted``. Returns, per
+    way, its median time over ``rounds`` interleaved rounds divided by the batched pass's, the
+    megabytes of weights it keeps, and its largest difference to the batched pass's output. A
+    rehearsal, which only proves the code runs, times two rounds.
+    """
+    merged = merged_copies(adapted)
+    ids = adapter_ids.tolist()
+    batched = "batched multi-adapter"
+    strategies: dict[str, Callable[[], Tensor]] = {
+        batched: lambda: served(*inputs, adapter_ids=adapter_ids),
+        "merge per request": lambda: forward_merging_per_request(adapted, *inputs, adapter_ids=ids),
+        "one merged model per task": lambda: forward_per_task_models(
+            merged, *inputs, adapter_ids=ids
+        ),
+    }
+    outputs = {name: fn() for name, fn in strategies.items()}  # also the timing's warm-up
+    device = inputs[0].device if inputs else None
+    timed: dict[str, Callable[[], object]] = dict(strategies)
+    seconds = time_interleaved(
+        timed, rounds=rehearsal.capped_steps(rounds), device=device, warm_up=False
+    )
+    one_model = _bytes_held(merged[0])
+    held = {batched: _bytes_held(served), "merge per request": one_model}
+    held["one merged model per task"] = one_model * len(merged)
+    return {
+        name: {
+            "time / batched": seconds[name] / seconds[batched],
+            "weights held (MB)": held[name] / 1e6,
+            "max diff to batched": (outputs[name] - outputs[batched]).abs().max().item(),
+        }
+        for name in strategies
+    }
+
+
 __all__ = [
     "MultiAdapterModel",
     "MultiLinear",
     "MultiLoRALinear",
     "adapter_id_tensor",
+    "compare_strategies",
     "forward_merging_per_request",
     "forward_per_task_models",
     "merged_copies",

@@ -7,6 +7,10 @@
 - :class:`Sweep` trains one LoRA classifier per setting, seeded alike, and remembers each result, so
   that settings shared by two experiments (the same layers, rank, scaling and learning rate) train
   once. It counts optimizer steps, so a chapter can check its training budget.
+- :data:`SCALING_RULES`, :func:`rule_setting` and :func:`shared_learning_rate`: three ways to pick
+  alpha as the rank changes, and how well one learning rate then serves every rank.
+- :func:`wilson_interval` and :func:`clearly_apart`: how precisely a validation set of n messages
+  measures an accuracy, and whether two single runs differ by more than that.
 """
 
 from __future__ import annotations
@@ -224,13 +228,101 @@ def lora_counts(model: nn.Module) -> tuple[int, int]:
     return count_parameters(model).trainable, lora_numbers
 
 
+# ----------------------------------------------------------------------------- scaling rules
+# Three ways to pick alpha when the rank changes, each a multiplier s of the update s * x A B:
+# - "fixed alpha": s = alpha / r with one alpha for every rank (the LoRA paper, PEFT's default);
+# - "alpha = 2r": s = alpha / r with alpha = 2r, so s = 2 at every rank (a common heuristic);
+# - "rsLoRA": s = alpha / sqrt(r) with one alpha for every rank (Kalajdzievski, 2023).
+
+SCALING_RULES: dict[str, str] = {
+    "fixed alpha": "s = α/r, α fixed",
+    "alpha = 2r": "s = α/r, α = 2r (s = 2)",
+    "rsLoRA": "s = α/√r, α fixed",
+}
+
+
+def rule_setting(rule: str, rank: int, alpha: float) -> tuple[float, bool]:
+    """``(alpha, use_rslora)`` of ``rule`` (a key of :data:`SCALING_RULES`) at ``rank``.
+
+    ``alpha`` is the fixed alpha of the "fixed alpha" and "rsLoRA" rules; "alpha = 2r" ignores it.
+    """
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown scaling rule {rule!r}; choose one of {list(SCALING_RULES)}")
+    if rule == "alpha = 2r":
+        return 2.0 * rank, False
+    return float(alpha), rule == "rsLoRA"
+
+
+@dataclass(frozen=True)
+class SharedRate:
+    """How well one learning rate serves several ranks (see :func:`shared_learning_rate`)."""
+
+    lr: float  # the learning rate whose worst rank loses least
+    worst_loss: float  # accuracy the worst-served rank loses at ``lr`` against its own best
+    best_lrs: dict[int, float]  # each rank's best learning rate (the smallest of a tie)
+
+    @property
+    def best_lr_spread(self) -> float:
+        """Largest over smallest of the ranks' best learning rates (1: they all agree)."""
+        return max(self.best_lrs.values()) / min(self.best_lrs.values())
+
+
+def shared_learning_rate(accuracy: Mapping[tuple[int, float], float]) -> SharedRate:
+    """The one learning rate that serves every rank best, from ``{(rank, lr): accuracy}``.
+
+    Each rank's best accuracy over the learning rates is its target; the shared rate is the one
+    whose largest shortfall from those targets, over the ranks, is smallest. Every rank must have
+    been run at every learning rate.
+    """
+    ranks = sorted({rank for rank, _ in accuracy})
+    lrs = sorted({lr for _, lr in accuracy})
+    missing = [(r, lr) for r in ranks for lr in lrs if (r, lr) not in accuracy]
+    if not ranks or missing:
+        raise ValueError(f"run every rank at every learning rate; missing (rank, lr): {missing}")
+    best = {r: max(accuracy[r, lr] for lr in lrs) for r in ranks}
+    best_lrs = {r: min(lr for lr in lrs if accuracy[r, lr] == best[r]) for r in ranks}
+    shortfall = {lr: max(best[r] - accuracy[r, lr] for r in ranks) for lr in lrs}
+    lr = min(lrs, key=lambda rate: (shortfall[rate], rate))
+    return SharedRate(lr=lr, worst_loss=shortfall[lr], best_lrs=best_lrs)
+
+
+# ----------------------------------------------------------------------------- noise of a score
+# One run's accuracy on n validation messages is a proportion measured on n trials; how precisely
+# n messages pin it down is a binomial question. Wilson's interval (Wilson, 1927) behaves well
+# near 0 and 1, where the textbook normal interval can reach past 100 %.
+
+
+def accuracy_interval(accuracy: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's interval (:func:`~lora_tutorial.train.wilson_interval`) of an accuracy on ``total``
+    messages."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy={accuracy!r} is not a fraction between 0 and 1")
+    return train.wilson_interval(round(accuracy * total), total, z)
+
+
+def clearly_apart(a: float, b: float, total: int, z: float = 1.96) -> bool:
+    """Whether accuracies ``a`` and ``b`` on ``total`` messages have disjoint Wilson intervals.
+
+    A deliberately cautious test for one run per setting: a gap this large is unlikely to come
+    from which messages happened to land in the validation set.
+    """
+    low, high = sorted((a, b))
+    return accuracy_interval(low, total, z)[1] < accuracy_interval(high, total, z)[0]
+
+
 __all__ = [
     "LAYER_PRESETS",
+    "SCALING_RULES",
     "CountingAdamW",
+    "SharedRate",
     "Sweep",
     "SweepRun",
+    "accuracy_interval",
+    "clearly_apart",
     "lora_counts",
     "lora_params_per_rank",
     "rank_for_budget",
+    "rule_setting",
     "scaling",
+    "shared_learning_rate",
 ]

@@ -126,3 +126,47 @@ def test_a_rehearsal_trains_each_shape_once_and_records_the_repeats(
     model = sweep.model(rslora)  # the trained tensors, with the repeat's own scaling
     layer = next(iter(adapter_layers(model).values()))
     assert layer.lora.scaling == pytest.approx(rslora.scaling)
+
+
+def test_each_scaling_rule_sets_alpha_and_the_scaling_it_names() -> None:
+    assert sweeps.rule_setting("fixed alpha", 8, 32) == (32.0, False)
+    assert sweeps.rule_setting("alpha = 2r", 8, 32) == (16.0, False)
+    assert sweeps.rule_setting("rsLoRA", 8, 32) == (32.0, True)
+    for rank in (2, 8, 32):  # alpha = 2r keeps s = 2 at every rank
+        assert sweeps.scaling(rank, *sweeps.rule_setting("alpha = 2r", rank, 32)) == 2.0
+    with pytest.raises(ValueError, match="unknown scaling rule"):
+        sweeps.rule_setting("alpha = r", 8, 32)
+
+
+def test_the_shared_learning_rate_is_the_one_whose_worst_rank_loses_least() -> None:
+    accuracy = {
+        (2, 1e-4): 0.90,
+        (2, 1e-3): 0.80,
+        (2, 1e-2): 0.50,
+        (8, 1e-4): 0.70,
+        (8, 1e-3): 0.85,
+        (8, 1e-2): 0.60,
+    }
+    shared = sweeps.shared_learning_rate(accuracy)
+    # 1e-4 loses 0.15 at rank 8; 1e-3 loses 0.10 at rank 2; 1e-2 loses 0.40
+    assert shared.lr == 1e-3
+    assert shared.worst_loss == pytest.approx(0.10)
+    assert shared.best_lrs == {2: 1e-4, 8: 1e-3}
+    assert shared.best_lr_spread == pytest.approx(10)
+    ties = sweeps.shared_learning_rate({(r, lr): 0.5 for r in (1, 4) for lr in (1e-3, 1e-2)})
+    assert (ties.lr, ties.worst_loss, ties.best_lr_spread) == (1e-3, 0.0, 1.0)
+    with pytest.raises(ValueError, match="missing"):
+        sweeps.shared_learning_rate({(2, 1e-3): 0.5, (8, 1e-2): 0.5})
+
+
+def test_accuracy_interval_is_wilsons_interval_of_the_count() -> None:
+    assert sweeps.accuracy_interval(0.96, 300) == train.wilson_interval(288, 300)
+    with pytest.raises(ValueError, match="fraction"):
+        sweeps.accuracy_interval(1.5, 10)
+
+
+def test_clearly_apart_needs_disjoint_intervals() -> None:
+    assert not sweeps.clearly_apart(0.96, 0.9733, 300)  # the research notes' example
+    assert sweeps.clearly_apart(0.80, 0.97, 149)
+    assert not sweeps.clearly_apart(0.80, 0.97, 20)  # the same gap on 20 messages is noise
+    assert sweeps.clearly_apart(0.97, 0.80, 149)  # order does not matter

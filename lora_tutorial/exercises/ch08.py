@@ -1,75 +1,79 @@
-"""Checks for chapter 8's coding exercises: NF4 bits per weight, the multi-adapter update, and
-Hu et al.'s amplification factor."""
+"""Checks for chapter 8's coding exercises: which layers an adapter targets, the batched
+multi-adapter update, and how the first training step grows with the rank under each rule."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from lora_tutorial.analysis import WeightUpdate, subspace_amplification
-from lora_tutorial.counting import NF4_DQ_BITS
-from lora_tutorial.exercises._feedback import (
-    Check,
-    Verdict,
-    call,
-    close,
-    describe,
-    near,
-    number,
-    outcome,
-    outcomes,
-)
+from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.gpt import GPTModel
+from lora_tutorial.lora import LinearWithLoRA, replace_linear_with_lora
 from lora_tutorial.serving import multi_lora_delta
 
-# ----------------------------------------------------------------------------- bits per weight
+# ----------------------------------------------------------------------------- adapter layout
+
+_TINY = {
+    "vocab_size": 40,
+    "context_length": 8,
+    "emb_dim": 16,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
 
 
-def _bits(block: int, scale_block: int) -> float:
-    return 4 + 8 / block + 32 / (block * scale_block)
+def _adapter_file() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The trained tensors of a small adapted GPT (LoRA factors and a head), and its layout."""
+    torch.manual_seed(0)
+    model = GPTModel(_TINY)
+    model.requires_grad_(False)
+    replace_linear_with_lora(model, 3, 6.0, include=["W_query", "W_value"])
+    replace_linear_with_lora(model, 5, 10.0, include=["ff.layers.0"])
+    model.out_head.requires_grad_(True)  # a trained head, as a classifier's adapter file holds
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    factors_a = {n.removesuffix(".lora.A"): t for n, t in tensors.items() if n.endswith(".lora.A")}
+    layout = {name: int(t.shape[1]) for name, t in factors_a.items()}
+    return tensors, layout
 
 
-_BLOCKS = ((64, 256), (32, 128), (128, 64))
+def _layout_hint(out: dict, expected: dict[str, int]) -> str:
+    if set(out) == {f"{name}.lora.A" for name in expected}:
+        return "name each layer, not its factor: drop the '.lora.A' ending"
+    extra = sorted(set(out) - set(expected))
+    if extra:
+        return f"{extra[0]!r} is not a LoRA layer: keep only names with LoRA factors (.lora.A)"
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        return f"the layer {missing[0]!r} is missing"
+    wrong = next(name for name in expected if out[name] != expected[name])
+    return (
+        f"{wrong!r} got rank {out[wrong]!r}, expected {expected[wrong]}: A is stored as"
+        " (in_dim, rank), B as (rank, out_dim)"
+    )
 
 
-def _probe_bits_per_weight(fn: Callable[[int, int], float]) -> list:
-    return [call(fn, block, scale_block) for block, scale_block in _BLOCKS]
-
-
-def _judge_bits_per_weight(data: object) -> Verdict:
+def check_adapter_layout(fn: Callable[[dict[str, torch.Tensor]], dict[str, int]]) -> bool:
+    """Check ``fn(state_dict)``: ``{layer name: rank}`` for every layer with LoRA factors."""
     problems: list[str] = []
-    for (block, scale_block), (out, err) in zip(_BLOCKS, outcomes(data, len(_BLOCKS))):
-        if err:
-            problems.append(f"bits_per_weight({block}, {scale_block}) raised {err}")
-            break
-        value = number(out) if type(out) is not torch.Tensor else None
-        if value is None:
-            problems.append(
-                f"bits_per_weight({block}, {scale_block}) returned {describe(out)}, not a number"
-            )
-            break
-        expected = _bits(block, scale_block)
-        if near(value, expected, tol=0.0, rel=1e-9):
-            continue
-        if near(value, 4 + 32 / block, tol=0.0, rel=1e-9):
-            hint = "that is NF4 with a float32 scale per block: the scales are 8-bit numbers here"
-        elif near(value, 4 + 8 / block, tol=0.0, rel=1e-9):
-            hint = "you left out the float32 constant kept per scale_block scales"
-        elif near(value, expected / 8, tol=0.0, rel=1e-9):
-            hint = "that is bytes per weight; the question asks for bits"
-        else:
-            hint = (
-                "count 4 bits per weight, 8 bits per block of weights, 32 bits per block of scales"
-            )
-        problems.append(
-            f"bits_per_weight({block}, {scale_block}) = {value!r}, expected {expected:.4f}: {hint}"
-        )
-        break
-    return problems, f"QLoRA's base costs {NF4_DQ_BITS:.3f} bits per weight."
-
-
-check_bits_per_weight = Check(_probe_bits_per_weight, _judge_bits_per_weight)
-"""Check ``fn(block, scale_block)``: NF4 bits per weight with double-quantised scales."""
+    tensors, expected = _adapter_file()
+    out, err = call(fn, dict(tensors))
+    if err:
+        problems.append(f"your function raised {err}")
+    elif type(out) is not dict:
+        problems.append(f"your function returned {type(out).__name__}, not a dict")
+    elif any(type(v) is not int for v in out.values()):
+        bad = next(v for v in out.values() if type(v) is not int)
+        problems.append(f"the ranks must be Python ints; got {bad!r} ({type(bad).__name__})")
+    elif out != expected:
+        problems.append(_layout_hint(out, expected))
+    return report(
+        problems,
+        f"{len(expected)} layers with LoRA; a server needs this to stack adapters layer by layer.",
+    )
 
 
 # ----------------------------------------------------------------------------- multi-adapter update
@@ -83,80 +87,97 @@ def _multi_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return x, A, B, torch.tensor([3, 0, 0, 2, 1])
 
 
-def _probe_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> tuple:
-    return call(fn, *(t.clone() for t in _multi_case()))
-
-
-def _judge_multi_adapter_delta(data: object) -> Verdict:
+def check_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> bool:
+    """Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
     problems: list[str] = []
     x, A, B, ids = _multi_case()
     expected = multi_lora_delta(x, A, B, ids)
-    out, err = outcome(data)
+    out, err = call(fn, x.clone(), A.clone(), B.clone(), ids.clone())
     if err:
         problems.append(f"your function raised {err}")
-    elif type(out) is not torch.Tensor:
-        problems.append(f"your function returned {describe(out)}, not a torch.Tensor")
+    elif not isinstance(out, torch.Tensor):
+        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
     elif tuple(out.shape) != tuple(expected.shape):
         problems.append(
             f"the result has shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
         )
-    elif not close(out, expected, atol=1e-5, rtol=1e-5):
-        if close(out, x @ A[0] @ B[0], atol=1e-5, rtol=1e-5):
+    elif not torch.allclose(out, expected, atol=1e-5):
+        if torch.allclose(out, x @ A[0] @ B[0], atol=1e-5):
             problems.append("every row used adapter 0: pick row i's pair with A[ids], B[ids]")
-        elif close(out, x @ A[ids[0]] @ B[ids[0]], atol=1e-5, rtol=1e-5):
+        elif torch.allclose(out, x @ A[ids[0]] @ B[ids[0]], atol=1e-5):
             problems.append("every row used the first row's adapter: index A and B by all of ids")
         else:
             problems.append("the values differ from x[i] @ A[ids[i]] @ B[ids[i]] for some row i")
-    return problems, "Each row now goes through its own adapter in one batched product."
-
-
-check_multi_adapter_delta = Check(_probe_multi_adapter_delta, _judge_multi_adapter_delta)
-"""Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
-
-
-# ----------------------------------------------------------------------------- amplification
-
-
-def _amp_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
-    g = torch.Generator().manual_seed(seed)
-    W0 = torch.randn(12, 9, generator=g, dtype=torch.float64)
-    delta = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(
-        3, 9, generator=g, dtype=torch.float64
+    return report(
+        problems, "This is the product inside serving.MultiLoRALinear, which section 5 runs."
     )
-    return W0, delta, 3
 
 
-def _probe_amplification_factor(fn: Callable[[torch.Tensor, torch.Tensor, int], float]) -> tuple:
-    W0, delta, r = _amp_case()
-    return call(fn, W0.clone(), delta.clone(), r)
+# ----------------------------------------------------------------------------- first step
+
+RULES = {"fixed alpha": False, "alpha = 2r": False, "rsLoRA": True}
+RANKS = (2, 32)
+ALPHA = 16.0
 
 
-def _judge_amplification_factor(data: object) -> Verdict:
+def _alpha(rule: str, rank: int) -> float:
+    return 2.0 * rank if rule == "alpha = 2r" else ALPHA
+
+
+def reference_first_step_drop(rank: int, alpha: float, use_rslora: bool, seed: int = 0) -> float:
+    """The exercise's measurement: how much one Adam step lowers a linear loss of a LoRA layer."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(256, 256).requires_grad_(False)  # frozen, as LoRA's base always is
+    layer = LinearWithLoRA(linear, rank=rank, alpha=alpha, use_rslora=use_rslora)
+    x, g = torch.randn(32, 256), torch.randn(32, 256)
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
+    loss = (layer(x) * g).sum()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return loss.item() - (layer(x) * g).sum().item()
+
+
+def _growth(fn: Callable[[int, float, bool], object], rule: str) -> tuple[float | None, str]:
+    """The factor by which ``fn``'s drop grows from rank 2 to 32 under ``rule``, or a problem."""
+    drops = []
+    for rank in RANKS:
+        out, err = call(fn, rank, _alpha(rule, rank), RULES[rule])
+        where = f"first_step_drop({rank}, {_alpha(rule, rank):g}, {RULES[rule]})"
+        if err:
+            return None, f"{where} raised {err}"
+        if type(out) not in (int, float):
+            return None, f"{where} returned {type(out).__name__}; return a Python float (.item())"
+        if not out > 0:  # also catches NaN
+            return None, (
+                f"{where} = {out!r}: the loss should fall, so return loss before minus loss after"
+            )
+        drops.append(float(out))
+    return drops[1] / drops[0], ""
+
+
+def check_first_step_drop(fn: Callable[[int, float, bool], float]) -> bool:
+    """Check ``fn(rank, alpha, use_rslora)``: one Adam step's loss drop, as the exercise builds it.
+
+    Run at ranks 2 and 32 under each rule, its growth must match the check's own measurement
+    within 30 %.
+    """
     problems: list[str] = []
-    W0, delta, r = _amp_case()
-    expected = subspace_amplification(WeightUpdate("case", W0, delta), r).factor
-    out, err = outcome(data)
-    value = number(out)
-    if err:
-        hint = (
-            " (torch.linalg.svd returns Vh = V transposed: V_r is Vh[:r].T)"
-            if "shape" in err
-            else ""
-        )
-        problems.append(f"your function raised {err}{hint}")
-    elif value is None:
-        problems.append(f"your function returned {describe(out)}, not a number")
-    elif not near(value, expected, tol=0.0, rel=1e-4):
-        own = subspace_amplification(WeightUpdate("case", W0, W0), r)
-        delta_norm = float(torch.linalg.matrix_norm(delta))
-        if near(value, delta_norm / own.w0_in_own_directions, tol=0.0, rel=1e-4):
-            problems.append("you used W0's singular vectors: take them from delta (ΔW)")
-        elif near(value, 1 / expected, tol=0.0, rel=1e-4):
-            problems.append("the ratio is upside down: ‖ΔW‖ goes on top")
-        else:
-            problems.append(f"got {value:.4g}, expected {expected:.4g}")
-    return problems, "This is the factor of Hu et al.'s Table 7, computed on your own matrices."
-
-
-check_amplification_factor = Check(_probe_amplification_factor, _judge_amplification_factor)
-"""Check ``fn(W0, delta, r)``: ``‖delta‖_F / ‖U_rᵀ W0 V_r‖_F`` (delta's top-r directions)."""
+    measured: dict[str, float] = {}
+    for rule in RULES:
+        growth, problem = _growth(fn, rule)
+        if growth is None:
+            problems.append(problem)
+            break
+        drops = [reference_first_step_drop(r, _alpha(rule, r), RULES[rule]) for r in RANKS]
+        expected = drops[1] / drops[0]
+        if not abs(growth / expected - 1) <= 0.3:
+            problems.append(
+                f"under {rule!r} your drop grew {growth:.3g}x from rank 2 to 32, the check's "
+                f"measurement {expected:.3g}x: freeze the nn.Linear (only A and B train), make one "
+                "torch.optim.Adam step at lr 1e-3, and use a loss linear in the output"
+            )
+            break
+        measured[rule] = growth
+    summary = ", ".join(f"{rule} x{g:.3g}" for rule, g in measured.items())
+    return report(problems, f"From rank 2 to 32 the first step grew: {summary}. As predicted?")
