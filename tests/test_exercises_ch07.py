@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +144,29 @@ def test_pissa_to_lora_check_rejects_typical_mistakes(
 ) -> None:
     assert not check_pissa_to_lora(wrong)
     assert hint in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the chapter
+
+
+def test_chapter_7_solutions_pass_their_checks_and_labels_match(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The classroom kit fills each answer cell with the chapter's own solution: each must pass."""
+    from lora_tutorial import classroom
+    from lora_tutorial.classroom.notebooks import answer_cell_source
+
+    chapter = Path(__file__).parents[1] / "chapters" / "07_lora_improvements.ipynb"
+    found = classroom.exercises(chapter)
+    labels = [ex.label for ex in found]
+    assert len(labels) == len(set(labels))
+    text = "\n".join(c.source for c in nbformat.read(chapter, 4).cells if c.cell_type == "markdown")
+    assert sorted(re.findall(r"```\{solution\} (\S+)", text)) == sorted(labels)
+    checked = [ex for ex in found if ex.check]
+    assert len(checked) >= 3
+    for ex in checked:
+        *body, last = answer_cell_source(ex, ex.solution_code).rstrip().splitlines()
+        namespace: dict[str, object] = {}
+        exec("\n".join(body), namespace)
+        assert eval(last, namespace) is True, ex.label
+        assert "Correct!" in capsys.readouterr().out
