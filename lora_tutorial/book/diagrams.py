@@ -171,9 +171,9 @@ def dora_split(seed: int = 0) -> Figure:
     m = float(w.norm())
     new_direction = (w + delta) / (w + delta).norm()
     arrows = [
-        (w, f"W₀'s column: magnitude m = {m:.2f} times a direction", "#4a6fa5", "-"),
+        (w, f"a row of W₀: magnitude m = {m:.2f} times a direction", "#4a6fa5", "-"),
         (w / m, "its direction W₀ / ‖W₀‖ (unit length)", "#1f3b63", "-"),
-        (new_direction, "new direction (W₀ + B·A) / ‖W₀ + B·A‖", "#c55a11", "-"),
+        (new_direction, "new direction (W₀ + ΔW) / ‖W₀ + ΔW‖", "#c55a11", "-"),
         (m * new_direction, "DoRA's weight: m times the new direction", "#c55a11", "--"),
     ]
     for vec, label, color, style in arrows:
@@ -188,7 +188,7 @@ def dora_split(seed: int = 0) -> Figure:
     ax.axhline(0, color="#cccccc", lw=0.6)
     ax.axvline(0, color="#cccccc", lw=0.6)
     ax.set_title(
-        "DoRA: W = m · (W₀ + B·A) / ‖W₀ + B·A‖\n"
+        "DoRA: W = m · (W₀ + ΔW) / ‖W₀ + ΔW‖\n"
         "the magnitude m trains on its own; LoRA only turns the direction"
     )
     ax.legend(loc="lower left", fontsize=8)
