@@ -9,6 +9,9 @@
   vectors of the weight and freezes the rest.
 - **VeRA** (Kopiczko et al., 2024): :class:`LinearWithVeRA` shares frozen random A and B between
   layers and trains two vectors per layer.
+- **OLoRA** (Büyükakyüz, 2024) and **MiLoRA** (Wang et al., 2025): :func:`olora_init` and
+  :func:`milora_init` start A and B from a QR decomposition or the smallest singular directions
+  of the weight; :func:`linear_with_init` builds the layer.
 
 QLoRA's layer is :class:`lora_tutorial.quantize.LinearWithQLoRA`. Every layer class is an
 :class:`~lora_tutorial.lora.AdapterLayer`, so ``replace_linear_with_lora(model, rank, alpha,
@@ -33,6 +36,7 @@ from lora_tutorial.lora import (
     Selector,
     adapter_layers,
     base_digest,
+    check_alpha,
     check_rank_and_dropout,
     replace_linear_with_lora,
 )
@@ -120,7 +124,10 @@ __all__ = [
     "LinearWithVeRA",
     "VeRAProjections",
     "create_loraplus_optimizer",
+    "linear_with_init",
     "loraplus_param_groups",
+    "milora_init",
+    "olora_init",
     "replace_linear_with_vera",
     "share_vera_projections",
 ]
@@ -405,3 +412,81 @@ def create_loraplus_optimizer(
 ) -> torch.optim.Optimizer:
     """An optimizer (AdamW by default) over :func:`loraplus_param_groups`; ``kwargs`` go to it."""
     return optimizer_cls(loraplus_param_groups(model, lr, lr_ratio, weight_decay), lr=lr, **kwargs)
+
+
+# ----------------------------------------------------------------------------- OLoRA and MiLoRA
+# Two initialisations from 2024 that, like PiSSA, move part of W0 into A and B and freeze the rest.
+# Each is a function returning (A, B, residual); :func:`linear_with_init` builds the layer.
+
+Init = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def _init_scaling(linear: nn.Linear, rank: int, alpha: float, use_rslora: bool) -> float:
+    """Check the arguments of an initialisation and return its ``scaling`` (as ``LoRALayer``)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    check_rank_and_dropout(rank, 0.0, max_rank=min(linear.in_features, linear.out_features))
+    check_alpha(alpha)
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank  # s, as in LoRALayer
+
+
+def olora_init(
+    linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """OLoRA's start: ``A (in, rank)``, ``B (rank, out)`` and the frozen residual ``(out, in)``.
+
+    With the QR decomposition ``W0 = Q R`` (Q orthonormal columns, R upper triangular), B is the
+    first ``rank`` columns of Q (transposed: its rows are orthonormal) and A the first ``rank`` rows
+    of R (transposed). Neither is rescaled, so the adapter starts at ``scaling * Q_r R_r`` and the
+    residual ``W0 - scaling * (A @ B)^T`` makes the layer equal the base at the start, as PEFT's
+    ``init_lora_weights="olora"`` does (``Q_r R_r`` is W0's first ``rank`` columns' part, not the
+    best rank-r approximation that PiSSA takes).
+    """
+    scaling = _init_scaling(linear, rank, alpha, use_rslora)
+    weight = linear.weight.detach().float()
+    Q, R = torch.linalg.qr(weight)  # Q (out, k), R (k, in), k = min(out, in)
+    A, B = R[:rank].T.contiguous(), Q[:, :rank].T.contiguous()
+    return A, B, weight - scaling * (A @ B).T
+
+
+def milora_init(
+    linear: nn.Linear, rank: int, alpha: float, *, use_rslora: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MiLoRA's start: PiSSA with the ``rank`` *smallest* singular directions of ``W0``.
+
+    With ``W0 = U S V^T``, the minor part ``U_r S_r V_r^T`` (the last ``rank`` singular triplets)
+    goes into the adapter, ``sqrt(S_r / scaling)`` to each side, and the principal part stays
+    frozen in the residual; ``residual + scaling * (A @ B)^T == W0``. The adapter starts small, in
+    the directions the pretrained weight uses least.
+    """
+    scaling = _init_scaling(linear, rank, alpha, use_rslora)
+    weight = linear.weight.detach().float()
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    root = (S[-rank:] / scaling).sqrt()
+    A = Vh[-rank:].T * root  # (in, rank)
+    B = root[:, None] * U[:, -rank:].T  # (rank, out)
+    return A, B, weight - scaling * (A @ B).T
+
+
+def linear_with_init(
+    linear: nn.Linear, rank: int, alpha: float, init: Init, *, use_rslora: bool = False
+) -> LinearWithLoRA:
+    """A ``LinearWithLoRA`` started by ``init`` (:func:`olora_init`, :func:`milora_init`).
+
+    As in :class:`LinearWithPiSSA`, ``linear`` is not modified: ``.linear`` becomes a new layer
+    holding the residual (and ``linear``'s bias). The result is a plain LoRA layer on that residual
+    base, so it trains, merges and saves as one; a saved adapter loads only onto the residual base.
+    """
+    A, B, residual_weight = init(linear, rank, alpha, use_rslora=use_rslora)
+    weight = linear.weight
+    residual = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    residual = residual.to(device=weight.device, dtype=weight.dtype)
+    layer = LinearWithLoRA(residual, rank, alpha, use_rslora=use_rslora)
+    with torch.no_grad():
+        residual.weight.copy_(residual_weight)
+        if linear.bias is not None:
+            residual.bias.copy_(linear.bias)
+        layer.lora.A.copy_(A)
+        layer.lora.B.copy_(B)
+    residual.requires_grad_(weight.requires_grad)
+    return layer

@@ -15,7 +15,10 @@ from lora_tutorial.variants import (
     LinearWithPiSSA,
     LinearWithVeRA,
     create_loraplus_optimizer,
+    linear_with_init,
     loraplus_param_groups,
+    milora_init,
+    olora_init,
     replace_linear_with_vera,
     share_vera_projections,
 )
@@ -360,3 +363,59 @@ def test_peer_loraplus_matches_peft_groups_and_one_step() -> None:
         torch.testing.assert_close(
             layer.lora.A, peer_layer.lora_A["default"].weight.T, atol=1e-6, rtol=1e-5
         )
+
+
+# ----------------------------------------------------------------------------- OLoRA and MiLoRA
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])  # (in, out): more inputs, then more outputs
+def test_peer_olora_matches_peft_initialisation(shape, use_rslora: bool) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(*shape))
+    original = model[0].weight.detach().clone()
+    A, B, residual = olora_init(model[0], 3, 6, use_rslora=use_rslora)
+    config = peft.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["0"], init_lora_weights="olora", use_rslora=use_rslora
+    )
+    peer = peft.get_peft_model(copy.deepcopy(model), config).base_model.model[0]
+    # Our A (in, r) is PEFT's lora_A.weight (r, in) transposed; our B (r, out) its lora_B.weight.
+    torch.testing.assert_close(A, peer.lora_A["default"].weight.T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(B, peer.lora_B["default"].weight.T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(residual, peer.base_layer.weight, atol=1e-6, rtol=1e-6)
+    assert torch.equal(model[0].weight, original), "olora_init must not modify the given layer"
+    torch.testing.assert_close(B @ B.T, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal rows
+
+
+@pytest.mark.parametrize("init", [olora_init, milora_init])
+def test_olora_and_milora_start_exactly_at_the_base_layer(init) -> None:
+    torch.manual_seed(4)
+    base = nn.Linear(12, 7).requires_grad_(False)  # frozen, as a pretrained layer is
+    A, B, residual = init(base, 3, 6)
+    torch.testing.assert_close(residual + 2.0 * (A @ B).T, base.weight.detach(), atol=1e-5, rtol=0)
+    layer = linear_with_init(base, 3, 6, init)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), base(x), atol=1e-5, rtol=0)
+    assert layer.linear is not base and not layer.linear.weight.requires_grad
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} >= {"lora.A", "lora.B"}
+
+
+def test_milora_adapter_holds_the_smallest_singular_directions() -> None:
+    torch.manual_seed(5)
+    base = nn.Linear(12, 7, bias=False)
+    rank, alpha = 3, 12  # scaling 4: the singular values are divided between A, B and s
+    A, B, residual = milora_init(base, rank, alpha)
+    S = torch.linalg.svdvals(base.weight.detach())
+    torch.testing.assert_close(torch.linalg.svdvals(4.0 * (A @ B).T)[:rank], S[-rank:])
+    torch.testing.assert_close(torch.linalg.svdvals(residual)[: 7 - rank], S[: 7 - rank])
+    torch.testing.assert_close(A.norm(dim=0), B.norm(dim=1))  # sqrt(S / s) on each side
+
+
+def test_new_initialisations_refuse_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        olora_init(nn.Linear(12, 7), 8, 16)  # more than min(in, out)
+    with pytest.raises(ValueError, match="alpha"):
+        milora_init(nn.Linear(12, 7), 2, 0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        olora_init(nn.Conv1d(3, 3, 1), 2, 4)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Checks for chapter 7's coding exercises: the DoRA weight, an NF4 round trip, PiSSA's start."""
+"""Checks for chapter 7's coding exercises: DoRA's forward, an NF4 round trip, PiSSA to LoRA."""
 
 from __future__ import annotations
 
@@ -41,77 +41,92 @@ def _tensor_answer_problem(
 # ----------------------------------------------------------------------------- DoRA
 
 
-def _dora_case(
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """W0 (out=5, in=7), A (7, 2), B (2, 5), m (5,), a scaling: not square, so transposes show."""
+def _dora_case(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """x (3, 7), W0 (out=5, in=7), bias (5,), A (7, 2), B (2, 5), m (5,): not square, so
+    transposes show; the bias is large, so a bias inside the rescaling shows too."""
     g = torch.Generator().manual_seed(seed)
-    W0 = torch.randn(5, 7, generator=g)
+    x, W0 = torch.randn(3, 7, generator=g), torch.randn(5, 7, generator=g)
+    bias = 2.0 + torch.rand(5, generator=g)
     A, B = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
     m = 0.5 + torch.rand(5, generator=g)
-    return W0, A, B, m, 2.0
+    return x, W0, bias, A, B, m
 
 
-def dora_reference(
-    W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """The merged DoRA weight, computed by the package's :class:`LinearWithDoRA`."""
-    linear = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
-    layer = LinearWithDoRA(linear, A.shape[1], scaling * A.shape[1])
+SCALING = 2.0
+
+
+def dora_layer(
+    W0: torch.Tensor, bias: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor
+) -> LinearWithDoRA:
+    """The package's :class:`LinearWithDoRA` holding exactly these tensors (scaling 2)."""
+    linear = nn.Linear(W0.shape[1], W0.shape[0])
+    layer = LinearWithDoRA(linear, A.shape[1], SCALING * A.shape[1])
     with torch.no_grad():
         linear.weight.copy_(W0)
+        linear.bias.copy_(bias)
         layer.lora.A.copy_(A)
         layer.lora.B.copy_(B)
         layer.m.copy_(m)
-    return layer.updated_weight().detach().clone()
+    return layer
 
 
-def _probe_dora_weight(fn: Callable[..., torch.Tensor]) -> tuple:
-    W0, A, B, m, scaling = _dora_case()
-    return call(fn, W0.clone(), A.clone(), B.clone(), m.clone(), scaling)
+def _probe_dora_forward(fn: Callable[..., torch.Tensor]) -> tuple:
+    return call(fn, *(t.clone() for t in _dora_case()), SCALING)
 
 
-def _judge_dora_weight(data: object) -> Verdict:
-    problems: list[str] = []
-    W0, A, B, m, scaling = _dora_case()
+def _dora_mistakes(
+    x: torch.Tensor,
+    W0: torch.Tensor,
+    bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """What typical slips compute, each with the hint it deserves."""
+    s = SCALING
+    V = W0 + s * (A @ B).T
+    unscaled = W0 + (A @ B).T
+    rows = m / V.norm(dim=1)
+    return {
+        "the bias was rescaled too: m / ||V|| rescales the weight's rows, so add the bias after "
+        "rescaling": rows * (x @ V.T + bias),
+        "the bias is missing: the layer adds its bias, as nn.Linear does": rows * (x @ V.T),
+        "take one norm per output unit: the norm of each row of V, shape (out,), not the norm "
+        "of all of V": m / V.norm() * (x @ V.T) + bias,
+        "the LoRA update must be multiplied by `scaling` before it joins W0": (
+            m / unscaled.norm(dim=1) * (x @ unscaled.T) + bias
+        ),
+        "you added the LoRA update after normalising W0: normalise V = W0 + scaling (AB)^T "
+        "itself": m / W0.norm(dim=1) * (x @ W0.T) + s * x @ A @ B + bias,
+        "that is the plain LoRA layer: the rows must also be rescaled to length m": x @ V.T + bias,
+    }
+
+
+def _judge_dora_forward(data: object) -> Verdict:
+    x, W0, bias, A, B, m = _dora_case()
     out, err = outcome(data)
-    expected = dora_reference(W0, A, B, m, scaling)
-    V = W0 + scaling * (A @ B).T
-    first = _tensor_answer_problem(out, err, W0.shape, shape_hint=" like W0 (out, in)")
+    expected = dora_layer(W0, bias, A, B, m)(x).detach()
+    first = _tensor_answer_problem(
+        out, err, expected.shape, shape_hint=": one row of d_out outputs per input row"
+    )
     if first:
-        problems.append(first)
-    elif isinstance(out, torch.Tensor) and not _close(out, expected):
-        if _close(out, m[:, None] * W0 / W0.norm(dim=1, keepdim=True) + scaling * (A @ B).T):
-            problems.append(
-                "you added the LoRA update after normalising W0: normalise V = W0 + scaling * (A "
-                "@ B).T itself"
-            )
-        elif _close(
-            out, m[:, None] * (W0 + (A @ B).T) / (W0 + (A @ B).T).norm(dim=1, keepdim=True)
-        ):
-            problems.append(
-                "the LoRA update must be multiplied by `scaling` before it is added to W0"
-            )
-        elif _close(out, m[:, None] * V / V.norm(dim=0, keepdim=True)) or _close(
-            out, m[:, None] * V / V.norm()
-        ):
-            problems.append(
-                "take one norm per output unit: the norm of each row of V (dim=1), not of columns "
-                "or of all of V"
-            )
-        elif _close(out.norm(dim=1), m):
-            problems.append("each row has length m, but its direction is not that of V's row")
-        else:
-            problems.append(
-                "the rows of your weight should have length m[i] and point like the rows of V"
-            )
-    return problems, "Each row of V is rescaled to length m: that is DoRA's merged weight."
+        return [first], ""
+    if isinstance(out, torch.Tensor) and not _close(out, expected):
+        for hint, wrong in _dora_mistakes(x, W0, bias, A, B, m).items():
+            if _close(out, wrong):
+                return [hint], ""
+        return ["your outputs differ from LinearWithDoRA's on the same tensors"], ""
+    return [], (
+        "Your forward pass gives LinearWithDoRA's outputs: DoRA rescales each output unit by "
+        "m / ||V|| and never needs the merged weight."
+    )
 
 
-check_dora_weight = Check(_probe_dora_weight, _judge_dora_weight)
-"""Check ``fn(W0, A, B, m, scaling)``: DoRA's weight ``m * V / ||V||``.
+check_dora_forward = Check(_probe_dora_forward, _judge_dora_forward)
+"""Check ``fn(x, W0, bias, A, B, m, scaling)``: DoRA's output for a batch ``x``.
 
-Here ``V = W0 + scaling * (A @ B).T`` and the norms are taken per row (output unit).
+The answer must equal :class:`~lora_tutorial.variants.LinearWithDoRA` holding ``W0`` (out, in),
+``bias`` (out,), ``A`` (in, r), ``B`` (r, out) and ``m`` (out,) with that ``scaling``.
 """
 
 
