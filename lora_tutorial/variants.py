@@ -425,8 +425,13 @@ def _init_scaling(linear: nn.Linear, rank: int, alpha: float, use_rslora: bool) 
     """Check the arguments of an initialisation and return its ``scaling`` (as ``LoRALayer``)."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    check_rank_and_dropout(rank, 0.0, max_rank=min(linear.in_features, linear.out_features))
+    check_rank_and_dropout(rank, 0.0)
     check_alpha(alpha)
+    if rank > min(linear.in_features, linear.out_features):
+        raise ValueError(
+            f"rank={rank} exceeds min(in, out) = {min(linear.in_features, linear.out_features)}: "
+            "a decomposition of W0 has no more directions to give; choose a smaller rank"
+        )
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank  # s, as in LoRALayer
 
 
