@@ -506,8 +506,7 @@ def time_forward_passes(forms: Mapping[str, Callable[[], object]], rounds: int) 
     slow moment of the machine hits all of them alike. Runs under ``torch.no_grad()``. A
     rehearsal times two rounds: it only proves that the code runs.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    check_number("rounds", rounds, integer=True, at_least=1)
     if not forms:
         raise ValueError("forms is empty; pass at least one name -> call")
     rounds = rehearsal.capped_steps(rounds)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lora_tutorial.runtime import config, download
+from lora_tutorial.runtime.checks import check_number
 
 CONFIG_KEYS = (
     "vocab_size",
@@ -368,10 +369,9 @@ def generate(
     """
     if token_ids.ndim != 2:
         raise ValueError(f"token_ids must have shape [batch, t], got {tuple(token_ids.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be a positive integer or None")
+    check_number("temperature", temperature, at_least=0, hint="0 means greedy")
+    if top_k is not None:
+        check_number("top_k", top_k, integer=True, at_least=1, hint="or None for every token")
     context_length = model.pos_emb.num_embeddings
     idx = token_ids.to(model.pos_emb.weight.device)
     with eval_mode(model):

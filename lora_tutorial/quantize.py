@@ -35,7 +35,7 @@ from lora_tutorial.lora import (
     select_linear_layers,
     set_submodule,
 )
-from lora_tutorial.runtime.checks import is_number
+from lora_tutorial.runtime.checks import check_number
 
 NF4_BLOCK_SIZE = 64
 # Where the outermost NF4 level sits on the normal CDF (``Phi^-1(1)`` would be infinite). This is
@@ -108,11 +108,14 @@ MAX_BLOCK_SIZE = 2**20  # the last block is padded to a full one, so a huge size
 
 def check_blocksize(blocksize: Any) -> None:
     """Raise ValueError unless ``blocksize`` is an integer from 1 to :data:`MAX_BLOCK_SIZE`."""
-    if not is_number(blocksize, integer=True) or not 1 <= blocksize <= MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"blocksize must be an integer from 1 to {MAX_BLOCK_SIZE}, got {blocksize!r}; QLoRA "
-            f"uses {NF4_BLOCK_SIZE}"
-        )
+    check_number(
+        "blocksize",
+        blocksize,
+        integer=True,
+        at_least=1,
+        at_most=MAX_BLOCK_SIZE,
+        hint=f"QLoRA uses {NF4_BLOCK_SIZE}",
+    )
 
 
 def quantize_blockwise(

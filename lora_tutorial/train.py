@@ -44,6 +44,7 @@ from lora_tutorial import counting, gpt, lora
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPTModel
 from lora_tutorial.runtime import rehearsal
+from lora_tutorial.runtime.checks import check_number
 from lora_tutorial.runtime.distributed import DistInfo, dist_info, gather, shard_loader, wrap_model
 
 # --------------------------------------------------------------------------- the three methods
@@ -541,8 +542,8 @@ def _optimizer(
 
 
 def _check_settings(model: nn.Module, epochs: int, eval_every: int, make_optimizer: object) -> None:
-    if epochs < 1 or eval_every < 1:
-        raise ValueError(f"epochs={epochs}, eval_every={eval_every}: both must be at least 1")
+    check_number("epochs", epochs, integer=True, at_least=1)
+    check_number("eval_every", eval_every, integer=True, at_least=1)
     if make_optimizer is not None and not callable(make_optimizer):
         raise TypeError(
             "make_optimizer must be a function model -> optimizer, got "

@@ -40,7 +40,7 @@ from lora_tutorial.lora import (
     check_rank_and_dropout,
     replace_linear_with_lora,
 )
-from lora_tutorial.runtime.checks import is_number
+from lora_tutorial.runtime.checks import check_number, is_number
 
 # --------------------------------------------------------------------------- a one-layer playground
 # Chapter 7 compares every variant on one small task: a frozen layer, a target weight, and an
@@ -297,10 +297,8 @@ class LinearWithVeRA(AdapterLayer):
     ) -> None:
         super().__init__(linear, rank=rank, d_initial=d_initial, seed=seed, dropout=dropout)
         check_rank_and_dropout(rank, dropout)
-        if not is_number(d_initial) or not math.isfinite(d_initial):
-            raise ValueError(f"d_initial must be a finite number, got {d_initial!r}; PEFT uses 0.1")
-        if not is_number(seed, integer=True):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_number("d_initial", d_initial, hint="PEFT uses 0.1")
+        check_number("seed", seed, integer=True)
         self.rank = rank
         self.seed = seed
         in_dim, out_dim, weight = linear.in_features, linear.out_features, linear.weight
@@ -379,10 +377,7 @@ def loraplus_param_groups(
     are left out; empty groups are dropped.
     """
     for name, value in (("lr", lr), ("lr_ratio", lr_ratio)):
-        if not is_number(value) or not 0 < value < math.inf:
-            raise ValueError(
-                f"{name} must be a positive number, got {value!r}; LoRA+ suggests lr_ratio=16"
-            )
+        check_number(name, value, above=0, hint="LoRA+ suggests lr_ratio=16")
     b_ids = {id(m.B) for m in model.modules() if isinstance(m, LoRALayer)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     bs = [p for p in trainable if id(p) in b_ids]
