@@ -1,4 +1,4 @@
-"""The judges of chapters 1-3, 5 and 6 decide on a probe's data alone: the data of a right answer
+"""The judges of chapters 1-3, 5, 6 and 8 decide on a probe's data alone: the data of a right answer
 pass, and the same data with NaN, a float or int subclass, or a wrong type in one place never do.
 Also ``Check.on_value`` (the form of checks that take a prediction) and ``type_name``."""
 
@@ -19,9 +19,10 @@ from test_exercises_ch04_06 import (
     _train_step,
     _use_adapter,
 )
+from test_exercises_ch08 import delta_solution, first_step, layout_solution
 from test_exercises_new import EmbeddingWithLoRA, subspace_similarity
 
-from lora_tutorial.exercises import ch01, ch02, ch03, ch05, ch06
+from lora_tutorial.exercises import ch01, ch02, ch03, ch05, ch06, ch08
 from lora_tutorial.exercises._feedback import BadData, Check, Other, decode, encode, type_name
 
 
@@ -55,6 +56,9 @@ RIGHT: dict[str, tuple[Check, Any]] = {
     "use_adapter": (ch06.check_use_adapter, _use_adapter),
     "save_lora": (ch06.check_save_lora, _save),
     "adapter_targets": (ch06.check_adapter_targets, _targets),
+    "adapter_layout": (ch08.check_adapter_layout, layout_solution),
+    "multi_adapter_delta": (ch08.check_multi_adapter_delta, delta_solution),
+    "first_step_drop": (ch08.check_first_step_drop, first_step),
 }
 
 
@@ -94,6 +98,7 @@ def _subclassed(value: torch.Tensor) -> torch.Tensor:
 
 _W_QUERY = "gpt.trf_blocks.0.att.W_query"
 _A_0 = "gpt.trf_blocks.0.att.W_query.lora.A"
+_FF_1 = "trf_blocks.1.ff.layers.0"
 
 HOSTILE: list[tuple[str, tuple, Callable[[Any], Any]]] = [
     ("rank_r_approx", (0, 0), _nan_like),
@@ -153,6 +158,27 @@ HOSTILE: list[tuple[str, tuple, Callable[[Any], Any]]] = [
     ("adapter_targets", (0, 0, _W_QUERY), float),
     ("adapter_targets", (1, 0), lambda v: dict.fromkeys(v, NAN)),
     ("adapter_targets", (1, 0), lambda v: dict.fromkeys(v, True)),
+    ("adapter_layout", (0, _FF_1), MyInt),
+    ("adapter_layout", (0, _FF_1), float),
+    ("adapter_layout", (0, _FF_1), lambda v: NAN),
+    ("adapter_layout", (0, _FF_1), lambda v: True),
+    ("adapter_layout", (0, _FF_1), torch.tensor),
+    ("adapter_layout", (0,), lambda v: list(v.items())),
+    ("adapter_layout", (0,), lambda v: dict(enumerate(v.values()))),  # keys not strings
+    ("multi_adapter_delta", (0,), _nan_like),
+    ("multi_adapter_delta", (0,), _subclassed),
+    ("multi_adapter_delta", (0,), lambda v: v.tolist()),
+    ("multi_adapter_delta", (0,), lambda v: v.double()[:, 0]),
+    ("multi_adapter_delta", (0,), lambda v: v > 0),
+    ("first_step_drop", (0, 0), MyFloat),
+    ("first_step_drop", (1, 0), lambda v: NAN),
+    ("first_step_drop", (2, 0), lambda v: True),
+    ("first_step_drop", (3, 0), torch.tensor),
+    ("first_step_drop", (4, 0), str),
+    ("first_step_drop", (5, 0), lambda v: float("inf")),
+    ("first_step_drop", (5, 0), lambda v: 10**400),  # no float holds it
+    ("first_step_drop", (0,), lambda v: (v[0], 1)),  # an error that is not a string
+    ("first_step_drop", (), lambda v: v[:-1]),
 ]
 
 

@@ -3,12 +3,23 @@ multi-adapter update, and how the first training step grows with the rank under 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from lora_tutorial.exercises._feedback import call, report
+from lora_tutorial.exercises._feedback import (
+    Check,
+    Other,
+    Verdict,
+    call,
+    close,
+    outcome,
+    outcomes,
+    type_name,
+)
 from lora_tutorial.gpt import GPTModel
 from lora_tutorial.lora import LinearWithLoRA, replace_linear_with_lora
 from lora_tutorial.serving import multi_lora_delta
@@ -56,24 +67,35 @@ def _layout_hint(out: dict, expected: dict[str, int]) -> str:
     )
 
 
-def check_adapter_layout(fn: Callable[[dict[str, torch.Tensor]], dict[str, int]]) -> bool:
-    """Check ``fn(state_dict)``: ``{layer name: rank}`` for every layer with LoRA factors."""
+def _probe_adapter_layout(fn: Callable[[dict[str, torch.Tensor]], dict[str, int]]) -> tuple:
+    """The learner's layout of the small adapted GPT's trained tensors."""
+    tensors, _ = _adapter_file()
+    return call(fn, dict(tensors))
+
+
+def _judge_adapter_layout(data: object) -> Verdict:
+    out, err = outcome(data)
+    _, expected = _adapter_file()
     problems: list[str] = []
-    tensors, expected = _adapter_file()
-    out, err = call(fn, dict(tensors))
     if err:
         problems.append(f"your function raised {err}")
+    elif isinstance(out, Other) and out.type_name == "dict":
+        problems.append("the dict's keys should be the layer names, as strings")
     elif type(out) is not dict:
-        problems.append(f"your function returned {type(out).__name__}, not a dict")
+        problems.append(f"your function returned {type_name(out)}, not a dict")
     elif any(type(v) is not int for v in out.values()):
         bad = next(v for v in out.values() if type(v) is not int)
-        problems.append(f"the ranks must be Python ints; got {bad!r} ({type(bad).__name__})")
+        problems.append(f"the ranks must be Python ints; got {bad!r} ({type_name(bad)})")
     elif out != expected:
         problems.append(_layout_hint(out, expected))
-    return report(
+    return (
         problems,
         f"{len(expected)} layers with LoRA; a server needs this to stack adapters layer by layer.",
     )
+
+
+check_adapter_layout = Check(_probe_adapter_layout, _judge_adapter_layout)
+"""Check ``fn(state_dict)``: ``{layer name: rank}`` for every layer with LoRA factors."""
 
 
 # ----------------------------------------------------------------------------- multi-adapter update
@@ -87,30 +109,37 @@ def _multi_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return x, A, B, torch.tensor([3, 0, 0, 2, 1])
 
 
-def check_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> bool:
-    """Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
-    problems: list[str] = []
+def _probe_multi_adapter_delta(fn: Callable[..., torch.Tensor]) -> tuple:
+    """The learner's batched update on the fixed case."""
+    x, A, B, ids = _multi_case()
+    return call(fn, x, A, B, ids)
+
+
+def _judge_multi_adapter_delta(data: object) -> Verdict:
+    out, err = outcome(data)
     x, A, B, ids = _multi_case()
     expected = multi_lora_delta(x, A, B, ids)
-    out, err = call(fn, x.clone(), A.clone(), B.clone(), ids.clone())
+    problems: list[str] = []
     if err:
         problems.append(f"your function raised {err}")
-    elif not isinstance(out, torch.Tensor):
-        problems.append(f"your function returned {type(out).__name__}, not a torch.Tensor")
+    elif type(out) is not torch.Tensor:
+        problems.append(f"your function returned {type_name(out)}, not a torch.Tensor")
     elif tuple(out.shape) != tuple(expected.shape):
         problems.append(
             f"the result has shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
         )
-    elif not torch.allclose(out, expected, atol=1e-5):
-        if torch.allclose(out, x @ A[0] @ B[0], atol=1e-5):
+    elif not close(out, expected):
+        if close(out, x @ A[0] @ B[0]):
             problems.append("every row used adapter 0: pick row i's pair with A[ids], B[ids]")
-        elif torch.allclose(out, x @ A[ids[0]] @ B[ids[0]], atol=1e-5):
+        elif close(out, x @ A[ids[0]] @ B[ids[0]]):
             problems.append("every row used the first row's adapter: index A and B by all of ids")
         else:
             problems.append("the values differ from x[i] @ A[ids[i]] @ B[ids[i]] for some row i")
-    return report(
-        problems, "This is the product inside serving.MultiLoRALinear, which section 5 runs."
-    )
+    return problems, "This is the product inside serving.MultiLoRALinear, which section 5 runs."
+
+
+check_multi_adapter_delta = Check(_probe_multi_adapter_delta, _judge_multi_adapter_delta)
+"""Check ``fn(x, A, B, ids)``: row ``i`` of ``x`` times ``A[ids[i]] @ B[ids[i]]``."""
 
 
 # ----------------------------------------------------------------------------- first step
@@ -138,40 +167,54 @@ def reference_first_step_drop(rank: int, alpha: float, use_rslora: bool, seed: i
         return loss.item() - (layer(x) * g).sum().item()
 
 
-def _growth(fn: Callable[[int, float, bool], object], rule: str) -> tuple[float | None, str]:
-    """The factor by which ``fn``'s drop grows from rank 2 to 32 under ``rule``, or a problem."""
+_CALLS = [(rule, rank) for rule in RULES for rank in RANKS]  # the probe's calls, in order
+
+
+def _probe_first_step_drop(fn: Callable[[int, float, bool], float]) -> list:
+    """The learner's drop at ranks 2 and 32 under each rule."""
+    return [call(fn, rank, _alpha(rule, rank), RULES[rule]) for rule, rank in _CALLS]
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
+def _growth(
+    results: dict[tuple[str, int], tuple[Any, str | None]], rule: str
+) -> tuple[float | None, str]:
+    """The factor by which the learner's drop grows from rank 2 to 32 under ``rule``, or a
+    problem."""
     drops = []
     for rank in RANKS:
-        out, err = call(fn, rank, _alpha(rule, rank), RULES[rule])
+        out, err = results[rule, rank]
         where = f"first_step_drop({rank}, {_alpha(rule, rank):g}, {RULES[rule]})"
         if err:
             return None, f"{where} raised {err}"
         if type(out) not in (int, float):
-            return None, f"{where} returned {type(out).__name__}; return a Python float (.item())"
+            return None, f"{where} returned {type_name(out)}; return a Python float (.item())"
         if not out > 0:  # also catches NaN
             return None, (
                 f"{where} = {out!r}: the loss should fall, so return loss before minus loss after"
             )
-        drops.append(float(out))
+        drops.append(_as_float(out))
     return drops[1] / drops[0], ""
 
 
-def check_first_step_drop(fn: Callable[[int, float, bool], float]) -> bool:
-    """Check ``fn(rank, alpha, use_rslora)``: one Adam step's loss drop, as the exercise builds it.
-
-    Run at ranks 2 and 32 under each rule, its growth must match the check's own measurement
-    within 30 %.
-    """
+def _judge_first_step_drop(data: object) -> Verdict:
+    results = dict(zip(_CALLS, outcomes(data, len(_CALLS))))
     problems: list[str] = []
     measured: dict[str, float] = {}
     for rule in RULES:
-        growth, problem = _growth(fn, rule)
+        growth, problem = _growth(results, rule)
         if growth is None:
             problems.append(problem)
             break
         drops = [reference_first_step_drop(r, _alpha(rule, r), RULES[rule]) for r in RANKS]
         expected = drops[1] / drops[0]
-        if not abs(growth / expected - 1) <= 0.3:
+        if not abs(growth / expected - 1) <= 0.3:  # NaN and infinity fail too
             problems.append(
                 f"under {rule!r} your drop grew {growth:.3g}x from rank 2 to 32, the check's "
                 f"measurement {expected:.3g}x: freeze the nn.Linear (only A and B train), make one "
@@ -180,4 +223,12 @@ def check_first_step_drop(fn: Callable[[int, float, bool], float]) -> bool:
             break
         measured[rule] = growth
     summary = ", ".join(f"{rule} x{g:.3g}" for rule, g in measured.items())
-    return report(problems, f"From rank 2 to 32 the first step grew: {summary}. As predicted?")
+    return problems, f"From rank 2 to 32 the first step grew: {summary}. As predicted?"
+
+
+check_first_step_drop = Check(_probe_first_step_drop, _judge_first_step_drop)
+"""Check ``fn(rank, alpha, use_rslora)``: one Adam step's loss drop, as the exercise builds it.
+
+Run at ranks 2 and 32 under each rule, its growth must match the check's own measurement within
+30 %.
+"""
