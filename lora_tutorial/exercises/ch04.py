@@ -203,8 +203,7 @@ def _judge_mean_pooling(seen: object) -> Verdict:
         return [f"return a tensor, not {type_name(out)}"], ""
     if tuple(got.shape) != (_BATCH, _EMB):
         return [
-            f"the result should have shape [batch, emb] = {[_BATCH, _EMB]}, "
-            f"not {list(got.shape)}"
+            f"the result should have shape [batch, emb] = {[_BATCH, _EMB]}, not {list(got.shape)}"
         ], ""
     hidden, lengths = _pooling_inputs()
     sizes = lengths.tolist()
