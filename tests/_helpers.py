@@ -2,7 +2,8 @@
 
 - where the book's sources and its build are: the table of contents, the chapter notebooks, the
   built site and the executed notebooks the build leaves behind;
-- a static file server on 127.0.0.1 for the download and browser tests.
+- a static file server on 127.0.0.1 for the download and browser tests;
+- tiny chapters for the grader's tests: a chapter's checked exercises alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import threading
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from lora_tutorial.runtime.config import repo_root
@@ -54,6 +56,23 @@ def toc_pages() -> list[str]:
 def chapter_paths() -> list[Path]:
     """The chapter notebooks, in table-of-contents order."""
     return [ROOT / f"{page}.ipynb" for page in toc_pages() if page.startswith("chapters/")]
+
+
+def tiny_chapter(chapter: str, folder: Path, setup: str = "") -> Path:
+    """``folder/NN_tiny.ipynb``: chapter ``chapter``'s title, its first code cell, a ``setup``
+    cell, then each checked exercise with the code cell after it, so a grading run takes seconds.
+    """
+    source = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    keep = [source.cells[0], next(c for c in source.cells if c.cell_type == "code")]
+    if setup:
+        keep.append(nbformat.v4.new_code_cell(setup))
+    for i, cell in enumerate(source.cells):
+        if cell.cell_type == "markdown" and "check_" in cell.source and "{exercise}" in cell.source:
+            keep += [cell, source.cells[i + 1]]
+    source.cells = keep
+    path = folder / f"{chapter[:2]}_tiny.ipynb"
+    nbformat.write(source, path)
+    return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

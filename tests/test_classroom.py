@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
+from _helpers import tiny_chapter
 from nbclient import NotebookClient
 
 from lora_tutorial import __version__, classroom
+from lora_tutorial.classroom import grading
 from lora_tutorial.classroom.__main__ import main
 from lora_tutorial.classroom.notebooks import answer_cell_source, commit, directives
+from lora_tutorial.exercises._feedback import encode
 from lora_tutorial.runtime import config
 
 ROOT = config.repo_root()
@@ -78,7 +82,7 @@ def test_student_notebook_keeps_every_exercise_and_its_check(chapter: Path) -> N
             cells = [
                 c for c in code if c.metadata.get("lora_tutorial", {}).get("exercise") == ex.label
             ]
-            assert len(cells) == 1 and ex.check.strip() in cells[0].source
+            assert len(cells) == 1 and ex.check_code in cells[0].source
 
 
 def test_existing_student_notebooks_are_not_overwritten(tmp_path: Path) -> None:
@@ -95,28 +99,30 @@ def test_an_unknown_chapter_is_an_error_naming_the_choices(tmp_path: Path, capsy
 
 @pytest.fixture
 def tiny_chapters(tmp_path: Path) -> Path:
-    """A chapter of chapter 2's two checked exercises, whose checks run in a moment."""
-    source = nbformat.read(ROOT / "chapters" / "02_parameter_savings.ipynb", as_version=4)
-    keep = [source.cells[0], next(c for c in source.cells if c.cell_type == "code")]
-    keep.append(nbformat.v4.new_code_cell("import lora_tutorial.exercises.ch02"))  # torch, once
-    for i, cell in enumerate(source.cells):
-        if cell.cell_type == "markdown" and "check_" in cell.source:
-            keep += [cell, source.cells[i + 1]]
-    source.cells = keep
+    """Chapter 1's three function exercises and chapter 2's three predictions: quick checks."""
     folder = tmp_path / "chapters"
     folder.mkdir()
-    nbformat.write(source, folder / "02_tiny.ipynb")
+    tiny_chapter("01_low_rank", folder, "import torch")  # the solutions use the chapter's torch
+    tiny_chapter("02_parameter_savings", folder, "import lora_tutorial.exercises.ch02")
     return folder
 
 
 def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
-    """One submission of each kind, from the tiny chapter's student notebook."""
+    """One submission of each kind, from the tiny chapter 1's student notebook; and chapter 2's
+    predictions solved, untouched and wrong."""
     folder.mkdir(exist_ok=True)
-    chapter = chapters / "02_tiny.ipynb"
+    chapter, predictions = chapters / "01_tiny.ipynb", chapters / "02_tiny.ipynb"
     made = {
         "solved": classroom.solved_notebook(chapter),
         "untouched": classroom.student_notebook(chapter),
+        "predicted": classroom.solved_notebook(predictions),
+        "no_prediction": classroom.student_notebook(predictions),
+        "wrong_prediction": classroom.solved_notebook(predictions),
     }
+    for ex in classroom.exercises(predictions):
+        if ex.check:
+            cell = next(c for c in made["wrong_prediction"].cells if _is_answer(c, ex.label))
+            cell.source = answer_cell_source(ex, f"{ex.function} = 1")
     answer = {"loop": "while True:\n    pass", "exit": "import sys\nsys.exit(3)"}
     for name, code in answer.items():
         nb = classroom.solved_notebook(chapter)
@@ -131,9 +137,13 @@ def submissions(folder: Path, chapters: Path) -> dict[str, Path]:
     for name, nb in made.items():
         paths[name] = folder / f"{name}.ipynb"
         nbformat.write(nb, paths[name])
-    paths["invalid"] = folder / "invalid_02_tiny.ipynb"
+    paths["invalid"] = folder / "invalid_01_tiny.ipynb"
     paths["invalid"].write_text('{"cells": [')
     return paths
+
+
+def _is_answer(cell: nbformat.NotebookNode, label: str) -> bool:
+    return cell.metadata.get("lora_tutorial", {}).get("exercise") == label
 
 
 def test_grader_records_every_kind_of_submission_and_goes_on(
@@ -143,6 +153,7 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
     paths = submissions(tmp_path / "submissions", tiny_chapters)
     before = sorted(tmp_path.rglob("*"))
     order = ["invalid", "loop", "exit", "killed", "untouched", "solved"]  # good one last
+    order += ["predicted", "no_prediction", "wrong_prediction"]
     out = tmp_path / "grades.csv"
     args = [
         "grade",
@@ -160,22 +171,27 @@ def test_grader_records_every_kind_of_submission_and_goes_on(
     assert list(rows[0]) == ["student", "chapter", "exercise", "status", "message"]
     status = {(r["student"], r["exercise"]): r["status"] for r in rows}
     message = {(r["student"], r["exercise"]): r["message"] for r in rows}
-    labels = ["ch2-ex2", "ch2-ex3"]
+    first, *others = labels = ["ch1-ex3", "ch1-ex4", "ch1-ex5"]
     assert {status["solved", e] for e in labels} == {"pass"}
     assert {status["untouched", e] for e in labels} == {"not-attempted"}
-    assert {status["invalid_02_tiny", e] for e in labels} == {"broken"}
-    assert "cannot read the notebook" in message["invalid_02_tiny", "ch2-ex2"]
-    assert status["loop", "ch2-ex2"] == "timeout" and status["loop", "ch2-ex3"] == "pass"
-    assert status["exit", "ch2-ex2"] == "raised" and "SystemExit" in message["exit", "ch2-ex2"]
-    assert status["exit", "ch2-ex3"] == "pass"
+    assert {status["invalid_01_tiny", e] for e in labels} == {"broken"}
+    assert "cannot read the notebook" in message["invalid_01_tiny", first]
+    assert status["loop", first] == "timeout" and {status["loop", e] for e in others} == {"pass"}
+    assert status["exit", first] == "raised" and "SystemExit" in message["exit", first]
+    assert {status["exit", e] for e in others} == {"pass"}
     assert {status["killed", e] for e in labels} == {"broken"}
-    assert "kernel died" in message["killed", "ch2-ex2"]
-    printed = capsys.readouterr().out
-    assert "pass rate" in printed and "ch2-ex3" in printed
+    assert "kernel died" in message["killed", first]
+    predictions = ["ch2-ex2", "ch2-ex3", "ch2-ex5"]
+    assert {status["predicted", e] for e in predictions} == {"pass"}, rows
+    assert {status["no_prediction", e] for e in predictions} == {"not-attempted"}
+    assert {status["wrong_prediction", e] for e in predictions} == {"fail"}
+    assert "you predicted 1" in message["wrong_prediction", "ch2-ex2"]
+    printed = capsys.readouterr().out  # also: judges in two threads left sys.stdout working
+    assert "pass rate" in printed and "ch1-ex4" in printed and "ch2-ex5" in printed
 
 
 def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path: Path) -> None:
-    chapter = tiny_chapters / "02_tiny.ipynb"
+    chapter = tiny_chapters / "01_tiny.ipynb"
     nb = classroom.solved_notebook(chapter)
     ex = next(e for e in classroom.exercises(chapter) if e.check)
     cell = next(
@@ -189,6 +205,27 @@ def test_a_failing_answer_gets_the_checks_message(tiny_chapters: Path, tmp_path:
         if g.exercise == ex.label
     ]
     assert grade.status == "fail" and grade.message.startswith("Not yet:"), grade
+
+
+def test_a_prediction_is_a_value_exercise_the_grader_judges() -> None:
+    """Chapter 2's predictions: the snippet sets a name, the stub sets it to None (rejected), the
+    solution's value passes, judged as the grader does; chapter 1's exercises are functions."""
+    chapter = ROOT / "chapters" / "02_parameter_savings.ipynb"
+    checked = [ex for ex in classroom.exercises(chapter) if ex.check]
+    assert [ex.label for ex in checked] == ["ch2-ex2", "ch2-ex3", "ch2-ex5"]
+    assert all(ex.value for ex in checked)
+    assert not any(ex.value for ex in classroom.exercises(ROOT / "chapters" / "01_low_rank.ipynb"))
+    student = classroom.student_notebook(chapter)
+    for index, ex in grading._answer_cells(student, checked).items():
+        stub = student.cells[index].source
+        assert stub == answer_cell_source(ex) and f"{ex.function} = None" in stub
+        assert f"{ex.function} =" not in ex.check_code  # the snippet's example value is gone
+        module, name = grading._check_of(ex)
+        check = getattr(importlib.import_module(module), name)
+        namespace: dict[str, object] = {}
+        exec(ex.solution_code, namespace)
+        assert grading._judge(ex, encode(check.probe(namespace[ex.function])))[0] == "pass"
+        assert grading._judge(ex, encode(check.probe(None)))[0] == "fail"
 
 
 def test_grader_refuses_to_overwrite_its_output(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""The judges of chapters 1-3, 5, 6 and 8 decide on a probe's data alone: the data of a right answer
+"""The judges of chapters 1-6 and 8 decide on a probe's data alone: the data of a right answer
 pass, and the same data with NaN, a float or int subclass, or a wrong type in one place never do.
 Also ``Check.on_value`` (the form of checks that take a prediction) and ``type_name``."""
 
@@ -13,7 +13,10 @@ import torch
 from test_exercises_ch01_03 import _merge_to_linear, _rank_r_approx
 from test_exercises_ch04_06 import (
     _accuracy,
+    _count_leaks,
+    _dedupe,
     _freeze_last_block,
+    _mean_pool,
     _save,
     _targets,
     _train_step,
@@ -22,7 +25,7 @@ from test_exercises_ch04_06 import (
 from test_exercises_ch08 import delta_solution, first_step, layout_solution
 from test_exercises_new import EmbeddingWithLoRA, subspace_similarity
 
-from lora_tutorial.exercises import ch01, ch02, ch03, ch05, ch06, ch08
+from lora_tutorial.exercises import ch01, ch02, ch03, ch04, ch05, ch06, ch08
 from lora_tutorial.exercises._feedback import BadData, Check, Other, decode, encode, type_name
 
 
@@ -38,6 +41,10 @@ class MyTensor(torch.Tensor):
     pass
 
 
+class MyStr(str):
+    pass
+
+
 NAN = float("nan")
 
 RIGHT: dict[str, tuple[Check, Any]] = {
@@ -50,6 +57,9 @@ RIGHT: dict[str, tuple[Check, Any]] = {
     "merge_to_linear": (ch03.check_merge_to_linear, _merge_to_linear),
     "rslora_alpha": (ch03.check_rslora_alpha, lambda a, r: a / r**0.5),
     "embedding_lora": (ch03.check_embedding_lora, EmbeddingWithLoRA),
+    "dedupe": (ch04.check_dedupe, _dedupe),
+    "count_leaks": (ch04.check_count_leaks, _count_leaks),
+    "mean_pooling": (ch04.check_mean_pooling, _mean_pool),
     "accuracy": (ch05.check_accuracy, _accuracy),
     "train_step": (ch05.check_train_step, _train_step),
     "last_block": (ch05.check_last_block, _freeze_last_block),
@@ -137,6 +147,26 @@ HOSTILE: list[tuple[str, tuple, Callable[[Any], Any]]] = [
     ("embedding_lora", ("random", 0), _nan_like),
     ("embedding_lora", ("A",), _subclassed),
     ("embedding_lora", ("A_trains",), lambda v: 1),
+    ("dedupe", ("result", 0), lambda v: v["Text"]),  # a Series
+    ("dedupe", ("result", 0), lambda v: v.assign(Text=[MyStr(t) for t in v["Text"]])),
+    ("dedupe", ("result", 0), lambda v: v.assign(Text=NAN)),
+    ("dedupe", ("result", 0), lambda v: v.set_axis([float(i) for i in v.index])),
+    ("dedupe", ("after",), lambda v: v.assign(Label=NAN)),
+    ("dedupe", ("whole", 0), MyInt),
+    ("dedupe", ("whole", 0), float),
+    ("dedupe", ("whole", 0), lambda v: NAN),
+    ("dedupe", ("whole", 0), str),
+    ("count_leaks", ("result", 0), MyInt),
+    ("count_leaks", ("result", 0), float),
+    ("count_leaks", ("result", 0), lambda v: True),
+    ("count_leaks", ("result", 0), lambda v: NAN),
+    ("count_leaks", ("result", 0), torch.tensor),
+    ("count_leaks", ("type",), lambda v: "int64"),  # a NumPy integer, converted by encode
+    ("mean_pooling", (0,), _nan_like),
+    ("mean_pooling", (0,), _subclassed),
+    ("mean_pooling", (0,), lambda v: v.tolist()),
+    ("mean_pooling", (0,), lambda v: v.bool()),
+    ("mean_pooling", (0,), lambda v: v[None]),
     ("accuracy", (0, 0), MyFloat),
     ("accuracy", (0, 0), lambda v: NAN),
     ("accuracy", (0, 0), lambda v: torch.tensor(v)),

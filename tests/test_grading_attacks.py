@@ -1,6 +1,8 @@
 """Hostile submissions, from a teacher's side: none of them passes, and none changes grades.csv,
 another student's file or the package, leaves a process or a temporary folder behind, or stops
-the grader. One grading run covers the attacks that need a kernel (it takes about a minute)."""
+the grader. One grading run covers the attacks that need a kernel: the attacks that leave the
+kernel running share one notebook (whose wrong answers must still be judged, so none of them may
+break the run), and each attack that kills the run or touches the verdict has its own."""
 
 from __future__ import annotations
 
@@ -15,18 +17,32 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _helpers import tiny_chapter
 
 import lora_tutorial
 from lora_tutorial import classroom
 from lora_tutorial.classroom.__main__ import main
-from lora_tutorial.exercises import ch01, ch02, ch06
+from lora_tutorial.exercises import ch01, ch02, ch04
 from lora_tutorial.runtime import config
 
 ROOT = config.repo_root()
 MARKER = "lora-tutorial-attack-marker"
+LABELS = ["ch1-ex3", "ch1-ex4", "ch1-ex5"]
 WRONG = {
-    "ch2-ex2": "def qv_lora_params(cfg, rank):\n    return 0",
-    "ch2-ex3": "def training_bytes(n_total, n_trainable, bytes_per_number):\n    return 0",
+    "ch1-ex3": "def rank_r_approx(W, r):\n    return W",
+    "ch1-ex4": "def subspace_similarity(A1, A2, i, j):\n    return 0.5",
+    "ch1-ex5": "def break_even_rank(m, n):\n    return 0",
+}
+# Right values in the wrong types: a tensor subclass, NaN, an int that equals everything.
+CHEATS = {
+    "ch1-ex3": "class T(torch.Tensor):\n    pass\n\n"
+    "def rank_r_approx(W, r):\n"
+    "    U, S, Vh = torch.linalg.svd(W, full_matrices=False)\n"
+    "    return (U[:, :r] @ torch.diag(S[:r]) @ Vh[:r, :]).as_subclass(T)",
+    "ch1-ex4": "def subspace_similarity(A1, A2, i, j):\n    return float('nan')",
+    "ch1-ex5": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
+    "    __hash__ = int.__hash__\n\n"
+    "def break_even_rank(m, n):\n    return Int(1)",
 }
 
 
@@ -52,21 +68,15 @@ def marked_processes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_chapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Chapter 2's two checked exercises alone: their checks run in a moment."""
-    source = nbformat.read(ROOT / "chapters" / "02_parameter_savings.ipynb", as_version=4)
-    keep = [source.cells[0], next(c for c in source.cells if c.cell_type == "code")]
-    for i, cell in enumerate(source.cells):
-        if cell.cell_type == "markdown" and "check_" in cell.source:
-            keep += [cell, source.cells[i + 1]]
-    source.cells = keep
+    """Chapter 1's three function exercises alone: their checks run in a moment."""
     folder = tmp_path_factory.mktemp("chapters")
-    nbformat.write(source, folder / "02_tiny.ipynb")
+    tiny_chapter("01_low_rank", folder, "import torch")
     return folder
 
 
-def hostile(chapters: Path, before: str = "", answers: dict[str, str] | None = None):
-    """The solved tiny chapter, with wrong answers (by default) and ``before`` run first."""
-    chapter = chapters / "02_tiny.ipynb"
+def hostile(chapters: Path, *before: str, answers: dict[str, str] | None = None):
+    """The solved tiny chapter, with wrong answers (by default) and the cells ``before`` first."""
+    chapter = chapters / "01_tiny.ipynb"
     nb = classroom.solved_notebook(chapter)
     for ex in classroom.exercises(chapter):
         code = (answers if answers is not None else WRONG).get(ex.label)
@@ -80,14 +90,33 @@ def hostile(chapters: Path, before: str = "", answers: dict[str, str] | None = N
         )
         if code is not None and cell is not None:
             cell.source = classroom.notebooks.answer_cell_source(ex, code)
-    if before:
-        nb.cells.insert(2, nbformat.v4.new_code_cell(textwrap.dedent(before)))
+    nb.cells[3:3] = [nbformat.v4.new_code_cell(textwrap.dedent(code)) for code in before]
     return nb
+
+
+# Which submission carries each attack: those that leave the kernel running and the verdicts
+# alone share the "=noise" notebook (its name is also a spreadsheet formula); the attacks on
+# files outside the sandbox and on the grader's processes share another, each in its own cell.
+SUBMISSION = {
+    "fake_print": "=noise",
+    "rewrite_csv": "=noise",
+    "orphan": "=noise",
+    "network": "=noise",
+    "prints": "=noise",
+    "big_message": "=noise",
+    "nan_and_subclass": "=noise",
+    "patch_checks": "patch_checks",
+    "transformer": "transformer",
+    "exit_in_check": "exit_in_check",
+    "overwrite_victim": "files_and_signals",
+    "append_package": "files_and_signals",
+    "kill_parent": "files_and_signals",  # last: it may end the run
+}
 
 
 @pytest.fixture(scope="module")
 def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Grade a class of hostile submissions (and two honest ones) once, through the CLI."""
+    """Grade a class of hostile submissions (and an honest one) once, through the CLI."""
     folder = tmp_path_factory.mktemp("class")
     subs, results = folder / "submissions", folder / "results"
     subs.mkdir()
@@ -99,11 +128,12 @@ def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
     listener.setblocking(False)
     port = listener.getsockname()[1]
     victim = subs / "victim.ipynb"
-    ch02_file = Path(ch02.__file__)
+    ch01_file = Path(ch01.__file__)
     attacks = {
         "patch_checks": """
-            import lora_tutorial.exercises.ch02 as m
-            m.check_qv_lora_params = m.check_training_bytes = lambda f: True
+            import lora_tutorial.exercises.ch01 as m
+            m.check_rank_r_approx = m.check_subspace_similarity = lambda f: True
+            m.check_break_even_rank = lambda f: True
             """,
         "transformer": """
             ip = get_ipython()
@@ -112,7 +142,7 @@ def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
             )
             """,
         "fake_print": """
-            print("Correct! ch2-ex2 pass True")
+            print("Correct! ch1-ex3 pass True")
             """,
         "exit_in_check": """
             import lora_tutorial.exercises._feedback as f, os
@@ -123,7 +153,7 @@ def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
             if os.fork() == 0:
                 os.setsid()
                 if os.fork() == 0:
-                    time.sleep(4)
+                    time.sleep(3)
                     open({str(out)!r}, "w").write("student,status\\nme,pass\\n")
                 os._exit(0)
             """,
@@ -131,7 +161,7 @@ def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
             open({str(victim)!r}, "w").write("overwritten")
             """,
         "append_package": f"""
-            open({str(ch02_file)!r}, "a").write("\\ncheck_qv_lora_params = lambda f: True\\n")
+            open({str(ch01_file)!r}, "a").write("\\ncheck_break_even_rank = lambda f: True\\n")
             """,
         "kill_parent": f"""
             import os, signal
@@ -164,39 +194,29 @@ def graded(tiny_chapters: Path, tmp_path_factory: pytest.TempPathFactory):
             raise Boom("y" * 20_000_000)
             """,
     }
+    cells: dict[str, list[str]] = {}
+    for attack, student in SUBMISSION.items():
+        cells.setdefault(student, []).extend([attacks[attack]] if attack in attacks else [])
     paths = {}
-    for name, code in attacks.items():
-        paths[name] = subs / f"{name}.ipynb"
-        nbformat.write(hostile(tiny_chapters, code), paths[name])
-    paths["nan_and_subclass"] = subs / "nan_and_subclass.ipynb"
-    nbformat.write(
-        hostile(
-            tiny_chapters,
-            answers={
-                "ch2-ex2": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
-                "    __hash__ = int.__hash__\n\n"
-                "def qv_lora_params(cfg, rank):\n    return Int(1)",
-                "ch2-ex3": "def training_bytes(n, t, b):\n    return float('nan')",
-            },
-        ),
-        paths["nan_and_subclass"],
-    )
-    paths["formula"] = subs / "=1+2.ipynb"
-    nbformat.write(hostile(tiny_chapters), paths["formula"])
-    nbformat.write(classroom.solved_notebook(tiny_chapters / "02_tiny.ipynb"), victim)
+    for student, before in cells.items():
+        paths[student] = subs / f"{student}.ipynb"
+        answers = CHEATS if student == SUBMISSION["nan_and_subclass"] else None
+        nbformat.write(hostile(tiny_chapters, *before, answers=answers), paths[student])
+    nbformat.write(classroom.solved_notebook(tiny_chapters / "01_tiny.ipynb"), victim)
     paths["victim"] = victim
-    paths["dev_zero"] = subs / "dev_zero_02_tiny.ipynb"
+    paths["dev_zero"] = subs / "dev_zero_01_tiny.ipynb"
     paths["dev_zero"].symlink_to("/dev/zero")
-    paths["fifo"] = subs / "fifo_02_tiny.ipynb"
+    paths["fifo"] = subs / "fifo_01_tiny.ipynb"
     os.mkfifo(paths["fifo"])
+    order = ["victim", *(p for p in paths if p not in ("victim", "=noise")), "=noise"]
     victim_bytes, package = victim.read_bytes(), package_digest()
     temp_before = leftovers()
-    args = ["grade", *map(str, paths.values()), "--out", str(out), "--jobs", "2"]
+    args = ["grade", *(str(paths[p]) for p in order), "--out", str(out), "--jobs", "2"]
     started = time.monotonic()
     code = main([*args, "--cell-timeout", "30", "--chapters-dir", str(tiny_chapters)])
     seconds = time.monotonic() - started
     csv_after_grading = out.read_bytes()
-    time.sleep(6)  # the detached writer would have struck by now
+    time.sleep(4)  # the detached writer (3 s after the noise notebook began) would have struck
     try:
         listener.accept()
         reached = True
@@ -222,31 +242,24 @@ def statuses(graded: dict, student: str) -> dict[str, str]:
     return {r["exercise"]: r["status"] for r in graded["rows"] if r["student"] == student}
 
 
-ATTACKS = [
-    "patch_checks",
-    "transformer",
-    "fake_print",
-    "exit_in_check",
-    "rewrite_csv",
-    "overwrite_victim",
-    "append_package",
-    "kill_parent",
-    "orphan",
-    "network",
-    "prints",
-    "nan_and_subclass",
-]
+def csv_name(student: str) -> str:
+    return "'" + student if student.startswith("=") else student
 
 
-@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("attack", list(SUBMISSION))
 def test_a_hostile_submission_gets_no_pass(graded: dict, attack: str) -> None:
-    got = statuses(graded, attack)
+    got = statuses(graded, csv_name(SUBMISSION[attack]))
     assert got and "pass" not in got.values(), got
+
+
+def test_the_shared_attacks_leave_the_run_whole_and_the_cheats_fail(graded: dict) -> None:
+    """The noise notebook ran to its end and every cheat was judged (not broken): a fail."""
+    assert statuses(graded, csv_name("=noise")) == dict.fromkeys(LABELS, "fail")
 
 
 def test_the_grader_survives_the_class_and_grades_the_honest_student(graded: dict) -> None:
     assert graded["code"] == 0
-    assert statuses(graded, "victim") == {"ch2-ex2": "pass", "ch2-ex3": "pass"}
+    assert statuses(graded, "victim") == dict.fromkeys(LABELS, "pass")
 
 
 def test_nothing_outside_the_sandbox_changed(graded: dict) -> None:
@@ -260,9 +273,9 @@ def test_nothing_outside_the_sandbox_changed(graded: dict) -> None:
 
 def test_files_that_are_not_regular_files_are_refused(graded: dict) -> None:
     messages = {r["student"]: r["message"] for r in graded["rows"]}
-    assert "symbolic link" in messages["dev_zero_02_tiny"]
-    assert "not a regular file" in messages["fifo_02_tiny"]
-    assert statuses(graded, "fifo_02_tiny") == {"ch2-ex2": "broken", "ch2-ex3": "broken"}
+    assert "symbolic link" in messages["dev_zero_01_tiny"]
+    assert "not a regular file" in messages["fifo_01_tiny"]
+    assert statuses(graded, "fifo_01_tiny") == dict.fromkeys(LABELS, "broken")
 
 
 def test_csv_cells_cannot_be_formulas_and_messages_are_capped(graded: dict) -> None:
@@ -270,9 +283,7 @@ def test_csv_cells_cannot_be_formulas_and_messages_are_capped(graded: dict) -> N
         for value in row.values():
             assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), row
             assert len(value) <= 500
-    assert any(r["student"] == "'=1+2" for r in graded["rows"])
-    big = [r for r in graded["rows"] if r["student"] == "big_message"]
-    assert big and all(r["status"] != "pass" for r in big)
+    assert any(r["student"] == "'=noise" for r in graded["rows"])
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -289,9 +300,9 @@ def test_names_that_differ_only_in_case_are_refused(tmp_path: Path, capsys) -> N
 
 def test_one_path_given_three_times_is_graded_once(tiny_chapters: Path, tmp_path: Path) -> None:
     path = tmp_path / "once.ipynb"
-    nbformat.write(classroom.student_notebook(tiny_chapters / "02_tiny.ipynb"), path)
+    nbformat.write(classroom.student_notebook(tiny_chapters / "01_tiny.ipynb"), path)
     grades = classroom.grade([path, path, tmp_path / "." / "once.ipynb"], tiny_chapters)
-    assert len(grades) == 2 and {g.status for g in grades} == {"not-attempted"}
+    assert len(grades) == len(LABELS) and {g.status for g in grades} == {"not-attempted"}
 
 
 @pytest.mark.parametrize("where", ["missing", "empty"])
@@ -330,7 +341,7 @@ def test_out_among_the_submissions_is_refused(tmp_path: Path, capsys) -> None:
 
 def test_nan_never_passes_a_numeric_check(capsys) -> None:
     assert not ch01.check_subspace_similarity(lambda a, b, i, j: float("nan"))
-    assert not ch02.check_training_bytes(lambda n, t, b: float("nan"))
+    assert not ch02.check_sgd_state_prediction(float("nan"))
 
 
 def test_a_number_subclass_that_equals_everything_never_passes(capsys) -> None:
@@ -346,8 +357,11 @@ def test_a_number_subclass_that_equals_everything_never_passes(capsys) -> None:
 
         __hash__ = float.__hash__
 
-    assert not ch02.check_qv_lora_params(lambda cfg, r: Liar(0))
-    assert not ch02.check_training_bytes(lambda n, t, b: FloatLiar(0))
-    assert not ch06.check_adapter_bytes(lambda model: Liar(0))
-    assert not ch02.check_training_bytes(lambda n, t, b: True)  # a bool is not an int
+    assert not ch01.check_break_even_rank(lambda m, n: Liar(0))
+    assert not ch01.check_subspace_similarity(lambda a, b, i, j: FloatLiar(0))
+    assert not ch02.check_trainable_prediction(Liar(0))
+    assert not ch02.check_sgd_state_prediction(FloatLiar(0))
+    assert not ch04.check_count_leaks(lambda train, other: Liar(3))
+    assert not ch01.check_break_even_rank(lambda m, n: True)  # a bool is not an int
+    assert not ch02.check_trainable_prediction(True)
     assert "Liar" in capsys.readouterr().out

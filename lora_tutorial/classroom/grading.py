@@ -81,6 +81,7 @@ MAX_PROBE = 16 * 2**20  # bytes read of one probe's data
 MEMORY_LIMIT = 8 * 2**30  # address space of a submission's processes
 SANDBOX_ENV = "LORA_TUTORIAL_SANDBOX"  # "plain" turns namespaces off (to test the fallback)
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
+_JUDGING = threading.Lock()  # judges run one at a time (see _judge)
 
 
 class GradingError(ValueError):
@@ -356,8 +357,8 @@ def _judge(ex: Exercise, data: str | None) -> tuple[str, str]:
     check = getattr(sys.modules.get(module), name, None)
     if not isinstance(check, Check):
         return "broken", f"{module}.{name} is not a check"
-    try:
-        with contextlib.redirect_stdout(None):
+    try:  # redirect_stdout swaps sys.stdout for every thread: one judge at a time
+        with _JUDGING, contextlib.redirect_stdout(None):
             problems, success = check.verdict(data)
     except Exception as err:  # forged or malformed data: never a pass
         return "broken", f"the check's data are malformed ({type(err).__name__})"

@@ -15,6 +15,19 @@ The student notebook drops every ``{solution}`` block (and code cells tagged ``s
 puts, for each exercise with a check, a code cell with a stub of the function to write and the
 check call. That cell carries ``{"lora_tutorial": {"exercise": label}}`` in its metadata so that
 the grader finds it again.
+
+An exercise is *checked* when its text has a code block that calls ``check_x(name)``. Two kinds:
+
+- a **function exercise** (the learner writes ``name``): the answer cell's stub is
+  ``def name(signature): raise NotImplementedError(...)``, the signature taken from the text's
+  ```` `name(signature)` ````;
+- a **value exercise** (the learner predicts a number): the snippet itself sets the name on a line
+  of its own before the call, ``predicted = 18_000  # your prediction`` then
+  ``check_x(predicted)``. That one rule decides the kind. The answer cell's stub sets the name to
+  ``None``, which every check of a value rejects, and runs the snippet without its example line.
+
+The solved notebook puts the code of each ``{solution}`` block's fenced code blocks in place of
+the stub: a function's definition, or for a value exercise a line such as ``predicted = 18_562``.
 """
 
 from __future__ import annotations
@@ -35,6 +48,11 @@ _CODE = re.compile(r"^```+\s*(?:python|ipython3?)?\s*$")
 _CHECK_CALL = re.compile(r"\b(check_\w+)\(\s*([A-Za-z_]\w*)\s*\)")
 
 
+def _sets(line: str, name: str | None) -> bool:
+    """Whether a line of code assigns ``name`` (``name = ...``, not ``name == ...``)."""
+    return name is not None and re.match(rf"\s*{re.escape(name)}\s*=(?!=)", line) is not None
+
+
 @dataclass(frozen=True)
 class Exercise:
     """One exercise of a chapter: its label and, when it has an automatic check, how to run it."""
@@ -45,6 +63,17 @@ class Exercise:
     function: str | None  # the learner's function that the check receives, e.g. "merge_weight"
     signature: str  # its parameters as the exercise writes them, e.g. "weight, A, B, scaling"
     solution_code: str  # the code of its solution block ("" when there is none)
+    value: bool = False  # a value exercise: the snippet sets ``function`` (a prediction) itself
+
+    @property
+    def check_code(self) -> str:
+        """The check snippet as an answer cell runs it: for a value exercise, without the lines
+        that set the value (the answer above them sets it)."""
+        if not self.value:
+            return (self.check or "").strip()
+        return "\n".join(
+            line for line in (self.check or "").splitlines() if not _sets(line, self.function)
+        ).strip()
 
     @property
     def check_name(self) -> str | None:
@@ -156,6 +185,8 @@ def exercises(path: Path) -> list[Exercise]:
         check = next((code for code in code_blocks(body) if _CHECK_CALL.search(code)), None)
         call = _CHECK_CALL.search(check or "")
         function = call.group(2) if call else None
+        before_call = (check or "")[: call.start()].splitlines() if call else []
+        value = any(_sets(line, function) for line in before_call)
         signature = re.search(rf"`{function}\(([^)`]*)\)`", "\n".join(body)) if function else None
         result.append(
             Exercise(
@@ -165,22 +196,28 @@ def exercises(path: Path) -> list[Exercise]:
                 function=function,
                 signature=signature.group(1).strip() if signature else "*args",
                 solution_code=solutions.get(label, ""),
+                value=value,
             )
         )
     return result
 
 
 def answer_cell_source(exercise: Exercise, answer: str | None = None) -> str:
-    """The code cell a learner fills in: ``answer`` (default: a stub that raises), the check."""
+    """The code cell a learner fills in: ``answer`` (default: a stub the check rejects), then the
+    check. The stub of a function raises; the stub of a value exercise sets the value to None."""
     assert exercise.check is not None and exercise.function is not None
-    if answer is None:
-        answer = (
+    if exercise.value:
+        task = f"set {exercise.function} to your prediction"
+        stub = f"{exercise.function} = None  # replace None with your prediction"
+    else:
+        task = f"write {exercise.function}"
+        stub = (
             f"def {exercise.function}({exercise.signature}):\n"
             f'    raise NotImplementedError("replace this line with your code")'
         )
     return (
-        f"# Exercise {exercise.label}: write {exercise.function} below, then run this cell.\n"
-        f"{answer.strip()}\n\n\n{exercise.check.strip()}"
+        f"# Exercise {exercise.label}: {task} below, then run this cell.\n"
+        f"{(stub if answer is None else answer).strip()}\n\n\n{exercise.check_code}"
     )
 
 
@@ -233,8 +270,9 @@ def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbfor
         f"Generated from `chapters/{path.name}` by lora-tutorial {__version__}"
         f" (commit {made_by['commit']}).\n\n"
         "The solutions are removed. Each exercise with an automatic check has a code cell below\n"
-        "it: replace its `raise NotImplementedError` line with your code and run the cell; the\n"
-        "check prints what is right or what is wrong. Keep the function's name and that cell."
+        "it: replace its `raise NotImplementedError` line with your code (or, for a prediction,\n"
+        "its `None` with your number) and run the cell; the check prints what is right or what\n"
+        "is wrong. Keep the function's (or the prediction's) name and that cell."
     )
     cells, pending, placed = [header], [], set()
     for cell in nb.cells:
