@@ -181,7 +181,7 @@ def subspace_amplification(update: WeightUpdate, rank: int, *, seed: int = 0) ->
 
 
 def max_cosines(W0: Tensor, W: Tensor, k: int = 10) -> Tensor:
-    """For each of ``W``'s top ``k`` left singular vectors, its largest ``|cosine|`` with any of W0's.
+    """For each of the top ``k`` left singular vectors of ``W``, its largest ``|cos|`` with W0's.
 
     Singular vectors are unit vectors, so the cosine of two of them is their dot product; its sign
     is arbitrary (``u`` and ``-u`` are the same direction), hence the absolute value. Returns

@@ -707,7 +707,7 @@ def prepare_classifier(
     """Freeze and adapt ``model`` in place for ``method``; returns it. The head always trains.
 
     - ``"head"``: only the new head (the encoder is a fixed feature extractor);
-    - ``"lora"``: LoRA (``rank``, ``alpha``) on the linear layers named in ``targets``, and the head;
+    - ``"lora"``: LoRA (``rank``, ``alpha``) on the linear layers named in ``targets``, + head;
     - ``"full"``: every weight.
     """
     if method not in METHODS:

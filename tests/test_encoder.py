@@ -450,7 +450,7 @@ def test_peft_starts_from_our_lora_and_computes_the_same(
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     assert encoder.copy_lora_init(ours, theirs) == 36
     with torch.no_grad():  # give B a value, the same in both, so that the updates show
-        for name, layer in lora.adapter_layers(ours).items():
+        for layer in lora.adapter_layers(ours).values():
             layer.lora.B.normal_(std=0.01)
         encoder.copy_lora_init(ours, theirs)
     batch = tokenizer(SENTENCES)
