@@ -574,6 +574,8 @@ class EncoderClassifier(nn.Module):
     ``attention_mask`` is 1; else every token that is not ``pad_id``.
     """
 
+    new_modules = (HEAD,)  # made here, not pretrained: an adapter file may replace it
+
     def __init__(
         self, encoder: BertEncoder, num_classes: int = 2, pooling: str = "mean", pad_id: int = 0
     ) -> None:
