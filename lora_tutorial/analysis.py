@@ -9,6 +9,11 @@
 - :func:`subspace_amplification`: how strongly ``ΔW`` amplifies directions that ``W0`` hardly uses
   (Hu et al., 2021, §7): ``‖ΔW‖_F / ‖U_rᵀ W0 V_r‖_F`` with ``U_r, V_r`` the top ``r`` singular
   directions of ``ΔW``, beside the same projection for ``W0``'s own top directions and random ones.
+- :func:`intruder_dimensions` and :func:`intruder_counts`: singular vectors of a fine-tuned weight
+  that resemble none of the pretrained weight's ("LoRA vs full fine-tuning: an illusion of
+  equivalence", Shuttleworth et al., 2024, arXiv:2410.21228).
+- :func:`similarity_structure`: how well two sets of sentence embeddings agree on which sentences
+  are alike (Spearman correlation of their pairwise cosine similarities).
 """
 
 from __future__ import annotations
@@ -211,11 +216,104 @@ def update_directions(
     return rows
 
 
+# --------------------------------------------------------------------------- intruder dimensions
+
+
+def max_cosines(W0: Tensor, W: Tensor, k: int = 10) -> Tensor:
+    """For each of the top ``k`` left singular vectors of ``W``, its largest ``|cos|`` with W0's.
+
+    Singular vectors are unit vectors, so the cosine of two of them is their dot product; its sign
+    is arbitrary (``u`` and ``-u`` are the same direction), hence the absolute value. Returns
+    ``(k,)`` values in ``[0, 1]``, in order of ``W``'s singular values (largest first).
+    """
+    if W0.dim() != 2 or W0.shape != W.shape:
+        raise ValueError(
+            f"W0 has shape {tuple(W0.shape)} and W {tuple(W.shape)}: give two matrices of one "
+            "shape (a layer's weight before and after fine-tuning)"
+        )
+    if type(k) is not int or not 1 <= k <= min(W.shape):
+        raise ValueError(f"k={k!r}: give a whole number from 1 to {min(W.shape)}")
+    U0 = torch.linalg.svd(W0.double(), full_matrices=False)[0]  # (out, min(out, in))
+    U = torch.linalg.svd(W.double(), full_matrices=False)[0][:, :k]  # the top k, by σ
+    return (U.T @ U0).abs().max(dim=1).values.float()
+
+
+def intruder_dimensions(W0: Tensor, W: Tensor, k: int = 10, eps: float = 0.5) -> int:
+    """How many of ``W``'s top ``k`` singular vectors have ``|cosine| < eps`` with all of W0's.
+
+    Shuttleworth et al. (2024) call such a direction an *intruder dimension*: fine-tuning put a
+    large singular value on a direction the pretrained weight did not have. They found them after
+    LoRA and hardly ever after full fine-tuning (their defaults here: ``k`` = 10, ``eps`` = 0.5).
+    """
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps={eps!r}: give a cosine threshold in (0, 1], e.g. 0.5")
+    return int((max_cosines(W0, W, k) < eps).sum())
+
+
+def intruder_counts(
+    updates: Iterable[WeightUpdate], k: int = 10, eps: float = 0.5
+) -> dict[str, int]:
+    """:func:`intruder_dimensions` of every layer in ``updates`` (``W = W0 + delta``), by name."""
+    return {u.name: intruder_dimensions(u.W0, u.W0 + u.delta, k, eps) for u in updates}
+
+
+# --------------------------------------------------------------------------- similarity structure
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """The rank of each value of a 1-d tensor (ties share their mean rank), from 0."""
+    order = x.argsort()
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    values, counts = x.unique(return_counts=True)
+    for value in values[counts > 1]:
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of two 1-d tensors: Pearson's correlation of their ranks."""
+    if x.dim() != 1 or x.shape != y.shape or len(x) < 2:
+        raise ValueError("give two 1-d tensors of one length, at least 2")
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = float(rx.norm() * ry.norm())
+    if denominator == 0:
+        raise ValueError("one input is constant: its ranks carry no order to correlate")
+    return float(rx @ ry) / denominator
+
+
+def similarity_structure(before: Tensor, after: Tensor) -> float:
+    """Spearman correlation of the pairwise cosine similarities of two embeddings of the same texts.
+
+    ``before`` and ``after`` are ``(n, dim)`` (one row per text). 1 means that the model after
+    fine-tuning still orders every pair of texts by similarity exactly as before.
+    """
+    if before.dim() != 2 or before.shape[0] != after.shape[0] or before.shape[0] < 3:
+        raise ValueError(
+            f"shapes {tuple(before.shape)} and {tuple(after.shape)}: give (n, dim) embeddings of "
+            "the same n >= 3 texts"
+        )
+
+    def pairs(e: Tensor) -> Tensor:
+        e = F.normalize(e.double(), dim=-1)
+        i, j = torch.triu_indices(len(e), len(e), offset=1)
+        return (e @ e.T)[i, j]
+
+    return spearman(pairs(before), pairs(after))
+
+
 __all__ = [
     "Amplification",
     "WeightUpdate",
     "held_out_token_ids",
+    "intruder_counts",
+    "intruder_dimensions",
     "language_model_loss",
+    "max_cosines",
+    "similarity_structure",
+    "spearman",
     "subspace_amplification",
     "update_directions",
     "weight_updates",

@@ -18,6 +18,11 @@ one, and a message is summarised by the mean of its tokens' final hidden states.
   ``(input_ids, labels, lengths)`` batches as the GPT classifier, so ``train.train_classifier``
   and ``train.evaluate`` drive it unchanged; :func:`make_loaders` builds those batches with
   this tokenizer. :func:`sentence_embeddings` gives one unit vector per text.
+- Fine-tuning it (chapter 9): :func:`minilm_classifier` (pretrained encoder, seeded head),
+  :func:`prepare_classifier` for one of ``METHODS`` (``"head"``, ``"lora"``, ``"full"``),
+  :func:`copy_lora_init` (give a PEFT model our LoRA's starting matrices), and
+  :func:`embedding_drift` with ``SENTENCES``: how far fine-tuning moved the sentence embeddings
+  of ordinary English sentences, a measure of what the pretrained model forgot.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lora_tutorial import data, gpt
+from lora_tutorial import analysis, data, gpt, lora
 from lora_tutorial.runtime import config, download
 
 # --------------------------------------------------------------------------------- the model
@@ -569,6 +574,8 @@ class EncoderClassifier(nn.Module):
     ``attention_mask`` is 1; else every token that is not ``pad_id``.
     """
 
+    new_modules = (HEAD,)  # made here, not pretrained: an adapter file may replace it
+
     def __init__(
         self, encoder: BertEncoder, num_classes: int = 2, pooling: str = "mean", pad_id: int = 0
     ) -> None:
@@ -672,3 +679,135 @@ def wheel_settings(name: str) -> dict:
         raise FileNotFoundError(f"the wheel is not installed: {_WHEEL_INSTALL}")
     path = check_sha256(folder / name, WHEEL_SHA256[name], f"Reinstall it: {_WHEEL_INSTALL}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------- fine-tuning it
+
+METHODS = ("head", "lora", "full")  # what prepare_classifier trains
+ATTENTION_TARGETS = ("query", "key", "value", "attn_out")  # LoRA on attention only
+LORA_RANK, LORA_ALPHA = 8, 16  # chapter 9's and the command line's defaults (scaling 2)
+
+
+def minilm_classifier(seed: int = 123, *, progress: bool = False) -> EncoderClassifier:
+    """all-MiniLM-L6-v2 (pretrained) with a new 2-class head drawn after seeding with ``seed``.
+
+    The same seed gives the same head, so runs of different methods start from one model.
+    """
+    encoder = load_minilm(progress=progress)
+    torch.manual_seed(seed)
+    return EncoderClassifier(encoder)
+
+
+def prepare_classifier(
+    model: EncoderClassifier,
+    method: str,
+    *,
+    rank: int = LORA_RANK,
+    alpha: float = LORA_ALPHA,
+    targets: Iterable[str] = LORA_TARGETS,
+) -> EncoderClassifier:
+    """Freeze and adapt ``model`` in place for ``method``; returns it. The head always trains.
+
+    - ``"head"``: only the new head (the encoder is a fixed feature extractor);
+    - ``"lora"``: LoRA (``rank``, ``alpha``) on the linear layers named in ``targets``, + head;
+    - ``"full"``: every weight.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if method == "full":
+        return model.requires_grad_(True)
+    if method == "head":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        return model
+    targets = list(targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not targets or unknown:
+        raise ValueError(f"targets={targets!r}: name some of the encoder's layers {LORA_TARGETS}")
+    lora.replace_linear_with_lora(model, rank, alpha, include=targets, exclude=HEAD)
+    lora.mark_only_lora_as_trainable(model, extra_modules=HEAD)
+    return model
+
+
+@torch.no_grad()
+def copy_lora_init(ours: nn.Module, peft_model: nn.Module, adapter: str = "default") -> int:
+    """Give a PEFT LoRA model the starting matrices of ours; returns how many layers were copied.
+
+    PEFT stores A as ``lora_A.<adapter>.weight`` ``(rank, in)`` and B as ``lora_B...``
+    ``(out, rank)``: the transposes of our ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``. Both
+    libraries draw A the same way (Kaiming-uniform) and start B at zero, so after the copy the two
+    models are the same function with the same trainable numbers, and their training can be
+    compared step for step. Every adapted layer of ``ours`` must exist in ``peft_model``.
+    """
+    modules = dict(peft_model.named_modules())
+    copied = 0
+    for name, layer in lora.adapter_layers(ours).items():
+        target = next((m for n, m in modules.items() if n.endswith("model." + name)), None)
+        if target is None or not hasattr(target, "lora_A"):
+            raise ValueError(
+                f"the PEFT model has no LoRA layer for {name!r}; adapt the same layers"
+            )
+        lora_a, lora_b = target.lora_A[adapter].weight, target.lora_B[adapter].weight
+        state = layer.adapter_state()
+        A, B = state["lora.A"], state["lora.B"]
+        if lora_a.shape != A.T.shape or lora_b.shape != B.T.shape:
+            raise ValueError(
+                f"{name}: PEFT's A is {tuple(lora_a.shape)} and ours {tuple(A.T.shape)} "
+                "transposed; use the same rank"
+            )
+        lora_a.copy_(A.T)
+        lora_b.copy_(B.T)
+        copied += 1
+    return copied
+
+
+# Ordinary English sentences, none about phones or spam: chapter 9 compares the pretrained
+# encoder's embeddings of them with a fine-tuned encoder's, to see what fine-tuning changed.
+SENTENCES = [
+    "The train to the coast leaves every hour from platform four.",
+    "She planted tomatoes and basil in the small garden behind the house.",
+    "Heavy rain is expected across the north of the country tomorrow.",
+    "The museum reopened after a long renovation of its main hall.",
+    "He learned to play the violin when he was seven years old.",
+    "Our team won the match in the last minute of extra time.",
+    "Bake the bread for forty minutes until the crust is golden.",
+    "The river flooded the fields after the snow melted in spring.",
+    "The committee will publish its report at the end of the month.",
+    "A young fox crossed the road in front of our car last night.",
+    "The library lends books, films and music to everyone in town.",
+    "Scientists measured the temperature of the lake every morning.",
+    "My grandmother tells wonderful stories about her childhood.",
+    "The bridge was closed for repairs for most of the summer.",
+    "They climbed the mountain and watched the sun rise over the valley.",
+    "The recipe needs two eggs, a cup of flour and some milk.",
+    "The orchestra played a symphony by Beethoven at the concert.",
+    "Children in the village walk to school along the canal.",
+    "The old lighthouse guided ships safely into the harbour.",
+    "He fixed the bicycle's chain and pumped up both tyres.",
+    "The new hospital will open its doors to patients next year.",
+    "The cat slept all afternoon in a patch of warm sunlight.",
+    "Students in the chemistry class tested the water for salt.",
+    "The farmers sold apples and honey at the Saturday market.",
+]
+
+
+class Drift(NamedTuple):
+    """How much fine-tuning moved the embeddings of a list of texts."""
+
+    cosine: float  # mean cosine of each text's embedding before and after (1: unchanged)
+    structure: float  # Spearman of the pairwise similarities before and after (1: same order)
+
+
+def embedding_drift(
+    before: BertEncoder,
+    after: BertEncoder,
+    tokenizer: WordPieceTokenizer,
+    texts: list[str] = SENTENCES,
+) -> Drift:
+    """Compare the mean-pooled sentence embeddings of ``texts`` under two encoders.
+
+    ``after`` may hold LoRA layers (their output is that of the merged weight).
+    """
+    a = sentence_embeddings(before, tokenizer, texts)
+    b = sentence_embeddings(after, tokenizer, texts)
+    return Drift(float((a * b).sum(dim=-1).mean()), analysis.similarity_structure(a, b))

@@ -70,3 +70,54 @@ def test_amplification_of_a_direction_w0_hardly_uses() -> None:
     assert amp.w0_in_own_directions == pytest.approx(10.0)
     assert amp.factor == pytest.approx(20.0)
     assert 0 < amp.w0_in_random_directions < 10.0
+
+
+# ----------------------------------------------------------------------------- intruder dimensions
+
+
+def test_an_unchanged_weight_has_no_intruder() -> None:
+    W0 = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    assert analysis.intruder_dimensions(W0, W0.clone(), k=3) == 0
+    assert float(analysis.max_cosines(W0, W0, k=3).min()) > 0.999
+
+
+def test_intruders_appear_where_w0_has_no_direction() -> None:
+    W0 = torch.diag(torch.tensor([5.0, 4.0, 3.0, 0.0]))[:, :3]  # (4, 3): output 4 is unused
+    W0 = W0.double()
+    U0 = torch.linalg.svd(W0, full_matrices=False)[0]  # 3 directions: e1, e2, e3
+    assert U0.shape == (4, 3)
+    new = torch.zeros(4, 3, dtype=torch.float64)
+    new[3, 0] = 10.0  # a large singular value along e4, which W0 never uses
+    assert analysis.intruder_dimensions(W0, W0 + new, k=1, eps=0.5) == 1
+    assert analysis.intruder_dimensions(W0, W0 + 0.01 * new, k=1, eps=0.5) == 0
+    counts = analysis.intruder_counts([analysis.WeightUpdate("layer", W0, new)], k=1)
+    assert counts == {"layer": 1}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.eye(3), torch.eye(4)), "one shape"),
+        ((torch.eye(3), torch.eye(3), 4), "k=4"),
+        ((torch.eye(3), torch.eye(3), 2, 0.0), "eps=0.0"),
+    ],
+)
+def test_intruder_dimensions_refuses_bad_input(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        analysis.intruder_dimensions(*args)
+
+
+def test_spearman_and_similarity_structure() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert analysis.spearman(x, x**3) == pytest.approx(1.0)
+    assert analysis.spearman(x, -x) == pytest.approx(-1.0)
+    assert analysis.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == (
+        pytest.approx(0.8660254)
+    )  # ties share their mean rank (scipy.stats.spearmanr gives the same)
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(6, 5, generator=g)
+    assert analysis.similarity_structure(e, 3 * e) == pytest.approx(1.0)  # length is ignored
+    shuffled = analysis.similarity_structure(e, torch.randn(6, 5, generator=g))
+    assert -1 <= shuffled < 0.9
+    with pytest.raises(ValueError, match="same n"):
+        analysis.similarity_structure(e, e[:4])

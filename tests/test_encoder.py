@@ -407,3 +407,80 @@ def test_lora_starts_as_the_identity_and_trains_only_adapters_and_head(
     optimizer.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert not torch.equal(model.encoder.layers[0].query.lora.B, torch.zeros(8, 384))
+
+
+# --------------------------------------------------------------------------------- fine-tuning it
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("head", 384 * 2 + 2),
+        ("lora", 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536)) + 384 * 2 + 2),
+        ("full", None),
+    ],
+)
+def test_prepare_classifier_trains_what_each_method_says(
+    minilm: BertEncoder, method: str, expected: int | None
+) -> None:
+    model = encoder.prepare_classifier(EncoderClassifier(copy.deepcopy(minilm)), method)
+    counts = lora.count_parameters(model)
+    assert counts.trainable == (expected if expected is not None else counts.total)
+    attention = encoder.prepare_classifier(
+        EncoderClassifier(copy.deepcopy(minilm)), "lora", targets=encoder.ATTENTION_TARGETS
+    )
+    assert lora.count_parameters(attention).trainable == 6 * 8 * 4 * 768 + 770
+    with pytest.raises(ValueError, match="not one of"):
+        encoder.prepare_classifier(model, "last-block")
+    with pytest.raises(ValueError, match="name some"):
+        encoder.prepare_classifier(EncoderClassifier(copy.deepcopy(minilm)), "lora", targets=["x"])
+
+
+def test_peft_starts_from_our_lora_and_computes_the_same(
+    minilm: BertEncoder, tokenizer: WordPieceTokenizer
+) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = EncoderClassifier(copy.deepcopy(minilm)).eval()
+    ours = encoder.prepare_classifier(copy.deepcopy(base), "lora")
+    targets = list(encoder.LORA_TARGETS)
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, modules_to_save=["head"]
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    assert encoder.copy_lora_init(ours, theirs) == 36
+    with torch.no_grad():  # give B a value, the same in both, so that the updates show
+        for layer in lora.adapter_layers(ours).values():
+            layer.lora.B.normal_(std=0.01)
+        encoder.copy_lora_init(ours, theirs)
+    batch = tokenizer(SENTENCES)
+    with torch.no_grad():
+        a = ours.eval()(batch.input_ids, attention_mask=batch.attention_mask)
+        b = theirs.eval()(batch.input_ids, attention_mask=batch.attention_mask)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert lora.count_parameters(ours).trainable == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        encoder.copy_lora_init(ours, base)
+
+
+def test_embedding_drift_is_none_for_the_same_encoder_and_some_after_a_change(
+    minilm: BertEncoder, tokenizer: WordPieceTokenizer
+) -> None:
+    assert len(encoder.SENTENCES) >= 20
+    same = encoder.embedding_drift(minilm, minilm, tokenizer, encoder.SENTENCES[:8])
+    assert same.cosine == pytest.approx(1.0, abs=1e-5)
+    assert same.structure == pytest.approx(1.0)
+    changed = copy.deepcopy(minilm)
+    with torch.no_grad():
+        changed.layers[-1].ff_out.weight.mul_(3.0)
+    drift = encoder.embedding_drift(minilm, changed, tokenizer, encoder.SENTENCES[:8])
+    assert drift.cosine < 0.999 and drift.structure < 1.0
+
+
+def test_minilm_classifier_draws_the_same_head_for_the_same_seed() -> None:
+    _wheel()
+    a, b = encoder.minilm_classifier(5), encoder.minilm_classifier(5)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert not torch.equal(a.head.weight, encoder.minilm_classifier(6).head.weight)

