@@ -109,6 +109,51 @@ def test_has_three_checked_exercises(chapter: nbformat.NotebookNode, tmp_path: P
     assert len(checked) >= 3, f"only {len(checked)} exercises end with a check: {checked}"
 
 
+TEACHERS = ROOT / "book" / "teachers.md"
+EXERCISE_LABEL = re.compile(r"\bch\d+-ex\d+\b")
+RUBRIC_ENTRY = re.compile(r"\*\*(ch\d+-ex\d+)\.\*\*")
+
+
+def exercises_checked() -> dict[str, bool]:
+    """Every exercise label of the book, and whether it ends with an automatic check."""
+    return {ex.label: ex.check is not None for path in chapter_paths() for ex in exercises(path)}
+
+
+def rubric_entries() -> list[tuple[str, str]]:
+    """The teacher's page's rubric entries (``**chN-exM.**``) and their chapter headings."""
+    entries, heading = [], ""
+    for line in TEACHERS.read_text().splitlines():
+        if re.fullmatch(r"\*\*Chapter \d+\*\*", line.strip()):
+            heading = line.strip().strip("*")
+        entries += [(label, heading) for label in RUBRIC_ENTRY.findall(line)]
+    return entries
+
+
+def test_rubric_entry_for_every_unchecked_exercise() -> None:
+    labels = [label for label, _ in rubric_entries()]
+    unchecked = [label for label, checked in exercises_checked().items() if not checked]
+    missing = [label for label in unchecked if label not in labels]
+    assert not missing, f"book/teachers.md has no rubric entry (**label.**) for {missing}"
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    assert not repeated, f"book/teachers.md gives these rubric entries twice: {repeated}"
+
+
+def test_rubric_entries_name_existing_unchecked_exercises() -> None:
+    known = exercises_checked()
+    for label, heading in rubric_entries():
+        assert label in known, f"book/teachers.md has a rubric for {label}, which no chapter has"
+        assert not known[label], (
+            f"book/teachers.md has a rubric for {label}, which the grader checks automatically"
+        )
+        chapter = f"Chapter {label[2:].split('-')[0]}"
+        assert heading == chapter, f"the rubric for {label} sits under '{heading}', not '{chapter}'"
+
+
+def test_rubric_page_mentions_only_existing_exercises() -> None:
+    unknown = sorted(set(EXERCISE_LABEL.findall(TEACHERS.read_text())) - set(exercises_checked()))
+    assert not unknown, f"book/teachers.md names exercises that no chapter has: {unknown}"
+
+
 MACHINERY = re.compile(r"rehearsal|record_repeats|config\.mode\(|empty_cache|SKIPPED")
 
 
