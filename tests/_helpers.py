@@ -30,6 +30,16 @@ EXECUTED = BUILD / "jupyter_execute"
 # Set to 1 (as CI does, after the build) to make a missing or stale build fail the tests that
 # read it, instead of skipping them or executing the chapters again.
 REQUIRE_BUILD_ENV = "LORA_TUTORIAL_REQUIRE_BUILD"
+# A GPT small enough for tests that build many models (serving, chapter 8's tables).
+SMALL_GPT = {
+    "vocab_size": 60,
+    "context_length": 12,
+    "emb_dim": 16,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
 
 
 def build_required() -> bool:

@@ -6,21 +6,14 @@ import copy
 
 import pytest
 import torch
+from _helpers import SMALL_GPT
 
 from lora_tutorial import lora, serving
 from lora_tutorial.classify import GPTClassifier
 from lora_tutorial.gpt import GPTModel
 from lora_tutorial.variants import LinearWithDoRA
 
-CFG = {
-    "vocab_size": 60,
-    "context_length": 12,
-    "emb_dim": 16,
-    "n_heads": 2,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+CFG = SMALL_GPT
 HEAD = "gpt.out_head"
 
 
