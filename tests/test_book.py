@@ -96,6 +96,16 @@ def test_has_three_exercises_with_hidden_solutions(chapter: nbformat.NotebookNod
         assert ":class: dropdown" in solution.group(1), f"the solution of {label} is not hidden"
 
 
+def test_no_control_characters_in_the_sources(chapter: nbformat.NotebookNode) -> None:
+    """A ``\\a`` typed through a non-raw string becomes BEL and breaks the math on the page."""
+    bad = [
+        (index, repr(found.group(0)))
+        for index, cell in enumerate(chapter.cells)
+        if (found := re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", cell.source))
+    ]
+    assert not bad, f"control characters in cells (index, character): {bad}"
+
+
 def test_solution_labels_are_unique(chapter: nbformat.NotebookNode) -> None:
     labels = re.findall(r"```\{solution\} (\S+)", markdown(chapter))
     repeated = sorted({label for label in labels if labels.count(label) > 1})
