@@ -15,12 +15,16 @@ COLAB = "https://colab.research.google.com/github"
 BRANCH = "notebooks"
 
 
-def student_url(repository_url: str, docname: str) -> str:
-    """The Colab address of the student version of chapter ``docname`` (``chapters/NN_name``)."""
+def student_url(repository_url: str, docname: str, language: str = "en") -> str:
+    """The Colab address of the student version of chapter ``docname`` (``chapters/NN_name``).
+
+    Translated student notebooks lie in ``students/<language>/``.
+    """
     repository = repository_url.rstrip("/").removesuffix(".git")
     owner_repo = "/".join(repository.split("/")[-2:])
     stem = docname.split("/")[-1]
-    return f"{COLAB}/{owner_repo}/blob/{BRANCH}/students/{stem}.ipynb"
+    folder = "students" if language == "en" else f"students/{language}"
+    return f"{COLAB}/{owner_repo}/blob/{BRANCH}/{folder}/{stem}.ipynb"
 
 
 def _add_link(app: Sphinx, doctree: nodes.document, docname: str) -> None:
@@ -30,14 +34,24 @@ def _add_link(app: Sphinx, doctree: nodes.document, docname: str) -> None:
     sections = list(doctree.findall(nodes.section))
     if not repository_url or not sections:
         return
+    language = app.config.edition_language
+    strings = app.config.edition_strings  # the site's strings in this edition's language
+
+    def text(english: str) -> str:
+        return strings[english] if language != "en" else english
+
     link = nodes.reference(
-        "", "open the student version in Colab", refuri=student_url(repository_url, docname)
+        "",
+        text("open the student version in Colab"),
+        refuri=student_url(repository_url, docname, language),
     )
     note = nodes.paragraph(
         "",
         "",
-        nodes.emphasis("", "Teaching with this chapter? "),
-        nodes.Text("A copy without solutions, with every exercise's check ready to run: "),
+        nodes.emphasis("", text("Teaching with this chapter?") + " "),
+        nodes.Text(
+            text("A copy without solutions, with every exercise's check ready to run:") + " "
+        ),
         link,
         nodes.Text("."),
         classes=["student-version"],
@@ -47,5 +61,8 @@ def _add_link(app: Sphinx, doctree: nodes.document, docname: str) -> None:
 
 
 def setup(app: Sphinx) -> dict:
+    if "edition_language" not in app.config:
+        app.add_config_value("edition_language", "en", "html")
+    app.add_config_value("edition_strings", {}, "html")
     app.connect("doctree-resolved", _add_link)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

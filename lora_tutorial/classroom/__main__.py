@@ -15,7 +15,7 @@ from lora_tutorial.classroom.grading import (
     grade,
     summary,
 )
-from lora_tutorial.classroom.notebooks import chapter_paths, student_notebook
+from lora_tutorial.classroom.notebooks import STUDENT_TEXT, chapter_paths, student_notebook
 from lora_tutorial.runtime.files import atomic_write
 
 UNTRUSTED = (
@@ -42,6 +42,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     student.add_argument("out_dir", type=Path, help="folder to write the notebooks into")
     student.add_argument(
         "chapters", nargs="*", help="chapters (3, 03 or a file name); default: all"
+    )
+    student.add_argument(
+        "--lang",
+        choices=sorted(STUDENT_TEXT),
+        default="en",
+        help="the edition's language: text translated, code as it is (default: %(default)s)",
     )
     grader = commands.add_parser(
         "grade",
@@ -82,14 +88,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_students(out_dir: Path, chapters: list[Path], overwrite: bool) -> list[Path]:
+def write_students(
+    out_dir: Path, chapters: list[Path], overwrite: bool, lang: str = "en"
+) -> list[Path]:
     """Write the student notebooks of ``chapters`` into ``out_dir``; refuse to replace files."""
     targets = [out_dir / p.name for p in chapters]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exist; choose another folder or --overwrite")
     for chapter, target in zip(chapters, targets, strict=True):
-        nb = student_notebook(chapter)
+        nb = student_notebook(chapter, lang=lang)
         with atomic_write(target) as tmp:
             nbformat.write(nb, tmp)
     return targets
@@ -100,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "student":
             chapters = chapter_paths(args.chapters_dir, args.chapters)
-            for path in write_students(args.out_dir, chapters, args.overwrite):
+            for path in write_students(args.out_dir, chapters, args.overwrite, args.lang):
                 print(f"wrote {path}")
             return 0
         check_inputs(args.submissions, args.out, args.chapters_dir, args.overwrite)

@@ -65,6 +65,7 @@ from tqdm import tqdm
 import lora_tutorial
 from lora_tutorial.classroom.notebooks import (
     META,
+    STUDENT_TEXT,
     Exercise,
     answer_cell_source,
     chapter_paths,
@@ -106,6 +107,11 @@ def _clip(text: str) -> str:
 
 def _normalize(source: str) -> str:
     return "\n".join(line.rstrip() for line in source.strip().splitlines())
+
+
+def _unchanged(exercise: Exercise) -> set[str]:
+    """The exercise's answer cell as generated, in every language of the student notebooks."""
+    return {_normalize(answer_cell_source(exercise, lang=lang)) for lang in STUDENT_TEXT}
 
 
 def _chapter_of(nb: nbformat.NotebookNode | None, path: Path, chapters: list[Path]) -> Path | None:
@@ -416,7 +422,7 @@ def grade_submission(
         index = next((i for i, e in answers.items() if e is ex), None)
         if index is None:
             record(ex, "not-attempted", "the answer cell is missing")
-        elif _normalize(nb.cells[index].source) in ("", _normalize(answer_cell_source(ex))):
+        elif _normalize(nb.cells[index].source) in {"", *_unchanged(ex)}:
             record(ex, "not-attempted", "the answer cell is unchanged")
         else:
             attempted[index] = ex

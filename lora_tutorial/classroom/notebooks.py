@@ -40,6 +40,7 @@ from pathlib import Path
 import nbformat
 
 from lora_tutorial import __version__
+from lora_tutorial.book import translation
 from lora_tutorial.runtime import config
 
 META = "lora_tutorial"  # the metadata key of student notebooks and their answer cells
@@ -202,21 +203,62 @@ def exercises(path: Path) -> list[Exercise]:
     return result
 
 
-def answer_cell_source(exercise: Exercise, answer: str | None = None) -> str:
+STUDENT_TEXT = {
+    "en": {
+        "predict": "set {name} to your prediction",
+        "predict stub": "replace None with your prediction",
+        "write": "write {name}",
+        "write stub": "replace this line with your code",
+        "task": "# Exercise {label}: {task} below, then run this cell.",
+        "header": (
+            "**Student notebook of chapter {title}**\n\n"
+            "Generated from `chapters/{file}` by lora-tutorial {version} (commit {commit}).\n\n"
+            "The solutions are removed. Each exercise with an automatic check has a code cell "
+            "below\nit: replace its `raise NotImplementedError` line with your code (or, for a "
+            "prediction,\nits `None` with your number) and run the cell; the check prints what "
+            "is right or what\nis wrong. Keep the function's (or the prediction's) name and that "
+            "cell."
+        ),
+    },
+    "fr": {
+        "predict": "donnez à {name} la valeur que vous prédisez",
+        "predict stub": "remplacez None par votre prédiction",
+        "write": "écrivez {name}",
+        "write stub": "remplacez cette ligne par votre code",
+        "task": "# Exercice {label} : {task} ci-dessous, puis exécutez cette cellule.",
+        "header": (
+            "**Notebook de l'élève du chapitre {title}**\n\n"
+            "Produit à partir de `chapters/{file}` par lora-tutorial {version} "
+            "(commit {commit}).\n\n"
+            "Les solutions sont retirées. Chaque exercice vérifié automatiquement est suivi "
+            "d'une cellule de code\u00a0: remplacez sa ligne `raise NotImplementedError` par "
+            "votre code (ou, pour une prédiction, son `None` par votre nombre) et exécutez la "
+            "cellule\u00a0; la vérification affiche ce qui est juste ou ce qui ne l'est pas "
+            "encore. Gardez le nom de la fonction (ou de la prédiction) et cette cellule. Le code "
+            "et ses sorties restent en anglais."
+        ),
+    },
+}
+"""What the student notebook itself writes, in each language of the book (the chapter's own
+text comes from the book's catalogs, ``lora_tutorial.book.translation``)."""
+
+
+def answer_cell_source(exercise: Exercise, answer: str | None = None, lang: str = "en") -> str:
     """The code cell a learner fills in: ``answer`` (default: a stub the check rejects), then the
     check. The stub of a function raises; the stub of a value exercise sets the value to None."""
     assert exercise.check is not None and exercise.function is not None
+    text = STUDENT_TEXT[lang]
     if exercise.value:
-        task = f"set {exercise.function} to your prediction"
-        stub = f"{exercise.function} = None  # replace None with your prediction"
+        task = text["predict"].format(name=exercise.function)
+        stub = f"{exercise.function} = None  # {text['predict stub']}"
     else:
-        task = f"write {exercise.function}"
+        task = text["write"].format(name=exercise.function)
         stub = (
             f"def {exercise.function}({exercise.signature}):\n"
-            f'    raise NotImplementedError("replace this line with your code")'
+            f'    raise NotImplementedError("{text["write stub"]}")'
         )
     return (
-        f"# Exercise {exercise.label}: {task} below, then run this cell.\n"
+        f"{text['task'].format(label=exercise.label, task=task)}\n"
         f"{(stub if answer is None else answer).strip()}\n\n\n{exercise.check_code}"
     )
 
@@ -229,8 +271,10 @@ def _remove_solutions(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _answer_cell(exercise: Exercise, answer: str | None = None) -> nbformat.NotebookNode:
-    cell = nbformat.v4.new_code_cell(answer_cell_source(exercise, answer))
+def _answer_cell(
+    exercise: Exercise, answer: str | None = None, lang: str = "en"
+) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(answer_cell_source(exercise, answer, lang))
     cell.metadata[META] = {"exercise": exercise.label}
     cell.metadata["tags"] = ["exercise"]
     return cell
@@ -251,13 +295,23 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbformat.NotebookNode:
+def student_notebook(
+    path: Path, answers: dict[str, str] | None = None, lang: str = "en"
+) -> nbformat.NotebookNode:
     """Chapter ``path`` as a student notebook: no solutions, an answer cell per checked exercise.
 
     ``answers`` maps exercise labels to code put into their answer cells instead of the stub (the
-    book uses it to make an example submission with the solutions filled in).
+    book uses it to make an example submission with the solutions filled in). ``lang`` is the
+    edition: ``"fr"`` translates the text from the book's French catalogs; code stays as it is.
     """
+    if lang not in STUDENT_TEXT:
+        raise ValueError(f"no {lang!r} edition; choose from: {', '.join(STUDENT_TEXT)}")
     nb = nbformat.read(path, as_version=4)
+    if lang != "en":
+        translator = translation.Translator(lang)
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                cell.source = translator.markdown(f"chapters/{path.stem}", cell.source)
     chapter_exercises = exercises(path)
     checked = {ex.label: ex for ex in chapter_exercises if ex.check}
     title = next(
@@ -266,13 +320,9 @@ def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbfor
     )
     made_by = {"chapter": path.stem, "version": __version__, "commit": commit()}
     header = nbformat.v4.new_markdown_cell(
-        f"**Student notebook of chapter {title}**\n\n"
-        f"Generated from `chapters/{path.name}` by lora-tutorial {__version__}"
-        f" (commit {made_by['commit']}).\n\n"
-        "The solutions are removed. Each exercise with an automatic check has a code cell below\n"
-        "it: replace its `raise NotImplementedError` line with your code (or, for a prediction,\n"
-        "its `None` with your number) and run the cell; the check prints what is right or what\n"
-        "is wrong. Keep the function's (or the prediction's) name and that cell."
+        STUDENT_TEXT[lang]["header"].format(
+            title=title, file=path.name, version=__version__, commit=made_by["commit"]
+        )
     )
     cells, pending, placed = [header], [], set()
     for cell in nb.cells:
@@ -297,7 +347,7 @@ def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbfor
             and pending
         ):
             label = pending.pop(0)
-            cells.append(_answer_cell(checked[label], (answers or {}).get(label)))
+            cells.append(_answer_cell(checked[label], (answers or {}).get(label), lang))
             placed.add(label)
             continue
         cell = nbformat.from_dict(dict(cell))
@@ -306,13 +356,17 @@ def student_notebook(path: Path, answers: dict[str, str] | None = None) -> nbfor
         cells.append(cell)
     for label in checked:  # an exercise without a "your code here" cell gets one at the end
         if label not in placed:
-            cells.append(_answer_cell(checked[label], (answers or {}).get(label)))
+            cells.append(_answer_cell(checked[label], (answers or {}).get(label), lang))
     nb.cells = cells
-    nb.metadata[META] = {**made_by, "exercises": [ex.label for ex in chapter_exercises]}
+    nb.metadata[META] = {
+        **made_by,
+        "language": lang,
+        "exercises": [ex.label for ex in chapter_exercises],
+    }
     return nb
 
 
-def solved_notebook(path: Path) -> nbformat.NotebookNode:
+def solved_notebook(path: Path, lang: str = "en") -> nbformat.NotebookNode:
     """The student notebook of ``path`` with each checked exercise answered by its solution."""
     answers = {ex.label: ex.solution_code for ex in exercises(path) if ex.solution_code}
-    return student_notebook(path, answers)
+    return student_notebook(path, answers, lang)
