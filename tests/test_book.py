@@ -235,7 +235,9 @@ IMPORT_LAYERS = [
     {"adapters", "variants", "quantize", "serving", "classify", "analysis", "hf", "encoder"},
     {"train"},
     {"sweeps"},
-    {"book.__init__", "book.provenance", "book.display", "book.plots", "book.diagrams"},
+    {"book.__init__", "book.provenance", "book.display"},
+    {"book.translation"},
+    {"book.plots", "book.diagrams", "book.editions"},
     {"finetune.options", "finetune.output_folder"},
     {"finetune.run", "finetune.__init__", "finetune.__main__", "exercises", "classroom"},
 ]

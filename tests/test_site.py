@@ -1,9 +1,11 @@
 """The built site, checked in a real browser (headless Chromium through Playwright).
 
-Every page in the table of contents is served from 127.0.0.1 and opened; a page fails when it
-shows a Python traceback or error output, leaves math unrendered, breaks an image or a script,
-or makes any request to another origin. Two screenshots of each page (its top, and the whole
-page) land in ``_build/screenshots/`` for a person to look at.
+Every page in the table of contents, in every edition (English at the site's root, French in
+``fr/``), is served from 127.0.0.1 and opened; a page fails when it shows a Python traceback or
+error output, leaves math unrendered, breaks an image or a script, makes any request to another
+origin, shows a diagram in the other language, or lacks its link to the other edition. Two
+screenshots of each page (its top, and the whole page) land in ``_build/screenshots/`` for a
+person to look at.
 
 Needs a built site (``_build/html``, README command 1): without one these tests skip, unless
 ``LORA_TUTORIAL_REQUIRE_BUILD=1`` (as in CI, after the build), which makes a missing site fail.
@@ -69,26 +71,41 @@ def browser(site: LocalServer, tmp_path_factory: pytest.TempPathFactory):
         context.close()
 
 
-def test_every_toc_page_was_built(site: LocalServer) -> None:
-    missing = [page for page in toc_pages() if not (SITE / f"{page}.html").is_file()]
-    assert not missing, f"pages in book/_toc.yml missing from the site: {missing}"
+EDITIONS = {"en": "", "fr": "fr/"}  # each edition's folder in the site
 
 
-def test_every_chapter_links_its_student_version(site: LocalServer) -> None:
+def pages() -> list[tuple[str, str]]:
+    """(edition, page) for every page of every edition."""
+    return [(lang, page) for lang in EDITIONS for page in toc_pages()]
+
+
+@pytest.mark.parametrize("lang", EDITIONS)
+def test_every_toc_page_was_built(site: LocalServer, lang: str) -> None:
+    folder = SITE / EDITIONS[lang]
+    missing = [page for page in toc_pages() if not (folder / f"{page}.html").is_file()]
+    assert not missing, f"pages in book/_toc.yml missing from the {lang} site: {missing}"
+
+
+@pytest.mark.parametrize("lang", EDITIONS)
+def test_every_chapter_links_its_student_version(site: LocalServer, lang: str) -> None:
     chapters = [page for page in toc_pages() if page.startswith("chapters/")]
+    students = "students" if lang == "en" else f"students/{lang}"
     missing = [
         page
         for page in chapters
-        if f"/blob/notebooks/students/{page.split('/')[-1]}.ipynb"
-        not in (SITE / f"{page}.html").read_text()
+        if f"/blob/notebooks/{students}/{page.split('/')[-1]}.ipynb"
+        not in (SITE / EDITIONS[lang] / f"{page}.html").read_text()
     ]
-    assert chapters and not missing, f"chapter pages without a student-version link: {missing}"
+    assert chapters and not missing, f"{lang} pages without a student-version link: {missing}"
 
 
-@pytest.mark.parametrize("page", toc_pages())
-def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page: str) -> None:
-    if not (SITE / f"{page}.html").is_file():
-        pytest.fail(f"{page}.html was not built")
+@pytest.mark.parametrize(("lang", "page"), pages(), ids=lambda v: v.replace("/", "-"))
+def test_page_renders_cleanly_and_stays_on_site(
+    site: LocalServer, browser, lang: str, page: str
+) -> None:
+    path = f"{EDITIONS[lang]}{page}"
+    if not (SITE / f"{path}.html").is_file():
+        pytest.fail(f"{path}.html was not built")
     origin = site.base_url
     foreign: list[str] = []
     failed: list[str] = []
@@ -104,7 +121,7 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
     tab.on("request", on_request)
     tab.on("requestfailed", lambda r: failed.append(r.url) if r.url.startswith(origin) else None)
     tab.on("pageerror", lambda exc: js_errors.append(str(exc)))
-    tab.goto(site.url(f"{page}.html"), wait_until="load")
+    tab.goto(site.url(f"{path}.html"), wait_until="load")
 
     has_math = tab.locator(".math").count() > 0
     if has_math:
@@ -124,25 +141,32 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
                 .map((i) => i.src),
             nav: [...document.querySelectorAll('.bd-sidebar-primary a.reference')]
                 .map((a) => a.getAttribute('href')),
+            lang: document.documentElement.lang,
+            diagrams: [...document.querySelectorAll('.lt-diagram img')]
+                .filter((i) => i.offsetWidth > 0)
+                .map((i) => i.lang),
+            editionLinks: [...document.querySelectorAll('a.edition-link')]
+                .map((a) => [a.hreflang, new URL(a.href).pathname]),
         };
     }"""
     )
 
     colab = None
-    if page.startswith("chapters/"):
+    if "chapters/" in path:
         launch = tab.locator(".dropdown-launch-buttons button").first
         if launch.count():
             launch.click()
         colab = tab.locator("a[href*='colab.research.google.com']").first
         if colab.count():
             colab.wait_for(state="visible")
-    name = page.replace("/", "__")
+    name = path.replace("/", "__")
     # The top (navigation, math, the Colab menu), then the whole page (every figure and table).
     tab.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
     tab.screenshot(path=str(SCREENSHOTS / f"{name}--full.png"), full_page=True)
     colab_href = colab.get_attribute("href") if colab is not None and colab.count() else None
     tab.close()
 
+    page = path  # the messages name the edition's folder
     assert not foreign, f"{page}: requests to other origins: {foreign[:5]}"
     assert not failed, f"{page}: failed requests on the site: {failed[:5]}"
     assert not js_errors, f"{page}: JavaScript errors: {js_errors[:3]}"
@@ -155,10 +179,27 @@ def test_page_renders_cleanly_and_stays_on_site(site: LocalServer, browser, page
     assert len(report["nav"]) >= len(toc_pages()) - 1, (
         f"{page}: navigation is missing chapters: {report['nav']}"
     )
-    if page.startswith("chapters/"):
-        # A site assembled for publishing opens the executed notebooks of the `notebooks` branch.
+    assert report["lang"] == lang, f"{page}: <html lang={report['lang']!r}>, not {lang!r}"
+    assert all(shown == lang for shown in report["diagrams"]), (
+        f"{page}: shows diagrams in {report['diagrams']}, not only in {lang}"
+    )
+    others = {
+        other: f"/{EDITIONS[other]}{page.removeprefix(EDITIONS[lang])}.html"
+        for other in EDITIONS
+        if other != lang
+    }
+    links = dict(report["editionLinks"])
+    for other, expected_path in others.items():
+        assert links.get(other, "").endswith(expected_path), (
+            f"{page}: no link to its {other} counterpart {expected_path}: {links}"
+        )
+        assert (SITE / expected_path.lstrip("/")).is_file(), f"{page}: {expected_path} missing"
+    if "chapters/" in page:
+        # A site assembled for publishing opens the executed notebooks of the `notebooks` branch,
+        # the French edition's in fr/; a local build opens the chapters on main (same code).
         branch = os.environ.get("LORA_TUTORIAL_SITE_BRANCH", "main")
-        expected = f"/blob/{branch}/{page}.ipynb"
+        folder = EDITIONS[lang] if branch == "notebooks" else ""
+        expected = f"/blob/{branch}/{folder}{page.removeprefix(EDITIONS[lang])}.ipynb"
         assert colab_href and expected in colab_href, (
             f"{page}: no Colab launch button for {expected}"
         )

@@ -81,13 +81,14 @@ def stage(
     work: Path,
     *,
     root: Path = ROOT,
-    launch_path: str | None = None,
+    repository: dict[str, str] | None = None,
 ) -> None:
     """Lay out the ``lang`` edition's sources in ``work``: translated pages, execution off.
 
     ``executed`` holds, for every page with code, its notebook with outputs; plain Markdown
-    pages are translated from their source. ``launch_path`` is where the edition's notebooks
-    lie in the repository the Colab buttons open (default: the English ones, same code).
+    pages are translated from their source. ``repository`` overrides ``repository:`` in
+    ``book/_config.yml`` for the Colab buttons: its ``branch`` and ``url``, and
+    ``path_to_book`` where the edition's notebooks lie (default: the English ones, same code).
     """
     translator = Translator(lang)
     shutil.copytree(root / "book", work / "book", ignore=shutil.ignore_patterns("locales"))
@@ -121,8 +122,7 @@ def stage(
     sphinx["edition_strings"] = {
         text: translator.text(translation.SITE, text) for text in translation.SITE_STRINGS
     }
-    if launch_path:
-        config.setdefault("repository", {})["path_to_book"] = launch_path
+    config.setdefault("repository", {}).update(repository or {})
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
     toc_path = work / "book" / "_toc.yml"

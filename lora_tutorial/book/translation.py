@@ -168,7 +168,7 @@ def translate(markdown: str, lookup: Callable[[str], str]) -> str:
 # --- What must survive translation --------------------------------------------------------
 
 _KEPT = {
-    "role": re.compile(r"\{[\w:-]+\}`[^`]*`"),  # {glue:text}`key`, {cite:p}`hu2021`, {ref}`x`
+    "role": re.compile(r"(?<!`)\{[\w:-]+\}`[^`]*`"),  # {glue:text}`key`, {cite:p}`hu2021`, {ref}`x`
     "inline code": re.compile(r"(?<![`}])`[^`]+`"),
     "math": re.compile(r"(?<![\\$])\$[^$]+\$"),
     "placeholder": re.compile(r"\{\w+(?::[^{}`]*)?\}(?!`)"),  # a phrase template's {value}
