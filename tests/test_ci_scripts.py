@@ -72,7 +72,15 @@ def record_run(elapsed: float, projected: float) -> str:
 
 
 def test_usage_lines() -> None:
-    for name in ("execute-chapter", "assemble-site", "rehearsal-report", "set-repository-url"):
+    names = (
+        "execute-chapter",
+        "assemble-site",
+        "rehearsal-report",
+        "set-repository-url",
+        "translate-notebooks",
+        "export-executed",
+    )
+    for name in names:
         assert os.access(CI / name, os.X_OK), f".ci/{name} is not executable"
         shown = run_script(name, "--help")
         assert shown.returncode == 0 and "usage:" in shown.stdout, name
@@ -341,3 +349,26 @@ def test_bad_repository_arguments_are_refused(fork: Path, args: list[str], messa
     assert (fork / "book" / "_config.yml").read_text() == (
         ROOT / "book" / "_config.yml"
     ).read_text()
+
+
+def test_translated_notebooks_keep_code_and_outputs_and_refuse_to_overwrite(
+    tmp_path: Path,
+) -> None:
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    for chapter in (ROOT / "chapters").glob("*.ipynb"):
+        nb = nbformat.read(chapter, as_version=4)
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        first_code.outputs = [nbformat.v4.new_output("stream", text="an output\n")]
+        nbformat.write(nb, executed / chapter.name)
+    done = run_script("translate-notebooks", executed, tmp_path / "fr", "--lang", "fr")
+    assert done.returncode == 0, done.stderr
+    english = nbformat.read(executed / "05_finetune_gpt2.ipynb", as_version=4)
+    french = nbformat.read(tmp_path / "fr" / "05_finetune_gpt2.ipynb", as_version=4)
+    assert [c.source for c in english.cells if c.cell_type == "code"] == [
+        c.source for c in french.cells if c.cell_type == "code"
+    ]
+    assert [c.get("outputs") for c in english.cells] == [c.get("outputs") for c in french.cells]
+    assert "Ajustement fin" in french.cells[0].source
+    again = run_script("translate-notebooks", executed, tmp_path / "fr", "--lang", "fr")
+    assert again.returncode != 0 and "exists" in again.stderr

@@ -242,9 +242,10 @@ def test_help_warns_that_submissions_are_untrusted(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_grading_chapter_3_filled_in_and_untouched(tmp_path: Path) -> None:
-    nbformat.write(classroom.solved_notebook(CH3), tmp_path / "filled.ipynb")
-    nbformat.write(classroom.student_notebook(CH3), tmp_path / "untouched.ipynb")
+@pytest.mark.parametrize("lang", ["en", "fr"])
+def test_grading_chapter_3_filled_in_and_untouched(tmp_path: Path, lang: str) -> None:
+    nbformat.write(classroom.solved_notebook(CH3, lang), tmp_path / "filled.ipynb")
+    nbformat.write(classroom.student_notebook(CH3, lang=lang), tmp_path / "untouched.ipynb")
     grades = classroom.grade([tmp_path / "filled.ipynb", tmp_path / "untouched.ipynb"])
     code_exercises = [ex.label for ex in classroom.exercises(CH3) if ex.check]
     assert len(code_exercises) >= 2
