@@ -195,16 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("editions: the English build failed", file=sys.stderr)
         return 1
     notebooks = [name for name in translation.documents() if is_notebook(name)]
-    executed = executed_from_cache(notebooks)
     for lang in translation.LANGUAGES:
         if lang == "en":
             continue
         print(f"::: {translation.LANGUAGES[lang]} edition (no execution)", flush=True)
         work = BUILD / lang
         shutil.rmtree(work, ignore_errors=True)
-        stage(lang, executed, work / "src")
         try:
+            stage(lang, executed_from_cache(notebooks), work / "src")
             html = build(work / "src", work / "out", options)
+        except (FileNotFoundError, LookupError) as err:
+            print(f"editions: the {lang} edition cannot be built: {err}", file=sys.stderr)
+            return 1
         except subprocess.CalledProcessError:
             print(f"editions: the {lang} build failed", file=sys.stderr)
             return 1
